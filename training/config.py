@@ -1,0 +1,186 @@
+"""The training config: one flat dataclass, so it is easy to log, search over and store
+inside checkpoints (as a plain dict, which `torch.load(weights_only=True)` accepts).
+
+`make_config` is the single gate every entry point goes through (YAML, --set, Ray trial
+configs, checkpoints): unknown keys and bad values fail here, before any training starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "plateau", "cosine", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    split: str = "balanced"
+    val_fraction: float = 0.1
+    train_limit: int = 0  # 0 = all training images; else a stratified subset of this size
+    val_limit: int = 0
+    # model (kwargs the model does not take are refused by the registry)
+    model: str = "small_cnn"
+    width: float = 1.0
+    dropout: float = 0.25
+    depth: int = 2  # vgg: convs per stage
+    blocks: int = 1  # resnet: blocks per stage
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    batch_size: int = 128
+    epochs: int = 10
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # 0 = off
+    # schedule
+    scheduler: str = "onecycle"
+    step_size: int = 3  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    plateau_factor: float = 0.3
+    plateau_patience: int = 1
+    pct_start: float = 0.25  # onecycle: fraction of steps warming up
+    warmup_epochs: float = 0.0  # cosine: linear warm-up
+    # augmentation: each knob is the maximum at strength 1; aug_strength scales them all
+    aug_strength: float = 1.0
+    aug_rotate: float = 10.0  # degrees
+    aug_translate: float = 0.08  # fraction of the image size
+    aug_scale: float = 0.1  # +- fraction
+    aug_shear: float = 8.0  # degrees
+    aug_elastic: float = 0.0  # pixels of smooth random displacement
+    aug_erase: float = 0.0  # probability of erasing a random rectangle
+    # run control
+    early_stop_patience: int = 0  # epochs without val-accuracy gain before stopping; 0 = off
+    seed: int = 0
+    device: str = "auto"
+    channels_last: bool = True
+    eval_batch_size: int = 1024
+    hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        from models import model_kwargs
+
+        return {k: getattr(self, k) for k in model_kwargs(self.model)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; raised before training starts."""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = type(getattr(TrainConfig(), key))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it as the number it plainly is
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _check(c: TrainConfig) -> None:
+    from models import list_models
+    from training.data import SPLITS
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(c.split in SPLITS, f"split must be one of {', '.join(SPLITS)}, got {c.split!r}")
+    need(c.model in list_models(), f"model must be one of {', '.join(list_models())}, got {c.model!r}")
+    need(c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
+    need(c.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {c.scheduler!r}")
+    need(c.device in DEVICES or c.device.startswith("cuda:"), f"device must be one of {', '.join(DEVICES)}")
+    need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
+    need(c.lr > 0, f"lr must be > 0, got {c.lr}")
+    need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
+    need(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
+    need(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
+    need(c.width > 0, f"width must be > 0, got {c.width}")
+    need(c.depth >= 1 and c.blocks >= 1, "depth and blocks must be >= 1")
+    need(0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout}")
+    need(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    need(0 <= c.aug_erase <= 1, f"aug_erase is a probability, got {c.aug_erase}")
+    need(0 < c.pct_start < 1, f"pct_start must be in (0, 1), got {c.pct_start}")
+    need(0 < c.gamma <= 1 and 0 < c.plateau_factor < 1, "gamma must be in (0, 1], plateau_factor in (0, 1)")
+    need(c.step_size >= 1, f"step_size must be >= 1, got {c.step_size}")
+    for k in ("weight_decay", "momentum", "grad_clip", "train_limit", "val_limit", "early_stop_patience",
+              "plateau_patience", "warmup_epochs", "hist_every", "aug_strength", "aug_rotate", "aug_translate",
+              "aug_scale", "aug_shear", "aug_elastic"):
+        need(getattr(c, k) >= 0, f"{k} must be >= 0, got {getattr(c, k)}")
+    need(c.aug_scale * c.aug_strength < 1, "aug_scale * aug_strength must be < 1 (a scale of 0 erases the image)")
+
+
+def make_config(overrides: dict[str, Any] | None = None, base: TrainConfig | dict | None = None) -> TrainConfig:
+    """Defaults <- base <- overrides, validated. Unknown keys suggest the closest valid one."""
+    values = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
+    values.update(overrides or {})
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, FIELDS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}. Valid keys: {', '.join(FIELDS)}")
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _check(config)
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` pairs; values parsed as YAML scalars (so 1e-3, true, 64 work)."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out

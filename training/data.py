@@ -1,0 +1,246 @@
+"""EMNIST loading: find the official files, read them strictly, carve a validation split.
+
+Everything is kept as uint8 tensors (N, 28, 28), upright, so the trainer can put the
+whole training set on its device once and batch it with randperm (no DataLoader).
+The test split is only read by `load_test`, which is called for final evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.idx import read_images, read_labels
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+ENV_VAR = "EMNIST_DATA_DIR"
+
+_DIGITS = [chr(c) for c in range(ord("0"), ord("9") + 1)]
+_UPPER = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+_LOWER = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+_MERGED_LOWER = list("abdefghnqrt")  # the lowercase letters that differ from their capitals
+
+# Used only when a folder has no mapping file (torchvision's EMNIST/raw/ drops them);
+# these are the official mapping files' contents. The file always wins when present.
+BUILTIN_CLASSES: dict[str, list[str]] = {
+    "balanced": _DIGITS + _UPPER + _MERGED_LOWER,
+    "bymerge": _DIGITS + _UPPER + _MERGED_LOWER,
+    "byclass": _DIGITS + _UPPER + _LOWER,
+    "letters": [u + lo for u, lo in zip(_UPPER, _LOWER, strict=True)],  # case-merged: "Aa", "Bb", ...
+    "digits": _DIGITS,
+    "mnist": _DIGITS,
+}
+SPLITS = tuple(BUILTIN_CLASSES)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No EMNIST files where we looked, and downloading was not possible."""
+
+
+@dataclass
+class EmnistData:
+    """Training and validation tensors of one split (uint8 images, int64 labels, CPU)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    classes: list[str]
+    split: str
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def file_names(split: str, part: str) -> dict[str, str]:
+    stem = f"emnist-{split}-{part}"
+    return {"images": f"{stem}-images-idx3-ubyte", "labels": f"{stem}-labels-idx1-ubyte"}
+
+
+def _find_in(folder: Path, split: str, part: str) -> dict[str, Path] | None:
+    for base in (folder, folder / "EMNIST" / "raw"):
+        found = {}
+        for key, name in file_names(split, part).items():
+            for candidate in (base / name, base / f"{name}.gz"):
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+        if len(found) == 2:
+            return found
+    return None
+
+
+def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Where to look, in order: explicit dir, $EMNIST_DATA_DIR, then data/ in the repo."""
+    if data_dir is not None:
+        data_dir = Path(data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise DataNotFoundError(f"data dir {data_dir} does not exist or is not a directory")
+        return [data_dir]
+    dirs = []
+    if os.environ.get(ENV_VAR):
+        dirs.append(Path(os.environ[ENV_VAR]).expanduser())
+    dirs.append(DEFAULT_DATA_DIR)
+    return dirs
+
+
+def _not_found_message(split: str, part: str, dirs: list[Path], download_error: str) -> str:
+    names = file_names(split, part)
+    return (
+        f"EMNIST '{split}' {part} files not found and the download failed ({download_error}).\n"
+        f"Looked in: {', '.join(str(d) for d in dirs)} (each directly and under EMNIST/raw/).\n"
+        f"Put these files (optionally .gz) in one of them, e.g. {DEFAULT_DATA_DIR}, or point "
+        f"--data-dir / ${ENV_VAR} at their folder:\n"
+        f"  {names['images']}\n  {names['labels']}\n  emnist-{split}-mapping.txt (optional)\n"
+        "They are in NIST's gzip.zip (https://www.nist.gov/itl/products-and-services/emnist-dataset)."
+    )
+
+
+def locate(split: str, part: str, data_dir: str | Path | None = None, download: bool = True) -> dict[str, Path]:
+    """Paths of the images/labels files for split/part, downloading via torchvision if absent."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown EMNIST split {split!r}; choose one of {', '.join(SPLITS)}")
+    if part not in ("train", "test"):
+        raise ValueError(f"part must be 'train' or 'test', not {part!r}")
+    dirs = candidate_dirs(data_dir)
+    for d in dirs:
+        found = _find_in(d, split, part)
+        if found:
+            return found
+    if not download:
+        raise DataNotFoundError(_not_found_message(split, part, dirs, "download disabled"))
+    target = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    try:
+        import torchvision  # only needed for this fallback
+
+        target.mkdir(parents=True, exist_ok=True)
+        torchvision.datasets.EMNIST(str(target), split=split, train=(part == "train"), download=True)
+    except Exception as e:  # offline, DNS, checksum, disk: all mean "put the files there yourself"
+        raise DataNotFoundError(_not_found_message(split, part, dirs, f"{type(e).__name__}: {e}")) from None
+    found = _find_in(target, split, part)
+    if not found:
+        raise DataNotFoundError(_not_found_message(split, part, dirs, "downloaded archive lacked the files"))
+    return found
+
+
+def _mapping_path(folder: Path, split: str) -> Path | None:
+    for base in (folder, folder / "EMNIST" / "raw", folder.parent):
+        path = base / f"emnist-{split}-mapping.txt"
+        if path.is_file():
+            return path
+    return None
+
+
+def read_mapping(folder: Path, split: str) -> tuple[list[str], int]:
+    """(class names in label order, first label). The official mapping file wins when present;
+    otherwise the built-in copy. Official 'letters' labels run 1..26, all others start at 0."""
+    path = _mapping_path(folder, split)
+    if path is None:
+        return list(BUILTIN_CLASSES[split]), (1 if split == "letters" else 0)
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            label, codes = int(parts[0]), [int(p) for p in parts[1:]]
+            if not codes:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected 'label ascii_code [ascii_code]', got {line!r}") from None
+        rows.append((label, "".join(dict.fromkeys(chr(c) for c in codes))))
+    rows.sort()
+    labels = [r[0] for r in rows]
+    if not rows or labels != list(range(labels[0], labels[0] + len(labels))):
+        raise ValueError(f"{path}: labels are empty or not consecutive")
+    return [r[1] for r in rows], labels[0]
+
+
+def read_split(split: str, part: str, data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """(images uint8 (N,28,28) upright, labels int64 0..C-1, class names, source folder)."""
+    paths = locate(split, part, data_dir)
+    x = read_images(paths["images"])
+    y = read_labels(paths["labels"])
+    if len(x) != len(y):
+        raise ValueError(f"{paths['images']} has {len(x)} images but {paths['labels']} has {len(y)} labels")
+    folder = paths["images"].parent
+    classes, first_label = read_mapping(folder, split)
+    y = y.astype(np.int64) - first_label
+    if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+        raise ValueError(
+            f"{paths['labels']}: labels span {y.min()}..{y.max()} after offset, but the mapping has "
+            f"{len(classes)} classes"
+        )
+    # EMNIST stores images transposed (column-major); fix it once here so that training,
+    # evaluation and user drawings all share the upright orientation.
+    images = torch.from_numpy(x.copy()).transpose(1, 2).contiguous()
+    return images, torch.from_numpy(y), classes, str(folder)
+
+
+def stratified_split(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split keeping class proportions: returns (rest_idx, picked_idx), picked ~ fraction of each class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    rest, picked = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * fraction))
+        if 0 < fraction < 1 and len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)  # every class present on both sides
+        picked.append(idx[:k])
+        rest.append(idx[k:])
+    rest_idx, picked_idx = np.concatenate(rest), np.concatenate(picked)
+    return np.sort(rest_idx), np.sort(picked_idx)
+
+
+def _limit(idx: np.ndarray, labels: torch.Tensor, limit: int, seed: int) -> np.ndarray:
+    if not limit or limit >= len(idx):
+        return idx
+    _, keep = stratified_split(labels[idx].numpy(), limit / len(idx), seed)
+    return idx[keep]
+
+
+def load_dataset(
+    split: str = "balanced",
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_limit: int = 0,
+    val_limit: int = 0,
+) -> EmnistData:
+    """Read the train file and carve a stratified, seeded validation split from it."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    x, y, classes, source = read_split(split, "train", data_dir)
+    train_idx, val_idx = stratified_split(y.numpy(), val_fraction, seed)
+    # Limits take stratified subsets *after* the split, so the validation images of a
+    # small run are a subset of those of a full run with the same seed.
+    train_idx = _limit(train_idx, y, train_limit, seed + 1)
+    val_idx = _limit(val_idx, y, val_limit, seed + 2)
+    ti, vi = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return EmnistData(x[ti], y[ti], x[vi], y[vi], classes, split, source)
+
+
+def load_test(split: str = "balanced", data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The test split, for final evaluation only (never for model selection)."""
+    x, y, classes, _ = read_split(split, "test", data_dir)
+    return x, y, classes
+
+
+# Pixel statistics of EMNIST (0..1 scale), measured on the training images. Shared by
+# training, evaluation and the predictor so a model never sees differently scaled input.
+PIXEL_MEAN = 0.1736
+PIXEL_STD = 0.3317
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (background 0) -> zero-mean, unit-variance model input."""
+    return (x - PIXEL_MEAN) / PIXEL_STD
