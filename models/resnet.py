@@ -36,4 +36,6 @@ def resnet(num_classes: int, width: float = 1.0, dropout: float = 0.1, blocks: i
         for b in range(blocks):
             layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1))
             cin = cout
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes))
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+    )

@@ -79,6 +79,8 @@ def augment(x: torch.Tensor, p: AugmentParams, generator: torch.Generator) -> to
         on = torch.rand(b, generator=generator, device=dev) < prob
         ys = torch.arange(h, device=dev).view(1, h, 1)
         xs = torch.arange(w, device=dev).view(1, 1, w)
-        box = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & ((xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2)
+        box = ((ys - cy.view(b, 1, 1)).abs() < eh.view(b, 1, 1) / 2) & (
+            (xs - cx.view(b, 1, 1)).abs() < ew.view(b, 1, 1) / 2
+        )
         out = out.masked_fill((box & on.view(b, 1, 1)).unsqueeze(1), 0.0)
     return out

@@ -163,7 +163,9 @@ def read_mapping(folder: Path, split: str) -> tuple[list[str], int]:
     return [r[1] for r in rows], labels[0]
 
 
-def read_split(split: str, part: str, data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+def read_split(
+    split: str, part: str, data_dir: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
     """(images uint8 (N,28,28) upright, labels int64 0..C-1, class names, source folder)."""
     paths = locate(split, part, data_dir)
     x = read_images(paths["images"])
@@ -229,7 +231,9 @@ def load_dataset(
     return EmnistData(x[ti], y[ti], x[vi], y[vi], classes, split, source)
 
 
-def load_test(split: str = "balanced", data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_test(
+    split: str = "balanced", data_dir: str | Path | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The test split, for final evaluation only (never for model selection)."""
     x, y, classes, _ = read_split(split, "test", data_dir)
     return x, y, classes

@@ -42,11 +42,11 @@ def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
     if len(data) < 8:
         raise IdxError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     (magic,) = struct.unpack(">I", data[:4])
+    if magic >> 8 != 0x08:
+        raise IdxError(f"{path}: wrong magic number {magic}: not an IDX file of uint8 data (only uint8 is supported)")
     if expect_magic is not None and magic != expect_magic:
         kind = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}.get(expect_magic, "?")
         raise IdxError(f"{path}: wrong magic number {magic} (expected {expect_magic} for an IDX {kind} file)")
-    if magic >> 8 != 0x08:
-        raise IdxError(f"{path}: wrong magic number {magic}: only uint8 IDX data (0x08) is supported")
     ndim = magic & 0xFF
     if ndim == 0 or len(data) < 4 + 4 * ndim:
         raise IdxError(f"{path}: header declares {ndim} dimensions but the file is too short for them")

@@ -52,8 +52,12 @@ class TBLogger:
             if p.grad is not None:
                 self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), epoch)
 
-    def best(self, epoch: int, confusion: torch.Tensor, images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor) -> None:
-        self.writer.add_image("val/confusion_matrix", confusion_image(confusion, self.classes), epoch, dataformats="HWC")
+    def best(
+        self, epoch: int, confusion: torch.Tensor, images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor
+    ) -> None:
+        self.writer.add_image(
+            "val/confusion_matrix", confusion_image(confusion, self.classes), epoch, dataformats="HWC"
+        )
         if len(images):
             grid = misclassified_grid(images, true, pred, self.classes)
             self.writer.add_image("val/misclassified", grid, epoch, dataformats="HWC")
@@ -84,14 +88,19 @@ def confusion_image(cm: torch.Tensor, classes: list[str], cell: int = 12) -> np.
         draw.text((margin + i * cell + 1, 4), classes[i][:2], fill="black", font=font)  # cols: predicted
         for j in range(n):
             v = norm[i, j]
-            colour = (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255) if i == j else (255, int(255 * (1 - v)), int(255 * (1 - v)))
+            colour = (
+                (int(255 * (1 - v)), int(255 * (1 - 0.6 * v)), 255)
+                if i == j
+                else (255, int(255 * (1 - v)), int(255 * (1 - v)))
+            )
             x0, y0 = margin + j * cell, margin + i * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour)
     return np.asarray(img)
 
 
-def misclassified_grid(images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, classes: list[str],
-                       cols: int = 8, scale: int = 2) -> np.ndarray:
+def misclassified_grid(
+    images: torch.Tensor, true: torch.Tensor, pred: torch.Tensor, classes: list[str], cols: int = 8, scale: int = 2
+) -> np.ndarray:
     """Tiles of misclassified images (uint8, N x 28 x 28) captioned 'true>pred'."""
     n = len(images)
     tile, caption = 28 * scale, 12

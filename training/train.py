@@ -30,14 +30,24 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "train.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train one EMNIST model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Train one EMNIST model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML file of config keys")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the EMNIST files (else $EMNIST_DATA_DIR, then data/)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="folder with the EMNIST files (else $EMNIST_DATA_DIR, then data/)"
+    )
     p.add_argument("--split", default=None, help="EMNIST split (balanced, byclass, bymerge, letters, digits, mnist)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="run folder (default results/runs/<model>-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set lr=3e-3 --set model=resnet (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set lr=3e-3 --set model=resnet (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-test", action="store_true", help="skip the final test-split evaluation")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
@@ -51,7 +61,9 @@ def _progress_printer(epochs: int):
         if tty:
             filled = int(30 * step / steps)
             bar = "#" * filled + "." * (30 - filled)
-            print(f"\repoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f}", end="", file=sys.stderr, flush=True)
+            print(
+                f"\repoch {epoch}/{epochs} [{bar}] {step}/{steps} loss {loss:.4f}", end="", file=sys.stderr, flush=True
+            )
 
     return progress, tty
 
@@ -74,16 +86,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume: {resume} does not exist")
         elif (out / "last.pt").exists() or (out / "best.pt").exists():
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        data = load_dataset(config.split, args.data_dir, config.val_fraction, config.seed,
-                            config.train_limit, config.val_limit)
+        data = load_dataset(
+            config.split, args.data_dir, config.val_fraction, config.seed, config.train_limit, config.val_limit
+        )
     except (ConfigError, DataNotFoundError, IdxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from training.trainer import train  # torch-heavy import after the cheap checks
 
-    print(f"data: {data.split} from {data.source}: {len(data.train_x)} train / {len(data.val_x)} val images, "
-          f"{data.num_classes} classes")
+    print(
+        f"data: {data.split} from {data.source}: {len(data.train_x)} train / {len(data.val_x)} val images, "
+        f"{data.num_classes} classes"
+    )
     print(f"run:  {out}")
     progress, tty = _progress_printer(config.epochs)
 
@@ -93,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         if m["diverged"]:
             print(f"epoch {m['epoch']:3d}  diverged (non-finite loss): stopping")
             return
-        print(f"epoch {m['epoch']:3d}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
-              f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.2e}  "
-              f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:,.0f} img/s", flush=True)
+        print(
+            f"epoch {m['epoch']:3d}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+            f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.4f}  lr {m['lr']:.2e}  "
+            f"{m['epoch_seconds']:.1f}s  {m['images_per_sec']:,.0f} img/s",
+            flush=True,
+        )
 
     try:
         result = train(config, data, reporter=report, out_dir=out, resume=resume, progress=progress)

@@ -114,6 +114,22 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
+def _rng_state(g_order: torch.Generator, g_aug: torch.Generator, device: torch.device) -> dict:
+    # Dropout draws from the global generator: saving it too makes a resumed run identical.
+    state = {"order": g_order.get_state(), "aug": g_aug.get_state().cpu(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, g_order: torch.Generator, g_aug: torch.Generator, device: torch.device) -> None:
+    g_order.set_state(state["order"])
+    g_aug.set_state(state["aug"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _batches(n: int, batch_size: int) -> int:
     # Drop the last partial batch (a batch of 1 breaks BatchNorm), but never train on zero.
     return max(1, n // batch_size)
@@ -170,12 +186,13 @@ def train(
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt.get("scheduler"):
             sched.load_state_dict(ckpt["scheduler"])
-        g_order.set_state(ckpt["rng"]["order"])
-        g_aug.set_state(ckpt["rng"]["aug"].to(g_aug.get_state().device))
+        _set_rng_state(ckpt["rng"], g_order, g_aug, device)
         history, best, bad_epochs = list(ckpt["history"]), dict(ckpt["best"]), ckpt["bad_epochs"]
         start_epoch = ckpt["epoch"] + 1
 
     out = Path(out_dir) if out_dir is not None else None
+    if resume is not None and out is not None and (out / "best.pt").is_file():
+        best["metrics"] = load_checkpoint(out / "best.pt")["metrics"].get("val")
     tb = None
     if out is not None:
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
@@ -280,7 +297,7 @@ def train(
                     "metrics": m,
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
-                    "rng": {"order": g_order.get_state(), "aug": g_aug.get_state().cpu()},
+                    "rng": _rng_state(g_order, g_aug, device),
                     "history": history,
                     "best": {k: v for k, v in best.items() if k != "metrics"},
                     "bad_epochs": bad_epochs,

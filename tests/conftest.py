@@ -1,0 +1,77 @@
+"""Shared fixtures: small EMNIST-format IDX files made on the fly (so the suite runs on a
+fresh machine with no data), the real data folder when EMNIST_DATA_DIR is set, and tiny
+training configs that keep tests fast."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from training.data import BUILTIN_CLASSES, load_dataset
+from training.idx import write_idx
+
+
+def render_char(ch: str, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """An upright white-on-black glyph with random size, offset and noise: learnable, not trivial."""
+    img = Image.new("L", (size, size), 0)
+    font = ImageFont.load_default(size=int(rng.integers(16, 22)))
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = draw.textbbox((0, 0), ch, font=font)
+    x = (size - (right - left)) / 2 - left + rng.integers(-2, 3)
+    y = (size - (bottom - top)) / 2 - top + rng.integers(-2, 3)
+    draw.text((x, y), ch, fill=255, font=font)
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.normal(0, 12, arr.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def make_idx_dataset(folder: Path, split: str = "digits", n_train: int = 400, n_test: int = 100, seed: int = 0,
+                     gz: bool = True, mapping: bool = True) -> Path:
+    """Write emnist-<split>-{train,test}-* files in the official format (images transposed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = BUILTIN_CLASSES[split]
+    rng = np.random.default_rng(seed)
+    offset = 1 if split == "letters" else 0
+    suffix = ".gz" if gz else ""
+    for part, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % len(classes)
+        rng.shuffle(labels)
+        images = np.stack([render_char(classes[k][0], rng) for k in labels])
+        write_idx(folder / f"emnist-{split}-{part}-images-idx3-ubyte{suffix}", images.transpose(0, 2, 1))
+        write_idx(folder / f"emnist-{split}-{part}-labels-idx1-ubyte{suffix}", labels + offset)
+    if mapping:
+        lines = [f"{i + offset} {' '.join(str(ord(ch)) for ch in name)}" for i, name in enumerate(classes)]
+        (folder / f"emnist-{split}-mapping.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    return make_idx_dataset(tmp_path_factory.mktemp("emnist") / "digits", n_train=600, n_test=200)
+
+
+@pytest.fixture(scope="session")
+def digits_data(digits_dir):
+    return load_dataset("digits", digits_dir, val_fraction=0.2, seed=0)
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    """Shrunk training config for tests: few epochs, small batches, no histograms."""
+    return {"split": "digits", "epochs": 3, "batch_size": 32, "eval_batch_size": 256, "hist_every": 0,
+            "lr": 3e-3, "scheduler": "none", "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    value = os.environ.get("EMNIST_DATA_DIR")
+    if not value:
+        pytest.skip("EMNIST_DATA_DIR is not set: real-data tests need the EMNIST files (CI sets it)")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"EMNIST_DATA_DIR={value} is not a directory")
+    return path

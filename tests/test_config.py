@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from training.config import ConfigError, TrainConfig, load_yaml, make_config, parse_set
+
+
+def test_defaults_and_overrides():
+    c = make_config({"lr": "1e-3", "epochs": 4.0, "nesterov": "false"})
+    assert isinstance(c, TrainConfig)
+    assert c.lr == 1e-3 and c.epochs == 4 and c.nesterov is False
+    assert make_config(base=c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lrr": 1}, "unknown config key.*'lrr' \\(did you mean 'lr'\\?\\)"),
+        ({"lr": "fast"}, "lr must be a number"),
+        ({"lr": 0}, "lr must be > 0"),
+        ({"epochs": 2.5}, "epochs must be an integer"),
+        ({"model": "transformer"}, "model must be one of"),
+        ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"scheduler": "warm"}, "scheduler must be one of"),
+        ({"split": "kanji"}, "split must be one of"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"aug_scale": 1.0}, "aug_scale"),
+        ({"aug_rotate": -1}, "aug_rotate must be >= 0"),
+        ({"nesterov": "maybe"}, "nesterov must be true or false"),
+        ({"model": 3}, "model must be a string"),
+    ],
+)
+def test_bad_values_are_clear(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(overrides)
+
+
+def test_parse_set_and_yaml(tmp_path):
+    assert parse_set(["lr=3e-3", "model=resnet", "nesterov=true", "width=1.5"]) == {
+        "lr": "3e-3", "model": "resnet", "nesterov": True, "width": 1.5}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["lr"])
+    (tmp_path / "a.yaml").write_text("lr: 1.0e-3\nmodel: vgg\n")
+    assert make_config(base=load_yaml(tmp_path / "a.yaml")).model == "vgg"
+    (tmp_path / "b.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_yaml(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("lr: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_yaml(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_shipped_train_yaml_is_valid():
+    from training.train import DEFAULT_CONFIG
+
+    assert make_config(base=load_yaml(DEFAULT_CONFIG)) == make_config(base=load_yaml(DEFAULT_CONFIG))

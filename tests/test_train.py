@@ -1,0 +1,232 @@
+"""train(): it learns, it overfits a batch, it stops on divergence/early stopping, it logs to
+TensorBoard, it resumes exactly, and its checkpoints round-trip (and refuse pickles)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import (
+    CheckpointError,
+    build_from_checkpoint,
+    check_compatible,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+)
+from training.data import load_dataset
+from training.trainer import evaluate, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_learns_on_small_data(digits_data, tiny_config):
+    result = train({**tiny_config, "epochs": 8}, digits_data)
+    losses = [m["train_loss"] for m in result["history"]]
+    assert losses[-1] < 0.6 * losses[0]
+    assert result["best_val_acc"] > 0.6  # chance is 0.1
+    assert result["epochs_run"] == 8 and not result["diverged"]
+    m = result["history"][-1]
+    assert set(m) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_sec"}
+
+
+def test_overfits_one_batch(digits_data, tiny_config):
+    one = dataclasses.replace(digits_data, train_x=digits_data.train_x[:32], train_y=digits_data.train_y[:32])
+    cfg = {**tiny_config, "epochs": 60, "aug_strength": 0, "dropout": 0, "label_smoothing": 0,
+           "weight_decay": 0, "optimizer": "adam", "lr": 3e-3}
+    result = train(cfg, one)
+    last = result["history"][-1]
+    assert last["train_acc"] == 1.0 and last["train_loss"] < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("scheduler", ["none", "step", "plateau", "cosine", "onecycle"])
+def test_every_optimizer_and_scheduler_runs(digits_data, tiny_config, optimizer, scheduler):
+    small = dataclasses.replace(digits_data, train_x=digits_data.train_x[:128], train_y=digits_data.train_y[:128])
+    cfg = {**tiny_config, "optimizer": optimizer, "scheduler": scheduler, "epochs": 2, "step_size": 1,
+           "warmup_epochs": 0.5, "lr": 0.05 if optimizer == "sgd" else 3e-3}
+    result = train(cfg, small)
+    lrs = [m["lr"] for m in result["history"]]
+    assert result["epochs_run"] == 2 and all(lr > 0 or scheduler in ("onecycle", "cosine") for lr in lrs)
+    if scheduler == "step":
+        assert lrs[1] == pytest.approx(lrs[0] * 0.1)
+
+
+def test_divergence_ends_cleanly(digits_data, tiny_config):
+    reports = []
+    result = train({**tiny_config, "optimizer": "sgd", "lr": 1e8, "momentum": 0.9, "epochs": 5}, digits_data,
+                   reporter=lambda m, p: reports.append(m))
+    assert result["diverged"] and result["epochs_run"] == 1
+    assert reports[-1]["diverged"] is True and len(reports) == 1
+
+
+def test_early_stopping(digits_data, tiny_config):
+    result = train({**tiny_config, "epochs": 40, "early_stop_patience": 2, "lr": 5e-3}, digits_data)
+    assert result["stopped_early"] and result["epochs_run"] < 40
+    assert result["epochs_run"] - result["best_epoch"] == 2
+
+
+def test_tensorboard_logs(digits_data, tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train({**tiny_config, "hist_every": 1, "epochs": 2}, digits_data, out_dir=tmp_path)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+    assert {"loss/train", "loss/val", "accuracy/train", "opt/lr", "perf/images_per_sec",
+            "hparam/best_val_acc"} <= set(tags["scalars"])
+    assert any(t.startswith("weights/") for t in tags["histograms"])
+    assert any(t.startswith("grads/") for t in tags["histograms"])
+    assert {"val/confusion_matrix", "val/misclassified"} <= set(tags["images"])
+    # the HParams plugin's session info is there (so the HParams tab lists this run)
+    assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
+
+
+def test_checkpoint_round_trip(digits_data, tiny_config, tmp_path):
+    result = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["config"]["model"] == "small_cnn" and best["classes"] == list("0123456789")
+    assert best["epoch"] == result["best_epoch"] and best["metrics"]["val_acc"] == result["best_val_acc"]
+    assert len(best["metrics"]["val"]["per_class"]) == 10
+    model = build_from_checkpoint(best)
+    _, acc, _ = evaluate(model, digits_data.val_x, digits_data.val_y)
+    assert acc == pytest.approx(result["best_val_acc"], abs=1e-6)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 2 and "optimizer" in last and len(last["history"]) == 2
+
+
+def test_resume_continues_exactly(digits_data, tiny_config, tmp_path):
+    cfg = {**tiny_config, "epochs": 3, "scheduler": "onecycle"}
+    straight = train(cfg, digits_data, out_dir=tmp_path / "a")
+    partial = {**cfg, "epochs": 3}
+    # Stop after epoch 2 by raising from the reporter (as an interrupted run would stop).
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(m, _):
+        if m["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(partial, digits_data, reporter=stop_after_two, out_dir=tmp_path / "b")
+    resumed = train(partial, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
+    assert resumed["history"][-1]["val_acc"] == pytest.approx(straight["history"][-1]["val_acc"])
+    assert resumed["val"] == straight["val"]  # best-epoch metrics survive the restart
+
+
+def test_wrong_architecture_or_class_count_is_refused(digits_data, tiny_config, tmp_path):
+    train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="'small_cnn' model with 10 classes.*'resnet' model with 10"):
+        check_compatible(ckpt, "resnet", 10)
+    with pytest.raises(CheckpointError, match="with 47 classes was expected"):
+        check_compatible(ckpt, "small_cnn", 47)
+    with pytest.raises(CheckpointError, match="'resnet'"):
+        train({**tiny_config, "model": "resnet"}, digits_data, resume=tmp_path / "last.pt")
+    from models import build_model
+
+    with pytest.raises(CheckpointError, match="does not fit this model's architecture"):
+        load_state(build_model("small_cnn", 10, width=2.0), ckpt)
+
+
+class Payload:
+    """Unpickling this runs code (writes a marker file): what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+@pytest.mark.parametrize("force_unsafe_env", [False, True])
+def test_pickled_payload_is_refused_and_never_runs(tmp_path, monkeypatch, force_unsafe_env):
+    if force_unsafe_env:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {"model": "small_cnn"}, "classes": ["a"], "epoch": 1,
+                "extra": Payload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*pickled Python objects"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_unreadable_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path / "junk.pt")
+    save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.ones(1000)}, "config": {}, "classes": [], "epoch": 1})
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"just": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an emnist-tune checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}, "classes": [], "epoch": 1})
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}, "classes": [], "epoch": 2})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left behind
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "training" / "train.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_trains_evaluates_and_prints_json(digits_dir, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    r = _cli("--data-dir", str(digits_dir), "--split", "digits", "--epochs", "2", "--out", str(out),
+             "--set", "batch_size=32", "--set", "hist_every=0", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 < summary["val_acc"] <= 1 and 0 < summary["test_acc"] <= 1
+    assert Path(summary["checkpoint"]).is_file() and "most confused" in r.stdout
+    assert list(out.glob("events.out.tfevents.*"))
+    # the same --out again would overwrite a finished run: refused, nothing touched
+    before = (out / "best.pt").read_bytes()
+    r2 = _cli("--data-dir", str(digits_dir), "--split", "digits", "--out", str(out))
+    assert r2.returncode == 2 and "already holds a run" in r2.stderr
+    assert (out / "best.pt").read_bytes() == before
+
+
+def test_cli_bad_config_fails_before_training(tmp_path):
+    r = _cli("--set", "optimizer=lion", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "optimizer must be one of" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_real_emnist_two_epochs_small_cnn(real_data_dir):
+    """The acceptance bar: 2 epochs of the small CNN on 20,000 real images reach >= 75 % val accuracy."""
+    data = load_dataset("bymerge", real_data_dir, train_limit=20000)
+    assert len(data.train_x) == 20000
+    result = train({"split": "bymerge", "epochs": 2, "hist_every": 0, "device": "cpu"}, data)
+    assert result["best_val_acc"] >= 0.75, result["history"]
