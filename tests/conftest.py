@@ -75,3 +75,14 @@ def real_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"EMNIST_DATA_DIR={value} is not a directory")
     return path
+
+
+@pytest.fixture(scope="session")
+def real_run(real_data_dir, tmp_path_factory):
+    """2 epochs of the small CNN on 20,000 real EMNIST images (CPU), trained once per session."""
+    from training.trainer import train
+
+    data = load_dataset("bymerge", real_data_dir, train_limit=20000)
+    out = tmp_path_factory.mktemp("real_run")
+    result = train({"split": "bymerge", "epochs": 2, "hist_every": 0, "device": "cpu"}, data, out_dir=out)
+    return data, result

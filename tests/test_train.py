@@ -20,7 +20,6 @@ from training.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from training.data import load_dataset
 from training.trainer import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,9 +223,8 @@ def test_cli_bad_config_fails_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_real_emnist_two_epochs_small_cnn(real_data_dir):
+def test_real_emnist_two_epochs_small_cnn(real_run):
     """The acceptance bar: 2 epochs of the small CNN on 20,000 real images reach >= 75 % val accuracy."""
-    data = load_dataset("bymerge", real_data_dir, train_limit=20000)
+    data, result = real_run
     assert len(data.train_x) == 20000
-    result = train({"split": "bymerge", "epochs": 2, "hist_every": 0, "device": "cpu"}, data)
     assert result["best_val_acc"] >= 0.75, result["history"]

@@ -1,0 +1,114 @@
+"""Predict characters in arbitrary images with a trained checkpoint.
+
+    python training/predict.py CHECKPOINT IMAGE [IMAGE ...] [--k 5] [--json]
+
+`Predictor` is shared by this CLI, the dashboard and the search's final report, so an
+image is always prepared the same way (training/preprocess.py: EMNIST's own recipe).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint  # noqa: E402
+from training.preprocess import ImageError, NoCharacterFound, load_image, preprocess  # noqa: E402
+from training.trainer import predict_logits, resolve_device  # noqa: E402
+
+
+@dataclass
+class Prediction:
+    top: list[tuple[str, float]] = field(default_factory=list)  # (character, probability), best first
+    image: np.ndarray | None = None  # the 28x28 uint8 image the model saw
+    message: str = ""  # why there is no prediction (e.g. "no character found: ...")
+
+    @property
+    def found(self) -> bool:
+        return bool(self.top)
+
+    def to_dict(self) -> dict:
+        return {"top": [{"char": c, "prob": p} for c, p in self.top], "message": self.message}
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, classes: list[str], config: dict, device: torch.device):
+        self.model, self.classes, self.config, self.device = model.eval(), list(classes), config, device
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        ckpt = load_checkpoint(path)
+        dev = resolve_device(device)
+        return cls(build_from_checkpoint(ckpt, dev, where=str(path)), ckpt["classes"], ckpt["config"], dev)
+
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class probabilities for already-prepared uint8 images (N, 28, 28), upright."""
+        x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).to(self.device)
+        return predict_logits(self.model, x, batch_size=512).softmax(1).cpu()
+
+    def predict(self, images, k: int = 5) -> list[Prediction]:
+        """Top-k characters for each image (PIL images or arrays of any size, mode and polarity).
+        A single image may be passed instead of a list."""
+        if not isinstance(images, list | tuple):
+            images = [images]
+        results: list[Prediction] = []
+        prepared: list[np.ndarray] = []
+        for image in images:
+            try:
+                x = preprocess(image)
+            except (NoCharacterFound, ImageError) as e:
+                results.append(Prediction(message=str(e)))
+                continue
+            results.append(Prediction(image=x))
+            prepared.append(x)
+        if prepared:
+            probs = self.probabilities(np.stack(prepared))
+            values, idx = probs.topk(min(k, len(self.classes)), dim=1)
+            it = iter(zip(values.tolist(), idx.tolist(), strict=True))
+            for r in results:
+                if r.image is not None:
+                    v, i = next(it)
+                    r.top = [(self.classes[j], float(p)) for p, j in zip(v, i, strict=True)]
+        return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Top-k characters for image files, with a trained checkpoint.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    args = p.parse_args(argv)
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in args.images:
+        try:
+            result = predictor.predict(load_image(path), k=args.k)[0]
+        except (ImageError, OSError) as e:
+            result = Prediction(message=f"error: {e}")
+        failed += not result.found
+        if args.json:
+            print(json.dumps({"file": str(path), **result.to_dict()}))
+        elif result.found:
+            print(f"{path}: " + "  ".join(f"{c} {p:.3f}" for c, p in result.top))
+        else:
+            print(f"{path}: {result.message}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
