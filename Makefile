@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  `make train` (set up + run the main job)  and  `make test`.
+# Each creates .venv with `pip install -e ".[dev]"` the first time (or when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup train test lint bench tensorboard clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)  ## one training run; extra options via ARGS="--epochs 5 --set model=resnet"
+	$(PY) training/train.py --config configs/train.yaml $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA_DIR is set)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m training.bench $(ARGS)
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir results --host 127.0.0.1
+
+clean-venv:
+	rm -rf $(VENV)
