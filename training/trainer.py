@@ -142,11 +142,13 @@ def train(
     out_dir: str | Path | None = None,
     resume: str | Path | dict | None = None,
     progress: Progress | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train one model; returns the run's summary (best/last metrics, history, checkpoint paths).
 
     out_dir gets TensorBoard events, `last.pt` (every epoch, for resuming) and `best.pt`
-    (best validation accuracy). `resume` continues from a `last.pt` (path or loaded dict).
+    (best validation accuracy); checkpoint_dir, if given, takes the checkpoints instead.
+    `resume` continues from a `last.pt` (path or loaded dict).
     """
     c = config if isinstance(config, TrainConfig) else make_config(config)
     if c.split != data.split:
@@ -191,8 +193,9 @@ def train(
         start_epoch = ckpt["epoch"] + 1
 
     out = Path(out_dir) if out_dir is not None else None
-    if resume is not None and out is not None and (out / "best.pt").is_file():
-        best["metrics"] = load_checkpoint(out / "best.pt")["metrics"].get("val")
+    ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
+    if resume is not None and ck is not None and (ck / "best.pt").is_file():
+        best["metrics"] = load_checkpoint(ck / "best.pt")["metrics"].get("val")
     tb = None
     if out is not None:
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
@@ -271,6 +274,8 @@ def train(
             else:
                 bad_epochs += 1
             m["best_val_acc"] = best["val_acc"]
+            stop = bool(c.early_stop_patience and bad_epochs >= c.early_stop_patience)
+            m["early_stopped"] = stop  # patience ran out: this is the run's last epoch
             history.append(m)
             if sched_when == "epoch":
                 sched.step()
@@ -281,20 +286,20 @@ def train(
                 tb.epoch(m)
                 if c.hist_every and (epoch % c.hist_every == 0 or epoch == 1):
                     tb.histograms(model, epoch)
+            # Per-class metrics every epoch (a bincount): each checkpoint is self-describing.
+            val_metrics = summarize(y_val, val_pred, data.classes)
             if improved:
-                val_metrics = summarize(y_val, val_pred, data.classes)
                 best["metrics"] = val_metrics
                 if tb:
                     wrong = (val_pred != y_val).nonzero().flatten()[:32]
                     tb.best(epoch, confusion_matrix(y_val, val_pred, num_classes),
                             x_val[wrong], y_val[wrong], val_pred[wrong])
-                if out is not None:
-                    save_checkpoint(out / "best.pt", {**state(epoch), "metrics": {**m, "val": val_metrics}})
-            stop = c.early_stop_patience and bad_epochs >= c.early_stop_patience
-            if out is not None:
-                last_path = save_checkpoint(out / "last.pt", {
+                if ck is not None:
+                    save_checkpoint(ck / "best.pt", {**state(epoch), "metrics": {**m, "val": val_metrics}})
+            if ck is not None:
+                last_path = save_checkpoint(ck / "last.pt", {
                     **state(epoch),
-                    "metrics": m,
+                    "metrics": {**m, "val": val_metrics},
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "rng": _rng_state(g_order, g_aug, device),
@@ -321,7 +326,7 @@ def train(
         "stopped_early": stopped_early,
         "history": history,
         "val": best.get("metrics"),
-        "checkpoint": str(out / "best.pt") if out is not None and best["epoch"] else None,
+        "checkpoint": str(ck / "best.pt") if ck is not None and best["epoch"] else None,
         "last_checkpoint": str(last_path) if last_path else None,
         "model": model,
         "device": str(device),

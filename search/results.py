@@ -1,0 +1,169 @@
+"""Read a search experiment directory into pandas tables, without starting Ray.
+
+Used by the end-of-search summary and by the dashboard. It tolerates an experiment that is
+still being written: half-written JSON lines, trials without results or checkpoints yet,
+and missing state files are shown for what they are, never raised.
+
+Layout (Ray Tune's, with our trial names):
+    <exp>/experiment_state-*.json      trial statuses (JSON; written by the driver)
+    <exp>/trial_<id>/params.json       the trial's config (TrainConfig overrides)
+    <exp>/trial_<id>/result.json       one JSON line per epoch
+    <exp>/trial_<id>/checkpoint_*/checkpoint.pt
+    <exp>/trial_<id>/events.out.tfevents.*   TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+CHECKPOINT_FILE = "checkpoint.pt"
+RAY_STATUS = {"TERMINATED": "terminated", "ERROR": "error", "RUNNING": "running", "PENDING": "pending",
+              "PAUSED": "paused"}
+
+
+@dataclass
+class Experiment:
+    path: Path
+    trials: pd.DataFrame  # one row per trial
+    histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # trial id -> per-epoch rows
+    checkpoints: dict[str, pd.DataFrame] = field(default_factory=dict)  # trial id -> path, epoch, val_acc
+
+    @property
+    def best_trial(self) -> str | None:
+        ok = self.trials[self.trials["best_val_acc"].notna()]
+        return None if ok.empty else str(ok.sort_values("best_val_acc", ascending=False).iloc[0]["trial_id"])
+
+    def best_checkpoint(self, trial_id: str | None = None) -> Path | None:
+        """Path of the best existing checkpoint of a trial (default: the best trial)."""
+        trial_id = trial_id or self.best_trial
+        ck = self.checkpoints.get(trial_id) if trial_id else None
+        if ck is None or ck.empty:
+            return None
+        return Path(ck.sort_values(["val_acc", "epoch"], ascending=[False, False]).iloc[0]["path"])
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Every complete JSON line; a half-written last line (a search still running) is skipped."""
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def ray_statuses(exp_dir: Path) -> dict[str, dict]:
+    """trial id -> {status, num_failures, error_file} from the newest readable experiment state."""
+    for state_file in sorted(exp_dir.glob("experiment_state-*.json"), reverse=True):
+        state = read_json(state_file)
+        if not state or "trial_data" not in state:
+            continue
+        out = {}
+        for entry in state["trial_data"]:
+            try:
+                info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+                meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
+                out[info["trial_id"]] = {"status": info.get("status"), "num_failures": meta.get("num_failures", 0),
+                                         "error_file": meta.get("error_filename")}
+            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
+                continue
+        return out
+    return {}
+
+
+def trial_dirs(exp_dir: Path) -> list[Path]:
+    return sorted(p for p in exp_dir.glob("trial_*") if p.is_dir())
+
+
+def load_experiment(exp_dir: str | Path) -> Experiment:
+    exp_dir = Path(exp_dir)
+    statuses = ray_statuses(exp_dir)
+    rows, histories, checkpoints = [], {}, {}
+    ids = {d.name.removeprefix("trial_"): d for d in trial_dirs(exp_dir)}
+    for trial_id in sorted(set(ids) | set(statuses)):
+        d = ids.get(trial_id, exp_dir / f"trial_{trial_id}")
+        config = read_json(d / "params.json") or {}
+        results = read_json_lines(d / "result.json")
+        history = pd.DataFrame(results)
+        histories[trial_id] = history
+        ck = []
+        for c in sorted(d.glob("checkpoint_*")):
+            f = c / CHECKPOINT_FILE
+            if f.is_file():
+                match = [r for r in results if r.get("checkpoint_dir_name") == c.name]
+                r = match[-1] if match else {}
+                ck.append({"path": str(f), "epoch": r.get("epoch"), "val_acc": r.get("val_acc")})
+        checkpoints[trial_id] = pd.DataFrame(ck, columns=["path", "epoch", "val_acc"])
+        rows.append(_trial_row(trial_id, d, config, results, statuses.get(trial_id, {})))
+    trials = pd.DataFrame(rows, columns=_COLUMNS + sorted({k for r in rows for k in r} - set(_COLUMNS)))
+    return Experiment(exp_dir, trials, histories, checkpoints)
+
+
+_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
+            "diverged", "seconds", "num_failures", "has_checkpoint"]
+
+
+def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: dict) -> dict:
+    good = [r for r in results if not r.get("diverged") and r.get("val_acc") is not None]
+    last = results[-1] if results else {}
+    diverged = bool(last.get("diverged"))
+    max_epochs = config.get("epochs")
+    epochs_run = int(last.get("epoch", 0)) if results else 0
+    ray_status = ray.get("status")
+    if ray_status == "ERROR" or (ray_status is None and (d / "error.txt").exists() and not last.get("done")):
+        status = "error"
+    elif diverged:
+        status = "diverged"
+    elif ray_status == "TERMINATED" or last.get("done"):
+        asha = max_epochs is not None and epochs_run < max_epochs and not last.get("early_stopped")
+        status = "stopped" if asha else "finished"
+    elif ray_status in RAY_STATUS:
+        status = RAY_STATUS[ray_status]
+    else:
+        status = "running" if results else "pending"
+    return {
+        "trial_id": trial_id,
+        "status": status,
+        "best_val_acc": max((r["val_acc"] for r in good), default=None),
+        "last_val_acc": good[-1]["val_acc"] if good else None,
+        "epochs_run": epochs_run,
+        "max_epochs": max_epochs,
+        "stopped_early": status == "stopped",
+        "diverged": diverged,
+        "seconds": last.get("time_total_s"),
+        "num_failures": ray.get("num_failures", 0),
+        "has_checkpoint": any(d.glob(f"checkpoint_*/{CHECKPOINT_FILE}")),
+        **{f"config/{k}": v for k, v in sorted(config.items())},
+    }
+
+
+def list_experiments(root: str | Path) -> list[str]:
+    """Names of experiment folders directly under the results root (newest first)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (any(p.glob("experiment_state-*.json"))
+                                                         or any(p.glob("trial_*")))]
+    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]

@@ -1,0 +1,201 @@
+"""Search spaces in YAML, read like the math, turned into Optuna define-by-run functions.
+
+    base: ../train.yaml            # the default training config (evaluated as the first point)
+    fixed: {split: balanced}       # held constant in every trial
+    space:
+      lr:        {loguniform: [1.0e-4, 1.0e-2]}
+      width:     {uniform: [0.5, 2.0]}
+      epochs_x:  {int: [1, 4]}
+      batch_size: {choice: [64, 128, 256]}
+      optimizer:
+        choice:                    # a mapping under `choice` = conditional parameters
+          adamw: {}
+          sgd: {momentum: {uniform: [0.8, 0.99]}}
+
+Every sampled name is a TrainConfig key and appears once in the tree, so a trial's
+config is exactly a set of TrainConfig overrides. Everything is validated here, before
+Ray starts: unknown keys, empty or inverted ranges, unknown models, bad option values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.config import FIELDS, ConfigError, load_yaml, make_config
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
+TOP_KEYS = {"base", "fixed", "space", "max_epochs", "asha", "samples"}
+ASHA_KEYS = {"grace_period", "reduction_factor"}
+
+
+@dataclass
+class SearchSpec:
+    path: Path
+    base: dict[str, Any]  # the default training config (a full TrainConfig dict)
+    fixed: dict[str, Any]
+    space: dict[str, Any]
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    samples: int | None = None
+    params: list[str] = field(default_factory=list)  # every key the space can sample
+
+    def trial_base(self) -> dict[str, Any]:
+        """The config every trial starts from: defaults, then `fixed`, with the epoch budget."""
+        return make_config({**self.fixed, "epochs": self.max_epochs}, base=self.base).to_dict()
+
+
+def _err(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"search space {where}: {msg}")
+
+
+def _check_dist(key: str, spec: Any, where: str, seen: set[str]) -> None:
+    """Validate one parameter's distribution (recursing into conditional choices)."""
+    if key not in FIELDS:
+        import difflib
+
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _err(where, f"unknown parameter {key!r}{hint}; parameters are TrainConfig keys")
+    if key in seen:
+        raise _err(where, f"parameter {key!r} appears more than once; define it in one place")
+    seen.add(key)
+    if not isinstance(spec, dict):
+        _check_value(key, spec, where)  # a constant
+        return
+    if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise _err(where, f"{key}: expected one of {', '.join(DISTRIBUTIONS)} (e.g. {{uniform: [0, 1]}}), got {spec}")
+    kind, arg = next(iter(spec.items()))
+    if kind == "choice":
+        options = list(arg) if isinstance(arg, dict | list) else None
+        if not options:
+            raise _err(where, f"{key}: choice needs a non-empty list or mapping of options")
+        for option in options:
+            _check_value(key, option, where)
+        if isinstance(arg, dict):
+            for option, sub in arg.items():
+                if sub is None:
+                    continue
+                if not isinstance(sub, dict):
+                    raise _err(where, f"{key}={option}: conditional parameters must be a mapping, got {sub!r}")
+                for k, v in sub.items():
+                    _check_dist(k, v, f"{where}.{key}={option}", seen)
+        return
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, int | float | str) for v in arg)):
+        raise _err(where, f"{key}: {kind} needs [low, high], got {arg!r}")
+    try:
+        low, high = float(arg[0]), float(arg[1])
+    except ValueError:
+        raise _err(where, f"{key}: {kind} bounds must be numbers, got {arg!r}") from None
+    if not low < high:
+        raise _err(where, f"{key}: empty range [{arg[0]}, {arg[1]}] (low must be below high)")
+    if kind in ("loguniform", "logint") and low <= 0:
+        raise _err(where, f"{key}: {kind} needs low > 0, got {arg[0]}")
+    if kind in ("int", "logint") and (low != int(low) or high != int(high)):
+        raise _err(where, f"{key}: int bounds must be integers, got {arg!r}")
+    _check_value(key, low, where)
+    _check_value(key, high, where)
+
+
+def _check_value(key: str, value: Any, where: str) -> None:
+    """Is `value` a valid setting of config key `key`? (TrainConfig's own checks decide.)"""
+    try:
+        make_config({key: value})
+    except ConfigError as e:
+        raise _err(where, f"{key}={value!r} is not a valid value: {e}") from None
+
+
+def load_search_spec(path: str | Path) -> SearchSpec:
+    path = Path(path)
+    doc = load_yaml(path)
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        raise _err(str(path), f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    base_path = doc.get("base")
+    base = load_yaml((path.parent / base_path).resolve()) if base_path else {}
+    try:
+        base = make_config(base).to_dict()
+        fixed = dict(doc.get("fixed") or {})
+        make_config(fixed, base=base)
+    except ConfigError as e:
+        raise _err(str(path), str(e)) from None
+    space = doc.get("space")
+    if not isinstance(space, dict) or not space:
+        raise _err(str(path), "needs a non-empty `space:` mapping of parameters to distributions")
+    seen: set[str] = set()
+    for key, spec in space.items():
+        _check_dist(key, spec, str(path), seen)
+    overlap = seen & set(fixed)
+    if overlap:
+        raise _err(str(path), f"{sorted(overlap)} are both fixed and searched")
+    if "epochs" in seen:
+        raise _err(str(path), "epochs is the ASHA budget: set it with max_epochs, not in the space")
+    asha = doc.get("asha") or {}
+    if set(asha) - ASHA_KEYS:
+        raise _err(str(path), f"asha takes {sorted(ASHA_KEYS)}, got {sorted(asha)}")
+    max_epochs = doc.get("max_epochs", base["epochs"])
+    grace, factor = asha.get("grace_period", 1), asha.get("reduction_factor", 3)
+    for name, v, low in (("max_epochs", max_epochs, 1), ("asha.grace_period", grace, 1),
+                         ("asha.reduction_factor", factor, 2)):
+        if not isinstance(v, int) or v < low:
+            raise _err(str(path), f"{name} must be an integer >= {low}, got {v!r}")
+    if grace > max_epochs:
+        raise _err(str(path), f"asha.grace_period ({grace}) exceeds max_epochs ({max_epochs})")
+    samples = doc.get("samples")
+    if samples is not None and (not isinstance(samples, int) or samples < 1):
+        raise _err(str(path), f"samples must be a positive integer, got {samples!r}")
+    return SearchSpec(path, base, fixed, space, max_epochs, grace, factor, samples, sorted(seen))
+
+
+class DefineByRun:
+    """Optuna define-by-run function: samples the space, returns the fixed settings.
+    Conditional parameters are only suggested when their branch is chosen. A class (not a
+    closure) so Ray can pickle the searcher's state for resuming."""
+
+    def __init__(self, spec: SearchSpec):
+        self.space = spec.space
+        self.fixed = {**spec.fixed, "epochs": spec.max_epochs}
+
+    def __call__(self, trial) -> dict[str, Any]:
+        self._sample(trial, self.space)
+        return {**self.fixed, **{k: v for k, v in self.space.items() if not isinstance(v, dict)}}
+
+    def _sample(self, trial, tree: dict[str, Any]) -> None:
+        for key, dist in tree.items():
+            if not isinstance(dist, dict):
+                continue  # constants are returned by __call__
+            kind, arg = next(iter(dist.items()))
+            if kind == "uniform":
+                trial.suggest_float(key, float(arg[0]), float(arg[1]))
+            elif kind == "loguniform":
+                trial.suggest_float(key, float(arg[0]), float(arg[1]), log=True)
+            elif kind in ("int", "logint"):
+                trial.suggest_int(key, int(arg[0]), int(arg[1]), log=kind == "logint")
+            else:
+                value = trial.suggest_categorical(key, list(arg))
+                branch = arg.get(value) if isinstance(arg, dict) else None
+                if branch:
+                    self._sample(trial, branch)
+
+
+def default_point(spec: SearchSpec) -> dict[str, Any]:
+    """The default training config expressed as a point of the space (only the active branches),
+    so the search evaluates it first and can never end worse than the defaults."""
+    base = spec.trial_base()
+    point: dict[str, Any] = {}
+
+    def walk(tree: dict[str, Any]) -> None:
+        for key, dist in tree.items():
+            if not isinstance(dist, dict):
+                continue
+            kind, arg = next(iter(dist.items()))
+            if kind == "choice" and base[key] not in list(arg):
+                continue  # the default is not an option here: let the sampler pick
+            point[key] = base[key]
+            if kind == "choice" and isinstance(arg, dict) and isinstance(arg.get(base[key]), dict):
+                walk(arg[base[key]])
+
+    walk(spec.space)
+    return point

@@ -1,0 +1,94 @@
+"""End of a search: evaluate the best trial's best checkpoint on the test split (only now),
+write summary.json, trials.csv and best.pt, and print a short report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from search.results import Experiment, load_experiment
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.metrics import format_pairs
+
+TOP_N = 5
+
+
+def write_best(src: Path, dst: Path) -> None:
+    """best.pt for the predictor: weights, config, classes, epoch and metrics (no optimizer state)."""
+    ckpt = load_checkpoint(src)
+    keep = ("model", "config", "classes", "epoch", "split", "metrics")
+    save_checkpoint(dst, {k: ckpt[k] for k in keep if k in ckpt})
+
+
+def _config_of(exp: Experiment, trial_id: str) -> dict:
+    row = exp.trials.set_index("trial_id").loc[trial_id]
+    return {k.removeprefix("config/"): _plain(v) for k, v in row.items() if k.startswith("config/") and v == v}
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | None = None,
+                      max_epochs: int | None = None, device: str = "auto") -> int:
+    from training.evaluate import evaluate_checkpoint
+
+    exp_dir = Path(exp_dir)
+    exp = load_experiment(exp_dir)
+    trials = exp.trials
+    trials.to_csv(exp_dir / "trials.csv", index=False)
+    best_id = exp.best_trial
+    if best_id is None:
+        print("no trial produced a validation result; see the trials' error.txt files")
+        return 1
+    best_ckpt = exp.best_checkpoint(best_id)
+    if best_ckpt is None:
+        print(f"best trial {best_id} has no readable checkpoint")
+        return 1
+    write_best(best_ckpt, exp_dir / "best.pt")
+    test = evaluate_checkpoint(exp_dir / "best.pt", data_dir, device)
+    per_class = sorted(test["per_class"], key=lambda r: r["f1"])
+    best_row = trials.set_index("trial_id").loc[best_id]
+    summary = {
+        "experiment": exp_dir.name,
+        "best_trial": best_id,
+        "config": _config_of(exp, best_id),
+        "val_acc": float(best_row["best_val_acc"]),
+        "test_acc": test["accuracy"],
+        "test_n": test["n"],
+        "checkpoint": str(exp_dir / "best.pt"),
+        "source_checkpoint": str(best_ckpt),
+        "epochs_run": int(best_row["epochs_run"]),
+        "per_class": test["per_class"],
+        "most_confused": test["most_confused"],
+        "trials": {s: int(n) for s, n in trials["status"].value_counts().items()},
+        "search_wall_seconds": wall_seconds,
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    print(f"\n=== {exp_dir.name}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in summary['trials'].items())})")
+    top = trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc", ascending=False).head(TOP_N)
+    # Show what differs between trials (the searched parameters), not the fixed settings.
+    varying = {c.removeprefix("config/") for c in trials if c.startswith("config/") and trials[c].nunique() > 1}
+    for _, r in top.iterrows():
+        cfg = _config_of(exp, r["trial_id"])
+        brief = ", ".join(f"{k}={_short(v)}" for k, v in cfg.items() if k in varying)
+        print(f"  {r['trial_id']}  val {r['best_val_acc']:.4f}  {int(r['epochs_run'])} ep  {r['status']:8s}  {brief}")
+    print(f"best trial {best_id}: val acc {summary['val_acc']:.4f}, test acc {test['accuracy']:.4f} "
+          f"({test['n']} test images)")
+    print("lowest F1:  " + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in per_class[:5]))
+    print("highest F1: " + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in per_class[::-1][:5]))
+    print(f"most confused: {format_pairs(test['most_confused'])}")
+    if wall_seconds is not None:
+        print(f"search wall-clock: {wall_seconds / 60:.1f} min")
+    print(f"files: {exp_dir / 'summary.json'}, {exp_dir / 'trials.csv'}, {exp_dir / 'best.pt'}")
+    print(f"tensorboard --logdir {exp_dir}")
+    if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():
+        print(f"streamlit run dashboard/app.py -- --results {exp_dir.parent}")
+    return 0
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,202 @@
+"""Ray Tune wiring: resources, Optuna searcher, ASHA scheduler, storage, resume, progress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+# Our trials write their own TensorBoard events; Ray's automatic TBX logger would duplicate
+# them, so the default loggers are switched off and JSON + CSV are added back explicitly.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means silent: Progress prints instead
+# Checkpointing every epoch with num_to_keep=2 snapshots the experiment often; that is intended.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search import ConcurrencyLimiter  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
+from search.trainable import train_trial  # noqa: E402
+from training.data import EmnistData  # noqa: E402
+
+METRIC, MODE = "val_acc", "max"
+
+
+class Progress(tune.Callback):
+    """One readable status line when something changes (at most every few seconds), instead
+    of Ray's per-result tables: trial counts by state, best accuracy so far, an ETA."""
+
+    def __init__(self, samples: int, max_epochs: int, every_s: float = 5.0):
+        self.samples, self.max_epochs, self.every_s = samples, max_epochs, every_s
+        self.start = time.time()
+        self.last_print = 0.0
+        self.best: tuple[float, str] = (-1.0, "")
+        self.done_epochs = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.done_epochs += 1
+        if result.get(METRIC, -1) > self.best[0] and not result.get("diverged"):
+            self.best = (result[METRIC], trial.trial_id)
+        self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._print(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"  trial {trial.trial_id} failed: {trial.error_file or ''}", flush=True)
+        self._print(trials, force=True)
+
+    def _print(self, trials, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last_print < self.every_s:
+            return
+        self.last_print = now
+        counts: dict[str, int] = {}
+        stopped = diverged = 0
+        for t in trials:
+            counts[t.status] = counts.get(t.status, 0) + 1
+            last = t.last_result or {}
+            if t.status == "TERMINATED":
+                if last.get("diverged"):
+                    diverged += 1
+                elif last.get("epoch", self.max_epochs) < self.max_epochs and not last.get("stopped_early"):
+                    stopped += 1
+        finished = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
+        elapsed = now - self.start
+        eta = ""
+        if finished:
+            eta = f", ETA ~{_fmt(elapsed / finished * (self.samples - finished))}"
+        best = f"best val_acc {self.best[0]:.4f} ({self.best[1]})" if self.best[1] else "best val_acc -"
+        errored, running, pending = (counts.get(k, 0) for k in ("ERROR", "RUNNING", "PENDING"))
+        print(
+            f"[{_fmt(elapsed)}] trials {finished}/{self.samples} done ({stopped} stopped by ASHA, "
+            f"{diverged} diverged, {errored} errored), {running} running, {pending} pending "
+            f"| {best} | {self.done_epochs} epochs{eta}",
+            flush=True,
+        )
+
+
+def _fmt(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def init_ray(address: str | None) -> None:
+    # Trials' own output stays in Ray's logs; failures surface through Progress and error.txt.
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True,
+              "logging_level": "WARNING"}
+    if address:
+        # Ship this project's packages to the cluster's workers, so nodes only need the dependencies.
+        import models
+        import search
+        import training
+
+        kwargs["runtime_env"] = {"py_modules": [os.path.dirname(m.__file__) for m in (training, models, search)]}
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def resources(args: argparse.Namespace) -> tuple[float, float, int]:
+    """(cpus per trial, gpus per trial, concurrency) that fit this machine or cluster."""
+    cluster = ray.cluster_resources()
+    gpus_total, cpus_total = cluster.get("GPU", 0), cluster.get("CPU", 1)
+    gpt = args.gpus_per_trial
+    if gpt is None:
+        gpt = 0.25 if gpus_total > 0 else 0.0  # small CNNs: four trials share a GPU
+    cpt = args.cpus_per_trial
+    if gpt > 0 and gpus_total < gpt:
+        raise SystemExit(f"error: --gpus-per-trial {gpt} but the Ray cluster has {gpus_total} GPUs")
+    fit = int(cpus_total // cpt)
+    if gpt > 0:
+        fit = min(fit, int(gpus_total // gpt))
+    concurrency = args.concurrency or max(1, fit)
+    return cpt, gpt, concurrency
+
+
+def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: int, name: str, exp_dir: str) -> int:
+    init_ray(args.address)
+    try:
+        cpt, gpt, concurrency = resources(args)
+        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), {"cpu": cpt, "gpu": gpt})
+        progress = Progress(samples, spec.max_epochs)
+        print(f"experiment {name}: {samples} trials, up to {spec.max_epochs} epochs each, {concurrency} at once "
+              f"({cpt:g} CPU{f' + {gpt:g} GPU' if gpt else ''} per trial)")
+        print(f"data: {data.split}, {len(data.train_x)} train / {len(data.val_x)} val images; results in {exp_dir}")
+        run_config = tune.RunConfig(
+            name=name,
+            storage_path=args.storage if "://" in args.storage else os.path.abspath(args.storage),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+            ),
+            failure_config=tune.FailureConfig(max_failures=2),
+            sync_config=tune.SyncConfig(sync_artifacts=True),
+            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), progress],
+            verbose=0,
+        )
+        if args.resume:
+            print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            local = getattr(tuner, "_local_tuner", None)  # None with a ray:// client
+            if local is not None:  # the restored run config has the old session's callbacks
+                local._run_config.callbacks = run_config.callbacks
+        else:
+            searcher = OptunaSearch(
+                space=DefineByRun(spec),
+                metric=METRIC,
+                mode=MODE,
+                points_to_evaluate=[default_point(spec)],
+                sampler=_sampler(args.seed),
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
+                                            grace_period=spec.grace_period, reduction_factor=spec.reduction_factor),
+                    num_samples=samples,
+                    metric=METRIC,
+                    mode=MODE,
+                    reuse_actors=True,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=run_config,
+            )
+        start = time.time()
+        grid = tuner.fit()
+        wall = time.time() - start
+    finally:
+        ray.shutdown()
+
+    from search.summary import finish_experiment
+
+    trials = grid._experiment_analysis.trials  # Trial objects, with their final Ray status
+    done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+    if len(done) < samples:
+        print(f"\nsearch interrupted with {len(done)} of {samples} trials done; nothing finished is lost. "
+              f"Continue with:\n  python search/run.py --name {name} --storage {args.storage} "
+              f"--config {args.config} --resume")
+        return 130
+    return finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=wall, max_epochs=spec.max_epochs)
+
+
+def _sampler(seed: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+if __name__ == "__main__":
+    sys.exit("run search/run.py instead")
