@@ -156,11 +156,14 @@ class DefineByRun:
 
     def __init__(self, spec: SearchSpec):
         self.space = spec.space
-        self.fixed = {**spec.fixed, "epochs": spec.max_epochs}
+        constants = {k: v for k, v in spec.space.items() if not isinstance(v, dict)}
+        self.base = {**spec.trial_base(), **constants}  # defaults <- fixed <- constants, epochs = budget
 
     def __call__(self, trial) -> dict[str, Any]:
         self._sample(trial, self.space)
-        return {**self.fixed, **{k: v for k, v in self.space.items() if not isinstance(v, dict)}}
+        # The complete training config: what was not sampled comes from the base. (Ray merges
+        # this over the sampled values, so sampled keys must not appear here.)
+        return {k: v for k, v in self.base.items() if k not in trial.params}
 
     def _sample(self, trial, tree: dict[str, Any]) -> None:
         for key, dist in tree.items():

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -44,6 +45,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
     trial_dir = Path(tune.get_context().get_trial_dir())
+    node_id = ray.get_runtime_context().get_node_id()
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a failure, or a resumed experiment
@@ -55,6 +57,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
     def report(metrics: dict, last_path: Path | None) -> None:
         _maybe_inject_fault(metrics["epoch"])
         result = {k: v for k, v in metrics.items() if v is not None}
+        result["node_id"] = node_id  # which cluster node ran this epoch
         if metrics["diverged"]:
             # Reported as a bad score so Optuna steers away; the trial then ends (no retry).
             result.update(val_acc=0.0, diverged=True)

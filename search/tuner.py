@@ -46,13 +46,13 @@ class Progress(tune.Callback):
         self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._print(trials, force=True)
+        self._print(trials, force=True, ending=(trial, "TERMINATED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"  trial {trial.trial_id} failed: {trial.error_file or ''}", flush=True)
-        self._print(trials, force=True)
+        self._print(trials, force=True, ending=(trial, "ERROR"))
 
-    def _print(self, trials, force: bool = False) -> None:
+    def _print(self, trials, force: bool = False, ending=None) -> None:
         now = time.time()
         if not force and now - self.last_print < self.every_s:
             return
@@ -60,9 +60,11 @@ class Progress(tune.Callback):
         counts: dict[str, int] = {}
         stopped = diverged = 0
         for t in trials:
-            counts[t.status] = counts.get(t.status, 0) + 1
+            # Callbacks run just before Ray updates the ending trial's status.
+            status = ending[1] if ending and t is ending[0] else t.status
+            counts[status] = counts.get(status, 0) + 1
             last = t.last_result or {}
-            if t.status == "TERMINATED":
+            if status == "TERMINATED":
                 if last.get("diverged"):
                     diverged += 1
                 elif last.get("epoch", self.max_epochs) < self.max_epochs and not last.get("stopped_early"):

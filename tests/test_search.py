@@ -1,0 +1,169 @@
+"""The real thing, small: Ray Tune + Optuna + ASHA over the training core, on CPU."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from search.results import load_experiment
+from training.checkpoint import load_checkpoint
+from training.predict import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(REPO / "search" / "run.py")]
+
+BASE = "split: digits\nbatch_size: 32\neval_batch_size: 256\nhist_every: 0\nlr: 3.0e-3\nscheduler: none\n"
+
+
+def write_space(folder: Path, samples: int, max_epochs: int, grace: int, space: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(BASE)
+    path = folder / "space.yaml"
+    path.write_text(f"base: base.yaml\nsamples: {samples}\nmax_epochs: {max_epochs}\n"
+                    f"asha: {{grace_period: {grace}, reduction_factor: 2}}\nspace:\n{space}")
+    return path
+
+
+def run_search(*args, timeout=600, **kw):
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+
+
+@pytest.fixture(scope="module")
+def search_run(digits_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    # One good learning rate and one far too small: ASHA must stop the slow ones at its first rung.
+    space = write_space(tmp, samples=5, max_epochs=3, grace=1,
+                        space="  lr: {choice: [3.0e-3, 1.0e-6]}\n  aug_strength: {uniform: [0.0, 1.0]}\n")
+    r = run_search("--config", space, "--data-dir", digits_dir, "--storage", tmp / "results", "--name", "exp",
+                   "--concurrency", "1", "--seed", "0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return tmp / "results" / "exp", r.stdout
+
+
+def test_every_trial_finished_or_was_stopped(search_run):
+    exp_dir, stdout = search_run
+    exp = load_experiment(exp_dir)
+    t = exp.trials
+    assert len(t) == 5
+    assert set(t["status"]) <= {"finished", "stopped"}
+    assert (t["status"] == "stopped").sum() >= 1, t[["trial_id", "status", "epochs_run", "config/lr"]]
+    assert (t.loc[t["status"] == "finished", "epochs_run"] == 3).all()
+    assert (t.loc[t["status"] == "stopped", "epochs_run"] < 3).all()
+    # the default config (lr 3e-3 from base.yaml) was evaluated, as the first trial
+    first = min(exp.histories, key=lambda i: exp.histories[i]["timestamp"].min())
+    assert t.set_index("trial_id").loc[first, "config/lr"] == pytest.approx(3e-3)
+    assert "trials 5/5 done" in stdout and "best trial" in stdout
+
+
+def test_optuna_received_every_result(search_run):
+    exp_dir, _ = search_run
+    exp = load_experiment(exp_dir)
+    state_file = sorted(exp_dir.glob("searcher-state-*.pkl"))[-1]
+    with open(state_file, "rb") as f:  # our own file, written by this test's search
+        state = pickle.load(f)
+    study = state["_ot_study"]  # OptunaSearch pickles its __dict__
+    completed = [tr for tr in study.trials if tr.state.name == "COMPLETE"]
+    assert len(completed) == 5
+    last_val = exp.trials.set_index("trial_id")["last_val_acc"]
+    assert sorted(round(tr.value, 6) for tr in completed) == sorted(round(v, 6) for v in last_val)
+
+
+def test_tensorboard_events_per_trial(search_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp_dir, _ = search_run
+    for d in sorted(exp_dir.glob("trial_*")):
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        steps = [e.step for e in acc.Scalars("accuracy/val")]
+        assert steps == list(range(1, len(steps) + 1)) and steps, d
+    # no duplicate TensorBoard output from Ray's own logger
+    assert all(len(list(d.glob("events.out.tfevents.*"))) == 1 for d in exp_dir.glob("trial_*"))
+
+
+def test_summary_trials_csv_and_best_pt_are_consistent(search_run):
+    exp_dir, _ = search_run
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
+    best = trials.sort_values("best_val_acc", ascending=False).iloc[0]
+    assert summary["best_trial"] == best["trial_id"]
+    assert summary["val_acc"] == pytest.approx(best["best_val_acc"])
+    assert 0 < summary["test_acc"] <= 1 and len(summary["per_class"]) == 10
+    assert {"status", "stopped_early", "diverged", "epochs_run", "seconds", "config/lr"} <= set(trials.columns)
+    ckpt = load_checkpoint(exp_dir / "best.pt")
+    assert ckpt["config"]["lr"] == pytest.approx(summary["config"]["lr"])
+    assert ckpt["metrics"]["val_acc"] == pytest.approx(summary["val_acc"])
+    pred = Predictor.from_checkpoint(exp_dir / "best.pt")
+    assert pred.classes == list("0123456789")
+    # Ray kept the best two checkpoints per trial by validation accuracy (plus the latest, which
+    # it always keeps for resuming), and the trial's best epoch is among them.
+    exp = load_experiment(exp_dir)
+    best_acc = exp.trials.set_index("trial_id")["best_val_acc"]
+    for trial_id, ck in exp.checkpoints.items():
+        assert 1 <= len(ck) <= 3
+        assert ck["val_acc"].max() == pytest.approx(best_acc[trial_id])
+
+
+def test_bad_arguments_fail_before_ray_starts(tmp_path, digits_dir):
+    bad = write_space(tmp_path, 2, 2, 1, "  lr: {uniform: [0.1, 0.01]}\n")
+    for args, message in [
+        (["--config", bad], "empty range"),
+        (["--samples", "0"], "--samples must be >= 1"),
+        (["--resume"], "--resume needs --name"),
+        (["--name", "nope", "--resume", "--storage", tmp_path], "no experiment at"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+        (["--split", "kanji"], "split must be one of"),
+    ]:
+        start = time.time()
+        r = run_search(*args, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert time.time() - start < 30  # no Ray start-up
+
+
+def _wait_for(predicate, timeout=240):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_interrupt_then_resume(digits_dir, tmp_path):
+    space = write_space(tmp_path, samples=4, max_epochs=4, grace=4, space="  aug_strength: {uniform: [0.0, 1.0]}\n")
+    storage, name = tmp_path / "results", "resumable"
+    exp_dir = storage / name
+    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name, "--concurrency", "1"]
+    proc = subprocess.Popen([*RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO)
+
+    def one_done_one_started():
+        exp = load_experiment(exp_dir) if exp_dir.exists() else None
+        return exp is not None and (exp.trials["status"] == "finished").sum() >= 1 and len(exp.trials) >= 2 and \
+            (exp.trials["epochs_run"] >= 1).sum() >= 2
+
+    assert _wait_for(one_done_one_started), proc.kill() or proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    before = load_experiment(exp_dir)
+    finished = before.trials[before.trials["status"] == "finished"]["trial_id"].tolist()
+    results_before = {t: (exp_dir / f"trial_{t}" / "result.json").read_text() for t in finished}
+
+    r = run_search(*args, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = load_experiment(exp_dir)
+    assert len(after.trials) == 4 and set(after.trials["status"]) == {"finished"}
+    for t in finished:  # finished trials were not run again
+        assert (exp_dir / f"trial_{t}" / "result.json").read_text() == results_before[t]
+    for t, h in after.histories.items():  # no epoch lost or repeated in any trial
+        assert h["epoch"].tolist() == [1, 2, 3, 4], (t, h["epoch"].tolist())

@@ -1,0 +1,95 @@
+"""Search-space YAML: validation before Ray starts, and the define-by-run sampling with Optuna."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search.space import DefineByRun, default_point, load_search_spec
+from training.config import ConfigError, make_config
+
+GOOD = """
+base: {base}
+max_epochs: 4
+asha: {{grace_period: 1, reduction_factor: 2}}
+fixed: {{split: digits}}
+space:
+  lr: {{loguniform: [1.0e-4, 1.0e-1]}}
+  width: {{uniform: [0.5, 2.0]}}
+  batch_size: {{choice: [32, 64]}}
+  optimizer:
+    choice:
+      adamw: {{}}
+      sgd: {{momentum: {{uniform: [0.8, 0.99]}}}}
+  scheduler:
+    choice:
+      none: {{}}
+      step: {{step_size: {{int: [1, 3]}}, gamma: {{loguniform: [0.1, 0.5]}}}}
+"""
+
+
+def _write(tmp_path, text, name="s.yaml"):
+    (tmp_path / "train.yaml").write_text("lr: 2.0e-3\noptimizer: adamw\nscheduler: none\n")
+    path = tmp_path / name
+    path.write_text(text.format(base="train.yaml") if "{base}" in text else text)
+    return path
+
+
+def test_define_by_run_is_conditional(tmp_path):
+    spec = load_search_spec(_write(tmp_path, GOOD))
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    define = DefineByRun(spec)
+    for _ in range(40):
+        trial = study.ask()
+        fixed = define(trial)
+        params = trial.params
+        assert ("momentum" in params) == (params["optimizer"] == "sgd")
+        assert ("step_size" in params) == ("gamma" in params) == (params["scheduler"] == "step")
+        assert 1e-4 <= params["lr"] <= 1e-1 and params["batch_size"] in (32, 64)
+        assert fixed["split"] == "digits" and fixed["epochs"] == 4 and not set(fixed) & set(params)
+        assert fixed["model"] == "small_cnn" and fixed["dropout"] == 0.25  # the rest: defaults/base
+        make_config({**params, **fixed})  # every sample is a complete, valid training config
+        study.tell(trial, params["lr"])
+    assert {t.params["optimizer"] for t in study.trials} == {"adamw", "sgd"}
+
+
+def test_default_point_follows_active_branches(tmp_path):
+    spec = load_search_spec(_write(tmp_path, GOOD))
+    # scheduler "none" has no parameters, so step_size/gamma are not part of the point; the default
+    # batch size (128) is not one of the choices (32, 64), so the sampler picks that one.
+    assert default_point(spec) == {"lr": 2e-3, "width": 1.0, "optimizer": "adamw", "scheduler": "none"}
+    assert spec.trial_base()["epochs"] == 4 and spec.trial_base()["split"] == "digits"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("space:\n  lrr: {uniform: [0, 1]}\n", "unknown parameter 'lrr' \\(did you mean 'lr'\\?\\)"),
+        ("space:\n  lr: {uniform: [0.1, 0.1]}\n", "empty range"),
+        ("space:\n  lr: {loguniform: [0, 0.1]}\n", "loguniform needs low > 0"),
+        ("space:\n  model: {choice: [small_cnn, transformer]}\n", "model='transformer' is not a valid value"),
+        ("space:\n  model: {choice: []}\n", "non-empty"),
+        ("space:\n  lr: {normal: [0, 1]}\n", "expected one of uniform"),
+        ("space:\n  depth: {int: [1.5, 3]}\n", "int bounds must be integers"),
+        ("space:\n  epochs: {int: [1, 3]}\n", "epochs is the ASHA budget"),
+        ("fixed: {lr: 0.1}\nspace:\n  lr: {uniform: [0.01, 0.1]}\n", "both fixed and searched"),
+        ("space:\n  optimizer:\n    choice:\n      sgd: {lr: {uniform: [0.1, 1]}}\n  lr: {uniform: [0.01, 0.1]}\n",
+         "appears more than once"),
+        ("spaces: {}\n", "unknown top-level key"),
+        ("space: {}\n", "non-empty `space:`"),
+        ("max_epochs: 2\nasha: {grace_period: 3}\nspace:\n  lr: {uniform: [0.01, 0.1]}\n", "exceeds max_epochs"),
+        ("fixed: {optimizer: lion}\nspace:\n  lr: {uniform: [0.01, 0.1]}\n", "optimizer must be one of"),
+        ("space:\n  lr: [1, 2\n", "invalid YAML"),
+    ],
+)
+def test_bad_yaml_is_a_clear_error(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search_spec(_write(tmp_path, bad))
+
+
+def test_shipped_search_spaces_are_valid():
+    from search.run import DEFAULT_SEARCH
+
+    for path in (DEFAULT_SEARCH, DEFAULT_SEARCH.parent / "smoke.yaml"):
+        spec = load_search_spec(path)
+        make_config(default_point(spec), base=spec.trial_base())
