@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make train` (set up + run the main job)  and  `make test`.
+# Two commands on a fresh machine:  `make search` (set up + run the main job)  and  `make test`.
 # Each creates .venv with `pip install -e ".[dev]"` the first time (or when pyproject.toml changes).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint bench tensorboard clean-venv
+.PHONY: setup search train test lint bench tensorboard clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+search: $(STAMP)  ## the hyperparameter search; extra options via ARGS="--samples 20 --data-dir D"
+	$(PY) search/run.py --samples 50 $(ARGS)
 
 train: $(STAMP)  ## one training run; extra options via ARGS="--epochs 5 --set model=resnet"
 	$(PY) training/train.py --config configs/train.yaml $(ARGS)

@@ -126,26 +126,57 @@ def resources(args: argparse.Namespace) -> tuple[float, float, int]:
     return cpt, gpt, concurrency
 
 
+def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage if "://" in storage else os.path.abspath(storage),
+        # Best two checkpoints per trial by validation accuracy (Ray also keeps the latest).
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
+        ),
+        failure_config=tune.FailureConfig(max_failures=2),  # transient errors: retry from the checkpoint
+        # Trial working dirs (our TensorBoard events) are uploaded to storage, also from other nodes.
+        sync_config=tune.SyncConfig(sync_artifacts=True),
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
+        verbose=0,
+    )
+
+
+def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed: int,
+               run_config: tune.RunConfig) -> tune.Tuner:
+    searcher = OptunaSearch(
+        space=DefineByRun(spec),
+        metric=METRIC,
+        mode=MODE,
+        points_to_evaluate=[default_point(spec)],  # the default config first: never worse than it
+        sampler=_sampler(seed),
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
+                                    grace_period=spec.grace_period, reduction_factor=spec.reduction_factor),
+            num_samples=samples,
+            metric=METRIC,
+            mode=MODE,
+            reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=run_config,
+    )
+
+
 def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: int, name: str, exp_dir: str) -> int:
     init_ray(args.address)
     try:
         cpt, gpt, concurrency = resources(args)
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), {"cpu": cpt, "gpu": gpt})
-        progress = Progress(samples, spec.max_epochs)
         print(f"experiment {name}: {samples} trials, up to {spec.max_epochs} epochs each, {concurrency} at once "
               f"({cpt:g} CPU{f' + {gpt:g} GPU' if gpt else ''} per trial)")
         print(f"data: {data.split}, {len(data.train_x)} train / {len(data.val_x)} val images; results in {exp_dir}")
-        run_config = tune.RunConfig(
-            name=name,
-            storage_path=args.storage if "://" in args.storage else os.path.abspath(args.storage),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-            ),
-            failure_config=tune.FailureConfig(max_failures=2),
-            sync_config=tune.SyncConfig(sync_artifacts=True),
-            callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), progress],
-            verbose=0,
-        )
+        run_config = make_run_config(name, args.storage, [Progress(samples, spec.max_epochs)])
         if args.resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -153,28 +184,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
             if local is not None:  # the restored run config has the old session's callbacks
                 local._run_config.callbacks = run_config.callbacks
         else:
-            searcher = OptunaSearch(
-                space=DefineByRun(spec),
-                metric=METRIC,
-                mode=MODE,
-                points_to_evaluate=[default_point(spec)],
-                sampler=_sampler(args.seed),
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
-                                            grace_period=spec.grace_period, reduction_factor=spec.reduction_factor),
-                    num_samples=samples,
-                    metric=METRIC,
-                    mode=MODE,
-                    reuse_actors=True,
-                    trial_name_creator=_trial_name,
-                    trial_dirname_creator=_trial_name,
-                ),
-                run_config=run_config,
-            )
+            tuner = make_tuner(trainable, spec, samples, concurrency, args.seed, run_config)
         start = time.time()
         grid = tuner.fit()
         wall = time.time() - start

@@ -167,3 +167,14 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
         assert (exp_dir / f"trial_{t}" / "result.json").read_text() == results_before[t]
     for t, h in after.histories.items():  # no epoch lost or repeated in any trial
         assert h["epoch"].tolist() == [1, 2, 3, 4], (t, h["epoch"].tolist())
+
+
+@pytest.mark.slow
+def test_shipped_smoke_search_on_real_data(real_data_dir, tmp_path):
+    """`python search/run.py --config configs/search/smoke.yaml` as a user runs it (real EMNIST)."""
+    r = run_search("--config", REPO / "configs" / "search" / "smoke.yaml", "--data-dir", real_data_dir,
+                   "--storage", tmp_path, "--name", "smoke")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    assert summary["test_acc"] > 0.5 and summary["trials"].get("finished", 0) >= 1
+    assert "best trial" in r.stdout and "most confused" in r.stdout
