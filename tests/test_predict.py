@@ -114,7 +114,7 @@ def test_predictor_matches_raw_evaluation_on_real_test_images(real_run, real_dat
     rng = np.random.default_rng(0)
     idx = rng.choice(len(x), 3000, replace=False)
     x, y = x[idx], y[idx]
-    _, raw_acc, _ = evaluate(pred.model, x, y)
+    _, raw_acc, _ = evaluate(pred.model, x, y, precision="fp32")
     got = _top1(pred, list(x.numpy()))
     via_predictor = np.mean([g == classes[t] for g, t in zip(got, y.tolist(), strict=True)])
     assert abs(via_predictor - raw_acc) <= 0.02, (via_predictor, raw_acc)

@@ -17,6 +17,7 @@ import yaml
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
+    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     eval_batch_size: int = 1024
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
 
@@ -121,6 +123,7 @@ def _check(c: TrainConfig) -> None:
     need(c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     need(c.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {c.scheduler!r}")
     need(c.device in DEVICES or c.device.startswith("cuda:"), f"device must be one of {', '.join(DEVICES)}")
+    need(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
     need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")

@@ -53,7 +53,8 @@ class Predictor:
     def probabilities(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Class probabilities for already-prepared uint8 images (N, 28, 28), upright."""
         x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).to(self.device)
-        return predict_logits(self.model, x, batch_size=512).softmax(1).cpu()
+        # fp32: exact probabilities; single images cost nothing either way
+        return predict_logits(self.model, x, batch_size=512, precision="fp32").softmax(1).cpu()
 
     def predict(self, images, k: int = 5) -> list[Prediction]:
         """Top-k characters for each image (PIL images or arrays of any size, mode and polarity).

@@ -84,7 +84,8 @@ def make_scheduler(c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: 
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool = False) -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool = False,
+                   precision: str = "auto") -> torch.Tensor:
     """Logits for uint8 images (N, 28, 28) already on the model's device."""
     model.eval()
     dev = x.device
@@ -93,24 +94,35 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_
         xb = normalize(x[i : i + batch_size].unsqueeze(1).float().div_(255))
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev):
+        with _autocast(dev, precision):
             out.append(model(xb).float())
     return torch.cat(out) if out else torch.empty(0, 0, device=dev)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             channels_last: bool = False) -> tuple[float, float, torch.Tensor]:
+             channels_last: bool = False, precision: str = "auto") -> tuple[float, float, torch.Tensor]:
     """(mean loss, accuracy, predictions) on uint8 images and labels on the model's device."""
-    logits = predict_logits(model, x, batch_size, channels_last)
+    logits = predict_logits(model, x, batch_size, channels_last, precision)
     loss = F.cross_entropy(logits, y).item()
     pred = logits.argmax(1)
     return loss, (pred == y).float().mean().item(), pred
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast on CUDA: ~2x throughput on tensor cores, no loss scaling needed.
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """bf16 autocast: ~2x on CUDA tensor cores, and ~2x for convolutions on CPUs with native bf16
+    (AVX512-BF16/AMX, where oneDNN has bf16 kernels). Never where it would be emulated (slow)."""
+    if precision != "auto":
+        return precision == "bf16"
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return True
+    if device.type == "cpu":
+        return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return False
+
+
+def _autocast(device: torch.device, precision: str = "auto"):
+    if use_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -222,7 +234,7 @@ def train(
                 if cl:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = y_train[idx]
-                with _autocast(device):
+                with _autocast(device, c.precision):
                     logits = model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -255,7 +267,7 @@ def train(
                     reporter(m, None)
                 break
 
-            val_loss, val_acc, val_pred = evaluate(model, x_val, y_val, c.eval_batch_size, cl)
+            val_loss, val_acc, val_pred = evaluate(model, x_val, y_val, c.eval_batch_size, cl, c.precision)
             m = {
                 "epoch": epoch,
                 "train_loss": loss_sum.item() / steps,
