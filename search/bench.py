@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search: {args.samples} samples, up to {args.max_epochs} epochs, {concurrency} trials at once, "
               f"{args.limit} training images, space {args.config.name}, seed {args.seed}; torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs, GPU: {gpt > 0}")
-        walls = {}
+        walls, epochs_run = {}, {}
         for which in args.order.split(","):
             if which == "project":
                 data = load_dataset(base["split"], data_dir, base["val_fraction"], base["seed"], base["train_limit"],
@@ -131,14 +131,19 @@ def main(argv: list[str] | None = None) -> int:
             walls[which] = time.perf_counter() - start
             best = grid.get_best_result(metric="val_acc", mode="max", scope="all")
             epochs = sum(len(r.metrics_dataframe) for r in grid if r.metrics_dataframe is not None)
-            print(f"{which:9s} trainable: {walls[which]:7.1f} s wall-clock, {epochs} trial-epochs, "
-                  f"best val_acc {best.metrics_dataframe['val_acc'].max():.4f}", flush=True)
+            epochs_run[which] = epochs
+            print(f"{which:9s} trainable: {walls[which]:7.1f} s wall-clock, {epochs} trial-epochs "
+                  f"({walls[which] / epochs:.2f} s each), best val_acc {best.metrics_dataframe['val_acc'].max():.4f}",
+                  flush=True)
     finally:
         import ray
 
         ray.shutdown()
     if {"project", "tutorial"} <= set(walls):
-        print(f"ratio tutorial/project: {walls['tutorial'] / walls['project']:.2f}x (target >= 2x on 2 CPU cores)")
+        per_epoch = {k: walls[k] / epochs_run[k] for k in walls}
+        print(f"ratio tutorial/project: {walls['tutorial'] / walls['project']:.2f}x wall-clock (target >= 2x on 2 CPU "
+              f"cores); {per_epoch['tutorial'] / per_epoch['project']:.2f}x per trial-epoch "
+              "(ASHA may stop different trials in the two runs)")
     return 0
 
 
