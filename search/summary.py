@@ -34,6 +34,10 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
                       max_epochs: int | None = None, device: str = "auto") -> int:
     from training.evaluate import evaluate_checkpoint
 
+    if "://" in str(exp_dir):
+        print(f"results are in {exp_dir}; sync the experiment to local disk to summarise it "
+              "(python -m search.summary <local experiment dir>)")
+        return 0
     exp_dir = Path(exp_dir)
     exp = load_experiment(exp_dir)
     trials = exp.trials
@@ -92,3 +96,14 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
 
 def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Summarise a finished experiment: summary.json, trials.csv, best.pt.")
+    p.add_argument("experiment", type=Path)
+    p.add_argument("--data-dir", type=Path, default=None)
+    a = p.parse_args()
+    sys.exit(finish_experiment(a.experiment, a.data_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -178,3 +179,23 @@ def test_shipped_smoke_search_on_real_data(real_data_dir, tmp_path):
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["test_acc"] > 0.5 and summary["trials"].get("finished", 0) >= 1
     assert "best trial" in r.stdout and "most confused" in r.stdout
+
+
+def test_divergence_and_transient_failure(digits_dir, tmp_path):
+    """Trial 1 (the defaults) fails once at epoch 2 and is retried from its checkpoint; trial 2 gets
+    an absurd learning rate, diverges in its first epoch, is marked diverged and is not retried."""
+    space = write_space(tmp_path, samples=2, max_epochs=3, grace=3, space="  lr: {loguniform: [1.0e+5, 1.0e+6]}\n")
+    marker = tmp_path / "failed-once"
+    r = run_search("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "faults",
+                   "--concurrency", "1", env={**os.environ, "EMNIST_TUNE_FAULT_ONCE": f"{marker}:2"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert marker.exists()  # the failure really happened
+    exp = load_experiment(tmp_path / "results" / "faults")
+    t = exp.trials.set_index("trial_id")
+    good = t[t["config/lr"] < 1].index[0]
+    bad = t[t["config/lr"] > 1].index[0]
+    assert t.loc[good, "status"] == "finished" and t.loc[good, "num_failures"] == 1
+    assert exp.histories[good]["epoch"].tolist() == [1, 2, 3]  # resumed at epoch 2, nothing repeated
+    assert t.loc[bad, "status"] == "diverged" and t.loc[bad, "epochs_run"] == 1 and t.loc[bad, "num_failures"] == 0
+    assert bool(t.loc[bad, "diverged"]) and json.loads((tmp_path / "results" / "faults" / "summary.json")
+                                                      .read_text())["best_trial"] == good
