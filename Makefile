@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup search train test lint bench tensorboard clean-venv
+.PHONY: setup search train test lint bench dashboard tensorboard clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA
 
 bench: $(STAMP)
 	$(PY) -m training.bench $(ARGS)
+
+dashboard: $(STAMP)  ## Streamlit dashboard on http://127.0.0.1:8501 over results/ (ARGS="-- --results DIR")
+	$(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.maxUploadSize 5 \
+		--client.showErrorDetails none --browser.gatherUsageStats false $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir results --host 127.0.0.1

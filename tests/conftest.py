@@ -86,3 +86,27 @@ def real_run(real_data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("real_run")
     result = train({"split": "bymerge", "epochs": 2, "hist_every": 0, "device": "cpu"}, data, out_dir=out)
     return data, result
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(digits_dir, tmp_path_factory) -> Path:
+    """A small real experiment (Ray Tune + Optuna + ASHA, 4 trials x 2 epochs on generated digits),
+    for the dashboard tests. Returns the results root; the experiment is named 'tiny'."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("dash-results")
+    cfg = tmp_path_factory.mktemp("dash-cfg")
+    (cfg / "base.yaml").write_text("split: digits\nbatch_size: 32\neval_batch_size: 256\nhist_every: 0\n"
+                                   "lr: 3.0e-3\nscheduler: none\n")
+    (cfg / "space.yaml").write_text("base: base.yaml\nsamples: 4\nmax_epochs: 2\nasha: {grace_period: 1, "
+                                    "reduction_factor: 2}\nspace:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                                    "  width: {uniform: [0.5, 1.5]}\n  aug_strength: {uniform: [0.0, 1.0]}\n")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "search" / "run.py"), "--config", str(cfg / "space.yaml"),
+                        "--data-dir", str(digits_dir), "--storage", str(root), "--name", "tiny", "--concurrency", "1"],
+                       capture_output=True, text=True, timeout=600,
+                       # a fresh local Ray instance, never one another process on this machine started
+                       env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return root

@@ -34,7 +34,6 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
@@ -49,7 +48,7 @@ from training.data import (  # noqa: E402
     load_dataset,
 )
 from training.idx import IdxError  # noqa: E402
-from training.trainer import _autocast, make_optimizer, resolve_device, train, use_bf16  # noqa: E402
+from training.trainer import _autocast, make_optimizer, resolve_device, train, train_step, use_bf16  # noqa: E402
 
 # The project's targets: one resident epoch of small_cnn over the full training set
 # (~89k images) in under a minute on 2 CPU cores, and a resident/conventional speed-up of at
@@ -142,16 +141,7 @@ def run_conventional(c: TrainConfig, data: EmnistData, device: torch.device, wor
     for xb, yb in loader:
         xb = xb.to(device, non_blocking=pin)
         yb = yb.to(device, non_blocking=pin)
-        if cl:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, c.precision):
-            logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
+        loss, _ = train_step(model, opt, xb, yb, c, cl)  # the very step train() takes
         loss_sum += loss.detach()  # kept on the device, as train() does: no per-step sync
         steps += 1
     sync(device)

@@ -126,6 +126,23 @@ def _autocast(device: torch.device, precision: str = "auto"):
     return nullcontext()
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, c: TrainConfig,
+               channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a normalised batch; returns (loss, logits). Shared with the benchmark
+    so both pipelines train identically."""
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    with _autocast(xb.device, c.precision):
+        logits = model(xb)
+    loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if c.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+    opt.step()
+    return loss, logits
+
+
 def _rng_state(g_order: torch.Generator, g_aug: torch.Generator, device: torch.device) -> dict:
     # Dropout draws from the global generator: saving it too makes a resumed run identical.
     state = {"order": g_order.get_state(), "aug": g_aug.get_state().cpu(), "torch": torch.get_rng_state()}
@@ -230,18 +247,8 @@ def train(
             for step in range(steps):
                 idx = perm[step * bs : (step + 1) * bs]
                 xb = augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g_aug)
-                xb = normalize(xb)
-                if cl:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = y_train[idx]
-                with _autocast(device, c.precision):
-                    logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if c.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-                opt.step()
+                loss, logits = train_step(model, opt, normalize(xb), yb, c, cl)
                 if sched_when == "step":
                     sched.step()
                 loss_sum += loss.detach()

@@ -1,0 +1,34 @@
+"""emnist-tune dashboard: compare a search's trials, and predict characters with any trial.
+
+    streamlit run dashboard/app.py [-- --results results/]        (or: make dashboard)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run` puts dashboard/ on sys.path, not the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import explorer, predictor  # noqa: E402
+from dashboard.common import experiment_names, results_root  # noqa: E402
+
+st.set_page_config(page_title="emnist-tune", page_icon="✍️", layout="wide")
+
+root = results_root()
+st.sidebar.title("emnist-tune")
+page = st.sidebar.radio("Page", ["Trial explorer", "Predictor"], key="page")
+names = experiment_names(root)
+if not names:
+    st.info(f"No experiments under the results root `{root}` yet. Run a search first: "
+            "`python search/run.py --config configs/search/smoke.yaml`.")
+    st.stop()
+name = st.sidebar.selectbox("Experiment", names, key="experiment")
+
+if page == "Trial explorer":
+    explorer.render(root, name)
+else:
+    predictor.render(root, name)
