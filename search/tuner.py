@@ -106,7 +106,9 @@ def init_ray(address: str | None) -> None:
         kwargs["runtime_env"] = {"py_modules": [os.path.dirname(m.__file__) for m in (training, models, search)]}
         ray.init(address=address, **kwargs)
     else:
-        ray.init(**kwargs)
+        # A fresh local instance, never a cluster that happens to run on this machine
+        # (use --address auto for that).
+        ray.init(address="local", **kwargs)
 
 
 def resources(args: argparse.Namespace) -> tuple[float, float, int]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,6 +169,10 @@ def test_unreadable_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))  # a raw pickle stream of noise
+    with pytest.raises(CheckpointError, match="unreadable \\(corrupt or not a checkpoint\\)") as e:
+        load_checkpoint(tmp_path / "random.pt")
+    assert "weights_only" not in str(e.value)  # never suggest the unsafe way out
     save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.ones(1000)}, "config": {}, "classes": [], "epoch": 1})
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])

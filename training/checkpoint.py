@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -55,11 +56,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know: this file carries code/objects.
-        raise CheckpointError(
-            f"refusing to load {path}: it contains pickled Python objects, not just tensors "
-            f"(weights-only loading rejected it: {str(e).splitlines()[0]})"
-        ) from None
+        # torch's message suggests weights_only=False; we never do that, so show only the cause.
+        cause = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(e), re.S)
+        cause_text = " ".join(cause.group(1).split()) if cause else "rejected by the weights-only loader"
+        if "Unsupported global" in str(e):
+            # weights_only refuses any global it does not know: this file carries code/objects.
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled Python objects, not just tensors ({cause_text})"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or not a checkpoint): {cause_text}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {e}") from None
     required = ("model", "config", "classes", "epoch")
