@@ -1,0 +1,326 @@
+"""Trial explorer page: compare a search's trials, see how ASHA pruned them, which
+hyperparameters mattered, and one trial's per-class results from its best checkpoint.
+
+Works on a search that is still running: whatever is on disk is shown as it is (trials
+without results or checkpoints, half-written files). Every failure becomes a sentence on
+the page; the rest of the page and the app keep working.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import figures
+from dashboard.common import UnsafePath, open_experiment, safe_checkpoint, safe_child
+from search.results import Experiment
+
+AUTO_REFRESH_SECONDS = 15
+TOP_CURVES = 5
+REFRESH_KEY = "explorer_refresh"
+STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
+                "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
+TABLE_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
+                 "diverged", "seconds", "num_failures", "has_checkpoint"]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _fingerprint(path: Path) -> tuple:
+    """Names, sizes and modification times of every file the loader reads: a new epoch, checkpoint,
+    trial or state file changes it, so the cached experiment is re-read."""
+    found = []
+    patterns = ("experiment_state-*.json", "trial_*", "trial_*/params.json", "trial_*/result.json",
+                "trial_*/error.txt", "trial_*/checkpoint_*/checkpoint.pt")
+    for pattern in patterns:
+        for p in sorted(path.glob(pattern)):
+            try:
+                s = p.stat()
+            except OSError:
+                continue
+            found.append((str(p.relative_to(path)), s.st_size if p.is_file() else -1, s.st_mtime_ns))
+    return tuple(found)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _load(root: str, name: str, fingerprint: tuple, refresh: int) -> Experiment:
+    return open_experiment(Path(root), name)
+
+
+@st.cache_data(max_entries=32, show_spinner="Reading the checkpoint…")
+def _checkpoint_metrics(path: str, size: int, mtime_ns: int) -> dict:
+    """What the page shows from a checkpoint (not the weights): val metrics, classes, epoch."""
+    from training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
+    return {"val": metrics.get("val"), "classes": [str(c) for c in ckpt["classes"]], "epoch": ckpt.get("epoch"),
+            "val_acc": metrics.get("val_acc")}
+
+
+def load(root: Path, name: str) -> Experiment:
+    path = safe_child(root, name)
+    if not path.is_dir():
+        raise UnsafePath(f"there is no experiment named {name!r} under the results root")
+    return _load(str(root), name, _fingerprint(path), st.session_state.get(REFRESH_KEY, 0))
+
+
+# ---------------------------------------------------------------- page
+
+
+def _bump_refresh() -> None:
+    st.session_state[REFRESH_KEY] = st.session_state.get(REFRESH_KEY, 0) + 1
+
+
+def render(root: Path, name: str) -> None:
+    st.header(f"Trial explorer · {name}")
+    left, mid, _ = st.columns([1, 2, 4], vertical_alignment="center")
+    left.button("Refresh", key="explorer_refresh_button", on_click=_bump_refresh,
+                help="Re-read the experiment folder (new epochs, trials and checkpoints).")
+    auto = mid.toggle(f"Auto-refresh every {AUTO_REFRESH_SECONDS} s", key="explorer_auto_refresh",
+                      help="For a search that is still running.")
+    body = st.fragment(_body, run_every=AUTO_REFRESH_SECONDS if auto else None)
+    body(root, name)
+
+
+def _body(root: Path, name: str) -> None:
+    try:
+        exp = load(root, name)
+    except UnsafePath as e:
+        st.error(f"Cannot open this experiment: {e}.")
+        return
+    except Exception as e:  # noqa: BLE001 - the page must stay up whatever is on disk
+        st.error(f"Could not read the experiment {name!r}: {type(e).__name__}: {e}")
+        return
+    trials = exp.trials
+    st.caption(f"{len(trials)} trial(s) read from `{exp.path.name}/` at {time.strftime('%H:%M:%S')}")
+    if trials.empty:
+        st.info("This experiment has no trials yet. If the search has just started, press Refresh in a moment.")
+        return
+    _section("summary", _summary, exp)
+    _section("trials table", _trials_table, trials)
+    _section("hyperparameter figures", _hyperparameters, trials)
+    _section("learning curves", _curves, exp)
+    _section("trial details", _trial_details, root, exp)
+
+
+def _section(what: str, fn, *args) -> None:
+    """Run one part of the page; a failure there is a message, the other parts still render."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"The {what} could not be shown: {type(e).__name__}: {e}")
+
+
+def _summary(exp: Experiment) -> None:
+    trials = exp.trials
+    counts = trials["status"].astype(str).value_counts()
+    order = [s for s in STATUS_WORDS if s in counts] + sorted(set(counts.index) - set(STATUS_WORDS))
+    best = exp.best_trial
+    cells = [("Trials", str(len(trials)))] + [(STATUS_WORDS.get(s, s.title()), str(int(counts[s]))) for s in order]
+    if best is not None:
+        acc = float(trials.loc[trials["trial_id"] == best, "best_val_acc"].iloc[0])
+        cells += [("Best val acc", f"{acc:.4f}"), ("Best trial", best)]
+    else:
+        cells += [("Best val acc", "–"), ("Best trial", "–")]
+    for col, (label, value) in zip(st.columns(len(cells)), cells, strict=True):
+        col.metric(label, value)
+
+
+def _trial_label(trials: pd.DataFrame):
+    info = trials.set_index("trial_id")
+
+    def label(tid: str) -> str:
+        if tid not in info.index:
+            return str(tid)
+        row = info.loc[tid]
+        acc = row["best_val_acc"]
+        acc = f"{float(acc):.4f}" if pd.notna(acc) else "no result"
+        return f"{tid} · {row['status']} · {acc}"
+
+    return label
+
+
+def _ranked_ids(trials: pd.DataFrame) -> list[str]:
+    """Trial ids, best val acc first, trials without a result last."""
+    ranked = trials.assign(_acc=pd.to_numeric(trials["best_val_acc"], errors="coerce"))
+    ranked = ranked.sort_values(["_acc", "trial_id"], ascending=[False, True], na_position="last")
+    return ranked["trial_id"].astype(str).tolist()
+
+
+def _trials_table(trials: pd.DataFrame) -> None:
+    st.subheader("Trials")
+    c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
+    statuses = sorted(trials["status"].astype(str).unique())
+    chosen = c1.multiselect("Status", statuses, key="explorer_status_filter", placeholder="All statuses")
+    models = []
+    if "config/model" in trials and trials["config/model"].notna().any():
+        options = sorted(trials["config/model"].dropna().astype(str).unique())
+        models = c2.multiselect("Model", options, key="explorer_model_filter", placeholder="All models")
+    min_acc = c3.slider("Min best val acc", 0.0, 1.0, 0.0, 0.01, key="explorer_min_acc",
+                        help="Above 0, trials without a validation result are hidden.")
+    show_all = c4.toggle("All settings", key="explorer_all_config",
+                         help="Also show the settings that are the same in every trial.")
+
+    view = trials
+    if chosen:
+        view = view[view["status"].astype(str).isin(chosen)]
+    if models:
+        view = view[view["config/model"].astype(str).isin(models)]
+    if min_acc > 0:
+        view = view[pd.to_numeric(view["best_val_acc"], errors="coerce") >= min_acc]
+
+    varying = figures.varying_params(trials)
+    config_cols = [c for c in trials.columns if c.startswith(figures.CONFIG)] if show_all else varying
+    if "config/model" in trials and "config/model" not in config_cols:
+        config_cols = ["config/model", *config_cols]
+    cols = [c for c in TABLE_COLUMNS[:2] if c in view] + config_cols + [c for c in TABLE_COLUMNS[2:] if c in view]
+    table = view[cols].copy()
+    order = {t: i for i, t in enumerate(_ranked_ids(view))}
+    table = table.sort_values("trial_id", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
+    table = table.rename(columns={c: figures.param_name(c) for c in config_cols})
+    st.dataframe(table, hide_index=True, key="explorer_trials_table", column_config={
+        "trial_id": st.column_config.TextColumn("trial"),
+        "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.4f"),
+        "last_val_acc": st.column_config.NumberColumn("last val acc", format="%.4f"),
+        "epochs_run": st.column_config.NumberColumn("epochs run"),
+        "max_epochs": st.column_config.NumberColumn("max epochs"),
+        "stopped_early": st.column_config.CheckboxColumn("stopped by ASHA"),
+        "diverged": st.column_config.CheckboxColumn("diverged"),
+        "seconds": st.column_config.NumberColumn("duration (s)", format="%.1f"),
+        "num_failures": st.column_config.NumberColumn("failures"),
+        "has_checkpoint": st.column_config.CheckboxColumn("checkpoint"),
+    })
+    st.caption(f"{len(table)} of {len(trials)} trials shown. Click a column header to sort.")
+
+
+def _hyperparameters(trials: pd.DataFrame) -> None:
+    st.subheader("Hyperparameters")
+    st.plotly_chart(figures.parallel_coordinates(trials), key="explorer_parcoords")
+    varying = figures.varying_params(trials)
+    left, right = st.columns(2)
+    with left:
+        if varying:
+            param = st.selectbox("Hyperparameter", [figures.param_name(c) for c in varying], key="explorer_param")
+            st.plotly_chart(figures.param_vs_metric(trials, param), key="explorer_param_vs_metric")
+        else:
+            st.info("No hyperparameter differs between the trials yet, so there is nothing to compare.")
+    with right:
+        fig = figures.param_importance(trials)
+        if fig is None:
+            reason = figures.importance_inputs(trials)[2]
+            st.info(f"Hyperparameter importance is not available yet: {reason}.")
+        else:
+            st.plotly_chart(fig, key="explorer_importance")
+
+
+def _curves(exp: Experiment) -> None:
+    st.subheader("Learning curves")
+    trials = exp.trials
+    ranked = _ranked_ids(trials)
+    with_result = [t for t in ranked if pd.notna(trials.loc[trials["trial_id"] == t, "best_val_acc"].iloc[0])]
+    chosen = st.multiselect("Trials", ranked, default=with_result[:TOP_CURVES], key="explorer_curve_trials",
+                            format_func=_trial_label(trials), help=f"Default: the top {TOP_CURVES} by best val acc.")
+    left, right = st.columns(2)
+    left.plotly_chart(figures.learning_curves(exp.histories, chosen, "val_acc"), key="explorer_curve_acc")
+    right.plotly_chart(figures.learning_curves(exp.histories, chosen, "val_loss"), key="explorer_curve_loss")
+    st.plotly_chart(figures.asha_milestones(trials, exp.histories), key="explorer_asha")
+
+
+# ---------------------------------------------------------------- one trial
+
+
+NO_CHECKPOINT = {
+    "pending": "Trial {t} has not started yet, so there is no checkpoint to show.",
+    "running": "Trial {t} is running and has not saved a checkpoint yet. Press Refresh after its first epoch.",
+    "error": "Trial {t} failed before saving a checkpoint (see its error.txt below).",
+    "diverged": "Trial {t} diverged before saving a usable checkpoint.",
+}
+
+
+def _trial_details(root: Path, exp: Experiment) -> None:
+    st.subheader("One trial in detail")
+    trials = exp.trials
+    ranked = _ranked_ids(trials)
+    tid = st.selectbox("Trial", ranked, index=0, key="explorer_trial", format_func=_trial_label(trials),
+                       help="Per-class results from this trial's best checkpoint (default: the best trial).")
+    if tid is None:
+        return
+    row = trials.loc[trials["trial_id"].astype(str) == tid].iloc[0]
+    config = {figures.param_name(k): v for k, v in row.items() if k.startswith(figures.CONFIG) and pd.notna(v)}
+    with st.expander("Configuration", expanded=False):
+        if config:
+            st.json(config)
+        else:
+            st.write("No params.json for this trial yet.")
+    if row["status"] == "error":
+        _error_file(root, exp, tid)
+
+    path = exp.best_checkpoint(tid)
+    if path is None:
+        template = NO_CHECKPOINT.get(str(row["status"]),
+                                     "Trial {t} has no checkpoint on disk (not written yet, not synced, or deleted).")
+        st.info(template.format(t=tid))
+        return
+    try:
+        real = safe_checkpoint(root, path)
+        stat = real.stat()
+        info = _checkpoint_metrics(str(real), stat.st_size, stat.st_mtime_ns)
+    except UnsafePath:
+        st.error(f"The checkpoint of trial {tid} is outside the results root, so it was not opened.")
+        return
+    except FileNotFoundError:
+        st.warning(f"The checkpoint of trial {tid} disappeared while reading it. Press Refresh.")
+        return
+    except Exception as e:  # noqa: BLE001 - CheckpointError has a clear message; anything else too
+        from training.checkpoint import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            st.warning(f"Trial {tid}'s best checkpoint cannot be used: {_short(str(e))}")
+        else:
+            st.error(f"Could not read trial {tid}'s checkpoint ({real.name}): {type(e).__name__}: {e}")
+        return
+
+    val = info.get("val") if isinstance(info.get("val"), dict) else None
+    if not val:
+        st.info(f"Trial {tid}'s checkpoint (epoch {info.get('epoch')}) has no per-class validation metrics.")
+        return
+    acc = val.get("accuracy")
+    st.caption(f"Best checkpoint of trial {tid}: epoch {info.get('epoch')}, "
+               f"val accuracy {acc:.4f} on {val.get('n', '?')} images · `{real.parent.name}/{real.name}`"
+               if isinstance(acc, int | float) else f"Best checkpoint of trial {tid}: epoch {info.get('epoch')}")
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Per-class precision / recall / F1**")
+        st.dataframe(figures.per_class_table(val), hide_index=True, key="explorer_per_class", column_config={
+            c: st.column_config.NumberColumn(c, format="%.3f") for c in ("precision", "recall", "f1")})
+    with right:
+        st.markdown("**Most confused pairs**")
+        pairs = figures.confused_pairs_table(val.get("most_confused"))
+        if pairs.empty:
+            st.info("No two classes were confused with each other.")
+        else:
+            st.dataframe(pairs, hide_index=True, key="explorer_pairs")
+    st.plotly_chart(figures.confusion_heatmap(val.get("confusion"), info.get("classes")), key="explorer_confusion")
+
+
+def _short(text: str, limit: int = 400) -> str:
+    """The first line of a message, cut to a readable length (torch's errors run on for lines)."""
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
+
+
+def _error_file(root: Path, exp: Experiment, tid: str) -> None:
+    """The tail of a failed trial's error.txt, if there is one inside the results root."""
+    try:
+        path = safe_checkpoint(root, exp.path / f"trial_{tid}" / "error.txt")
+        text = path.read_text(errors="replace") if path.is_file() else ""
+    except (UnsafePath, OSError):
+        return
+    if text:
+        with st.expander("error.txt (last lines)"):
+            st.code("\n".join(text.strip().splitlines()[-30:]), language=None)

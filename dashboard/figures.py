@@ -1,0 +1,437 @@
+"""Figures and tables of the trial explorer: pure functions of `search.results` tables.
+
+No Streamlit here, so every function can be tested directly. Each one accepts what a
+search that is still running produces: empty tables, NaN values (trials without results,
+conditional parameters), trials without history, a single trial. Where there is nothing
+to draw, a figure says so in its middle instead of raising.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+METRIC = "best_val_acc"
+CONFIG = "config/"
+STATUS_COLORS = {
+    "finished": "#2ca02c",
+    "stopped": "#ff7f0e",
+    "diverged": "#d62728",
+    "error": "#8c1c13",
+    "running": "#1f77b4",
+    "pending": "#7f7f7f",
+    "terminated": "#17becf",
+    "paused": "#bcbd22",
+}
+METRIC_LABELS = {"val_acc": "validation accuracy", "val_loss": "validation loss", "train_loss": "training loss",
+                 "train_acc": "training accuracy", "lr": "learning rate"}
+IMPORTANCE_MIN_TRIALS = 3
+USABLE_STATUSES = ("finished", "stopped")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def param_name(column: str) -> str:
+    return column.removeprefix(CONFIG)
+
+
+def _column(param: str) -> str:
+    return param if param.startswith(CONFIG) else CONFIG + param
+
+
+def _hashable(values: pd.Series) -> pd.Series:
+    """Lists/dicts (not expected in configs, but possible) as JSON text so they can be compared."""
+    if values.dtype == object and values.map(lambda v: isinstance(v, list | dict | set | tuple)).any():
+        return values.map(lambda v: json.dumps(v, sort_keys=True, default=str)
+                          if isinstance(v, list | dict | set | tuple) else v)
+    return values
+
+
+def _is_categorical(values: pd.Series) -> bool:
+    """Strings, booleans and mixed columns are categories; ints and floats are numbers."""
+    values = values.dropna()
+    if values.empty:
+        return False
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return True
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        return False
+    return not all(isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+                   for v in values)
+
+
+def _numeric(values: pd.Series) -> pd.Series:
+    return pd.to_numeric(values, errors="coerce").astype(float)
+
+
+def is_log_scale(values: pd.Series) -> bool:
+    """Positive numbers spanning at least two decades (lr, weight_decay): a log axis reads better."""
+    if _is_categorical(values):
+        return False
+    v = _numeric(values).dropna()
+    v = v[np.isfinite(v)]
+    return bool(len(v) >= 2 and (v > 0).all() and v.max() / v.min() >= 100)
+
+
+def _with_config(trials: pd.DataFrame) -> pd.DataFrame:
+    """Rows that have a config (a pending trial's params.json may not exist yet)."""
+    cols = [c for c in trials.columns if c.startswith(CONFIG)]
+    if trials.empty or not cols:
+        return trials.iloc[0:0]
+    return trials[trials[cols].notna().any(axis=1)]
+
+
+def varying_params(trials: pd.DataFrame) -> list[str]:
+    """The `config/*` columns whose value differs between trials (the searched hyperparameters).
+    A conditional parameter (set in some trials, absent in others) counts as varying."""
+    if trials is None or trials.empty:
+        return []
+    rows = _with_config(trials)
+    out = []
+    for c in (c for c in trials.columns if c.startswith(CONFIG)):
+        if _hashable(rows[c]).nunique(dropna=False) > 1:
+            out.append(c)
+    return out
+
+
+def _usable(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials with a finite best_val_acc."""
+    if trials is None or trials.empty or METRIC not in trials:
+        return pd.DataFrame(columns=list(getattr(trials, "columns", [])))
+    acc = _numeric(trials[METRIC])
+    return trials[np.isfinite(acc.to_numpy())]
+
+
+def empty_figure(message: str, title: str | None = None) -> go.Figure:
+    """A blank figure with a sentence in the middle (nothing to draw yet)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 14})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title=title, height=300)
+    return fig
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float | np.floating):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _categories(values: pd.Series) -> tuple[pd.Series, list[str]]:
+    """Category codes 0..k-1 (sorted labels; a missing value is its own category, last)."""
+    labels = values.map(lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    order = sorted(set(labels) - {"n/a"}) + (["n/a"] if (labels == "n/a").any() else [])
+    codes = labels.map({label: i for i, label in enumerate(order)})
+    return codes.astype(int), order
+
+
+# ---------------------------------------------------------------- trial comparison
+
+
+def parallel_coordinates(trials: pd.DataFrame) -> go.Figure:
+    """One line per trial with a result across the searched hyperparameters, coloured by best_val_acc.
+    Categorical parameters become integer codes labelled with their values; parameters spanning
+    two decades or more are drawn on a log10 axis labelled with the real values."""
+    title = "Hyperparameters of each trial, coloured by best validation accuracy"
+    rows = _usable(trials)
+    if rows.empty:
+        return empty_figure("No trial has a validation result yet.", title)
+    params = varying_params(trials)
+    acc = _numeric(rows[METRIC])
+    dims = []
+    for c in params:
+        values = _hashable(rows[c])
+        label = param_name(c)
+        if _is_categorical(values):
+            codes, order = _categories(values)
+            dims.append({"label": label, "values": codes.tolist(), "tickvals": list(range(len(order))),
+                         "ticktext": order, "range": [-0.5, len(order) - 0.5] if len(order) == 1 else None})
+        elif is_log_scale(values):
+            v = _numeric(values)
+            logs = np.log10(v.where(v > 0))
+            lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
+            ticks = np.linspace(lo, hi, 5)
+            dims.append({"label": f"{label} (log)", "values": logs.tolist(), "tickvals": ticks.tolist(),
+                         "ticktext": [f"{10 ** t:.2g}" for t in ticks]})
+        else:
+            dims.append({"label": label, "values": _numeric(values).tolist()})
+    dims.append({"label": METRIC, "values": acc.tolist()})
+    dims = [{k: v for k, v in d.items() if v is not None} for d in dims]
+    line = {"color": acc.tolist(), "colorscale": "Viridis", "showscale": True,
+            "colorbar": {"title": {"text": "best val acc"}}}
+    if acc.min() == acc.max():  # one trial or a tie: a flat colour scale still needs a range
+        line.update(cmin=float(acc.min()) - 1e-6, cmax=float(acc.max()) + 1e-6)
+    fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
+    note = "" if params else " (no hyperparameter differs between trials)"
+    fig.update_layout(title=f"{title}{note}", height=450, margin={"l": 60, "r": 60, "t": 90, "b": 30})
+    return fig
+
+
+def param_vs_metric(trials: pd.DataFrame, param: str) -> go.Figure:
+    """One hyperparameter against best_val_acc, a point per trial, one colour per status."""
+    col = _column(param)
+    name = param_name(col)
+    title = f"{name} vs best validation accuracy"
+    if trials is None or trials.empty or col not in trials:
+        return empty_figure(f"No trial has a value for {name}.", title)
+    rows = _usable(trials)
+    rows = rows[rows[col].notna()]
+    if rows.empty:
+        return empty_figure(f"No trial with a value for {name} has a validation result yet.", title)
+    values = _hashable(rows[col])
+    categorical = _is_categorical(values)
+    log = not categorical and is_log_scale(values)
+    fig = go.Figure()
+    for status in sorted(rows["status"].astype(str).unique(), key=lambda s: (s not in STATUS_COLORS, s)):
+        part = rows[rows["status"].astype(str) == status]
+        x = values.loc[part.index]
+        x = x.astype(str).tolist() if categorical else _numeric(x).tolist()
+        fig.add_trace(go.Scatter(
+            x=x, y=_numeric(part[METRIC]).tolist(), mode="markers", name=status,
+            marker={"color": STATUS_COLORS.get(status, "#333333"), "size": 10, "line": {"width": 1, "color": "white"}},
+            text=part["trial_id"].astype(str).tolist(),
+            hovertemplate=f"trial %{{text}}<br>{name}=%{{x}}<br>best val acc=%{{y:.4f}}<extra>{status}</extra>",
+        ))
+    xaxis = {"title": {"text": name}}
+    if categorical:
+        xaxis.update(type="category", categoryorder="category ascending")
+    elif log:
+        xaxis.update(type="log")
+    fig.update_layout(title=title, xaxis=xaxis, yaxis={"title": {"text": "best val acc"}}, legend_title="status",
+                      height=400)
+    return fig
+
+
+def learning_curves(histories: Mapping[str, pd.DataFrame], trial_ids: Iterable[str], metric: str) -> go.Figure:
+    """`metric` (val_acc, val_loss, ...) per epoch, one line per chosen trial. A diverged epoch's
+    missing/infinite value is a gap; trials without any value yet are named in the title."""
+    label = METRIC_LABELS.get(metric, metric)
+    fig = go.Figure()
+    missing = []
+    for tid in trial_ids:
+        h = histories.get(tid) if histories else None
+        if h is None or h.empty or metric not in h:
+            missing.append(str(tid))
+            continue
+        y = _numeric(h[metric])
+        y = y.where(np.isfinite(y))
+        if y.isna().all():
+            missing.append(str(tid))
+            continue
+        x = _numeric(h["epoch"]) if "epoch" in h else pd.Series(np.arange(1, len(h) + 1), index=h.index, dtype=float)
+        order = np.argsort(x.to_numpy(), kind="stable")
+        fig.add_trace(go.Scatter(x=x.iloc[order].tolist(), y=y.iloc[order].tolist(), mode="lines+markers",
+                                 name=str(tid), connectgaps=False,
+                                 hovertemplate=f"trial {tid}<br>epoch %{{x}}<br>{metric}=%{{y:.4f}}<extra></extra>"))
+    title = f"{label} per epoch"
+    if not fig.data:
+        msg = "No trial chosen." if not missing else "The chosen trials have no " + label + " yet."
+        return empty_figure(msg, title)
+    if missing:
+        title += f" (no {metric} yet: {', '.join(missing)})"
+    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1},
+                      yaxis={"title": {"text": metric}}, legend_title="trial", height=400)
+    return fig
+
+
+def asha_milestones(trials: pd.DataFrame, histories: Mapping[str, pd.DataFrame] | None = None) -> go.Figure:
+    """How many trials reached each epoch: ASHA's successive halving, one bar per epoch
+    (count of trials with epochs_run >= e). A trial without epochs_run falls back to its history."""
+    title = "Trials reaching each epoch (ASHA keeps the promising ones going)"
+    if trials is None or trials.empty:
+        return empty_figure("No trials yet.", title)
+    runs = []
+    for _, row in trials.iterrows():
+        e = pd.to_numeric(pd.Series([row.get("epochs_run")]), errors="coerce").iloc[0]
+        if (pd.isna(e) or e == 0) and histories:
+            h = histories.get(str(row["trial_id"]))
+            if h is not None and not h.empty and "epoch" in h:
+                e = _numeric(h["epoch"]).max()
+        runs.append(0 if pd.isna(e) else int(e))
+    runs = np.array(runs)
+    budget = _numeric(trials["max_epochs"]).max() if "max_epochs" in trials else float("nan")
+    last = int(max(runs.max(initial=0), 0 if pd.isna(budget) else budget))
+    if last < 1:
+        return empty_figure("No trial has finished an epoch yet.", title)
+    epochs = list(range(1, last + 1))
+    counts = [int((runs >= e).sum()) for e in epochs]
+    fig = go.Figure(go.Bar(x=epochs, y=counts, text=counts, textposition="outside", marker_color="#1f77b4",
+                           hovertemplate="epoch %{x}: %{y} trials<extra></extra>"))
+    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1},
+                      yaxis={"title": {"text": "trials"}, "range": [0, len(trials) * 1.15 + 0.5]}, height=350)
+    return fig
+
+
+# ---------------------------------------------------------------- importance
+
+
+def importance_inputs(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
+    """(finished/stopped trials with a best_val_acc, the parameters that vary among them, why not
+    computable or None)."""
+    if trials is None or trials.empty:
+        return pd.DataFrame(), [], "there are no trials yet"
+    rows = _usable(trials)
+    rows = rows[rows["status"].isin(USABLE_STATUSES)] if "status" in rows else rows
+    if len(rows) < IMPORTANCE_MIN_TRIALS:
+        return rows, [], (f"it needs at least {IMPORTANCE_MIN_TRIALS} finished or ASHA-stopped trials with a "
+                          f"validation result, and there {'is' if len(rows) == 1 else 'are'} {len(rows)}")
+    params = [c for c in varying_params(rows) if _hashable(rows[c]).dropna().nunique() > 1]
+    if not params:
+        return rows, [], "no hyperparameter differs between the usable trials"
+    return rows, params, None
+
+
+def _distribution(values: pd.Series):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    v = values.dropna()
+    if _is_categorical(v):
+        return CategoricalDistribution(sorted({_choice(x) for x in v}, key=lambda x: (str(type(x)), str(x))))
+    num = _numeric(v)
+    if pd.api.types.is_integer_dtype(values.dtype):
+        return IntDistribution(int(num.min()), int(num.max()))
+    return FloatDistribution(float(num.min()), float(num.max()), log=is_log_scale(num))
+
+
+def _choice(v):
+    """A value Optuna accepts as a categorical choice (None, bool, int, float, str)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v if isinstance(v, bool | int | float | str) or v is None else str(v)
+
+
+def importance_values(trials: pd.DataFrame) -> dict[str, float] | None:
+    """{param: importance} (normalised, descending) by Optuna's default evaluator (PED-ANOVA) on an
+    in-memory study built from the trials; None when it cannot be computed (see importance_inputs)."""
+    rows, params, reason = importance_inputs(trials)
+    if reason:
+        return None
+    import optuna
+    from optuna.trial import create_trial
+
+    dists = {c: _distribution(_hashable(rows[c])) for c in params}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few-trial warnings and ExperimentalWarning
+            study = optuna.create_study(direction="maximize")
+            for _, row in rows.iterrows():
+                values = _hashable(rows.loc[[row.name], params].iloc[0])
+                p, d = {}, {}
+                for c in params:
+                    v = values[c]
+                    if v is None or (isinstance(v, float) and math.isnan(v)):
+                        continue  # conditional parameter not active in this trial
+                    dist = dists[c]
+                    p[param_name(c)] = (_choice(v) if hasattr(dist, "choices")
+                                        else int(v) if type(dist).__name__ == "IntDistribution" else float(v))
+                    d[param_name(c)] = dist
+                study.add_trial(create_trial(value=float(row[METRIC]), params=p, distributions=d))
+            result = optuna.importance.get_param_importances(study)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return {k: float(v) for k, v in result.items()}
+
+
+def param_importance(trials: pd.DataFrame) -> go.Figure | None:
+    """Horizontal bars of hyperparameter importance (most important on top), or None with fewer than
+    3 usable trials or no varying parameter; `importance_inputs` says why."""
+    values = importance_values(trials)
+    if values is None:
+        return None
+    names = list(values)[::-1]
+    imp = [values[n] for n in names]
+    n = len(importance_inputs(trials)[0])
+    fig = go.Figure(go.Bar(x=imp, y=names, orientation="h", marker_color="#9467bd",
+                           text=[f"{v:.2f}" for v in imp], textposition="auto",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=f"Hyperparameter importance for best val acc (Optuna PED-ANOVA, {n} trials)",
+                      xaxis={"title": {"text": "importance (sums to 1)"}}, height=max(250, 60 + 40 * len(names)))
+    return fig
+
+
+# ---------------------------------------------------------------- one trial's checkpoint
+
+
+PER_CLASS_COLUMNS = ["class", "precision", "recall", "f1", "support"]
+PAIR_COLUMNS = ["pair", "mistakes", "detail"]
+
+
+def per_class_table(metrics_val: Mapping | None) -> pd.DataFrame:
+    """class, precision, recall, f1, support: one row per class of a checkpoint's validation metrics."""
+    rows = (metrics_val or {}).get("per_class") or []
+    df = pd.DataFrame([r for r in rows if isinstance(r, Mapping)], columns=PER_CLASS_COLUMNS)
+    if df.empty:
+        return pd.DataFrame({c: pd.Series(dtype=float if c != "class" else object) for c in PER_CLASS_COLUMNS})
+    df["class"] = df["class"].astype(str)
+    for c in ("precision", "recall", "f1"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["support"] = pd.to_numeric(df["support"], errors="coerce").astype("Int64")
+    return df.reset_index(drop=True)
+
+
+def confusion_heatmap(confusion: Sequence[Sequence[float]] | None, classes: Sequence[str] | None) -> go.Figure:
+    """Counts, rows = true class, columns = predicted class, diagonal top-left to bottom-right.
+    Hover shows the share of the true class's images."""
+    title = "Confusion matrix (validation)"
+    try:
+        cm = np.asarray(confusion if confusion is not None else [], dtype=float)
+    except (TypeError, ValueError):
+        cm = np.zeros((0, 0))
+    if cm.ndim != 2 or cm.size == 0 or cm.shape[0] != cm.shape[1]:
+        return empty_figure("This checkpoint has no confusion matrix.", title)
+    n = cm.shape[0]
+    labels = [str(c) for c in classes] if classes is not None and len(classes) == n else [str(i) for i in range(n)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = cm / cm.sum(axis=1, keepdims=True)
+    share = np.nan_to_num(share)
+    fig = go.Figure(go.Heatmap(
+        z=cm.tolist(), x=labels, y=labels, customdata=share.tolist(), colorscale="Blues",
+        colorbar={"title": {"text": "images"}},
+        text=cm.astype(int).astype(str).tolist() if n <= 20 else None,
+        texttemplate="%{text}" if n <= 20 else None,
+        hovertemplate="true %{y}, predicted %{x}: %{z:.0f} (%{customdata:.1%} of %{y})<extra></extra>",
+    ))
+    side = min(900, max(350, 40 + 22 * n))
+    fig.update_layout(title=title, height=side,
+                      xaxis={"title": {"text": "predicted"}, "type": "category", "side": "bottom"},
+                      yaxis={"title": {"text": "true"}, "type": "category", "autorange": "reversed"})
+    return fig
+
+
+def confused_pairs_table(most_confused: Sequence[Mapping] | None) -> pd.DataFrame:
+    """The class pairs mixed up most often (either direction), e.g. 'O ↔ 0'."""
+    rows = []
+    for p in most_confused or []:
+        if not isinstance(p, Mapping):
+            continue
+        a, b = str(p.get("a", "?")), str(p.get("b", "?"))
+        ab, ba = _count(p.get("a_as_b")), _count(p.get("b_as_a"))
+        total = _count(p.get("count"))
+        rows.append({"pair": f"{a} ↔ {b}", "mistakes": total if total is not None else (ab or 0) + (ba or 0),
+                     "detail": f"{_n(ab)}× {a!r} read as {b!r}, {_n(ba)}× {b!r} read as {a!r}"})
+    df = pd.DataFrame(rows, columns=PAIR_COLUMNS)
+    df["mistakes"] = pd.to_numeric(df["mistakes"], errors="coerce").astype("Int64")
+    return df
+
+
+def _count(v) -> int | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return int(f) if math.isfinite(f) else None
+
+
+def _n(v: int | None) -> str:
+    return "?" if v is None else str(v)

@@ -1,0 +1,511 @@
+"""Trial explorer: the figure/table functions on a real tiny search and on edge cases, and the
+page itself through Streamlit's AppTest (finished search, empty root, a search still being
+written, a corrupt checkpoint, a checkpoint outside the results root, the Refresh button)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dashboard import figures
+from search.results import load_experiment
+from training.checkpoint import load_checkpoint
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_experiment):
+    return load_experiment(tiny_experiment / "tiny")
+
+
+@pytest.fixture(scope="module")
+def best_val(tiny):
+    ckpt = load_checkpoint(tiny.best_checkpoint())
+    return ckpt["metrics"]["val"], ckpt["classes"]
+
+
+def make_trials(rows: list[dict]) -> pd.DataFrame:
+    """A trials table shaped like search.results' (only the columns the figures use, plus config)."""
+    base = {"status": "finished", "best_val_acc": 0.5, "last_val_acc": 0.5, "epochs_run": 2, "max_epochs": 2,
+            "stopped_early": False, "diverged": False, "seconds": 1.0, "num_failures": 0, "has_checkpoint": True}
+    out = [{"trial_id": f"t{i}", **base, **r} for i, r in enumerate(rows)]
+    return pd.DataFrame(out)
+
+
+def annotation_text(fig: go.Figure) -> str:
+    return " ".join(a.text for a in fig.layout.annotations)
+
+
+def dims(fig: go.Figure) -> dict:
+    (trace,) = fig.data
+    assert trace.type == "parcoords"
+    return {d.label: d for d in trace.dimensions}
+
+
+# ---------------------------------------------------------------- figures on the real experiment
+
+
+def test_varying_params_are_the_searched_ones(tiny):
+    assert set(figures.varying_params(tiny.trials)) == {"config/lr", "config/width", "config/aug_strength"}
+
+
+def test_parallel_coordinates_real(tiny):
+    fig = figures.parallel_coordinates(tiny.trials)
+    d = dims(fig)
+    assert list(d) == ["aug_strength", "lr", "width", "best_val_acc"]
+    acc = tiny.trials["best_val_acc"].tolist()
+    assert list(d["best_val_acc"].values) == pytest.approx(acc)
+    assert list(fig.data[0].line.color) == pytest.approx(acc)
+    assert list(d["lr"].values) == pytest.approx(tiny.trials["config/lr"].tolist())
+
+
+def test_param_vs_metric_real(tiny):
+    fig = figures.param_vs_metric(tiny.trials, "lr")
+    assert all(t.type == "scatter" and t.mode == "markers" for t in fig.data)
+    xs = [x for t in fig.data for x in t.x]
+    ys = [y for t in fig.data for y in t.y]
+    assert len(xs) == 4
+    assert sorted(ys) == pytest.approx(sorted(tiny.trials["best_val_acc"]))
+    assert sorted(xs) == pytest.approx(sorted(tiny.trials["config/lr"]))
+    assert {t.name for t in fig.data} == set(tiny.trials["status"])
+    # lr was sampled from [1e-4, 1e-2], but 4 samples need not span two decades: log only if they do
+    lr = tiny.trials["config/lr"]
+    assert (fig.layout.xaxis.type == "log") == bool(lr.max() / lr.min() >= 100)
+
+
+def test_learning_curves_real(tiny):
+    ids = tiny.trials["trial_id"].tolist()
+    for metric in ("val_acc", "val_loss"):
+        fig = figures.learning_curves(tiny.histories, ids, metric)
+        assert [t.name for t in fig.data] == ids
+        for t in fig.data:
+            h = tiny.histories[t.name]
+            assert list(t.x) == h["epoch"].tolist()
+            assert list(t.y) == pytest.approx(h[metric].tolist())
+        assert metric in fig.layout.yaxis.title.text
+
+
+def test_asha_milestones_real(tiny):
+    fig = figures.asha_milestones(tiny.trials, tiny.histories)
+    (bar,) = fig.data
+    assert bar.type == "bar"
+    assert list(bar.x) == [1, 2]
+    runs = tiny.trials["epochs_run"]
+    assert list(bar.y) == [int((runs >= 1).sum()), int((runs >= 2).sum())]
+    assert bar.y[0] == 4
+
+
+def test_param_importance_real(tiny):
+    fig = figures.param_importance(tiny.trials)
+    assert fig is not None
+    (bar,) = fig.data
+    assert bar.type == "bar" and bar.orientation == "h"
+    assert set(bar.y) == {"lr", "width", "aug_strength"}
+    assert sum(bar.x) == pytest.approx(1.0)
+    assert list(bar.x) == sorted(bar.x)  # least important at the bottom, most important on top
+
+
+def test_per_class_table_real(best_val):
+    val, classes = best_val
+    df = figures.per_class_table(val)
+    assert list(df.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert df["class"].tolist() == [str(c) for c in classes]
+    assert int(df["support"].sum()) == val["n"]
+    assert df["recall"].tolist() == pytest.approx([r["recall"] for r in val["per_class"]])
+
+
+def test_confusion_heatmap_real(best_val):
+    val, classes = best_val
+    fig = figures.confusion_heatmap(val["confusion"], classes)
+    (hm,) = fig.data
+    assert hm.type == "heatmap"
+    z = np.array(hm.z)
+    assert z.shape == (len(classes), len(classes))
+    assert z.sum() == val["n"]
+    assert np.trace(z) == pytest.approx(val["accuracy"] * val["n"])
+    assert list(hm.x) == list(hm.y) == [str(c) for c in classes]
+    assert fig.layout.xaxis.type == "category"  # '0'..'9' must stay labels, not numbers
+    assert fig.layout.yaxis.autorange == "reversed"
+
+
+def test_confused_pairs_table_real(best_val):
+    val, _ = best_val
+    df = figures.confused_pairs_table(val["most_confused"])
+    assert list(df.columns) == ["pair", "mistakes", "detail"]
+    assert len(df) == len(val["most_confused"])
+    assert df["mistakes"].tolist() == [p["count"] for p in val["most_confused"]]
+    first = val["most_confused"][0]
+    assert df["pair"][0] == f"{first['a']} ↔ {first['b']}"
+    assert f"{first['a_as_b']}× '{first['a']}' read as '{first['b']}'" in df["detail"][0]
+
+
+# ---------------------------------------------------------------- figures on edge cases
+
+
+EMPTY = pd.DataFrame(columns=["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs",
+                              "stopped_early", "diverged", "seconds", "num_failures", "has_checkpoint"])
+
+
+def test_figures_on_empty_trials():
+    assert figures.varying_params(EMPTY) == []
+    assert "No trial has a validation result" in annotation_text(figures.parallel_coordinates(EMPTY))
+    assert "No trial has a value for lr" in annotation_text(figures.param_vs_metric(EMPTY, "lr"))
+    assert "No trials yet" in annotation_text(figures.asha_milestones(EMPTY, {}))
+    assert "No trial chosen" in annotation_text(figures.learning_curves({}, [], "val_acc"))
+    assert figures.param_importance(EMPTY) is None
+    assert figures.importance_inputs(EMPTY)[2] == "there are no trials yet"
+    for fig in (figures.parallel_coordinates(EMPTY), figures.asha_milestones(EMPTY, {})):
+        assert not fig.data
+
+
+def test_parallel_coordinates_categorical_and_log_axes():
+    t = make_trials([
+        {"best_val_acc": 0.7, "config/optimizer": "sgd", "config/lr": 1e-5, "config/nesterov": True,
+         "config/width": 1.0},
+        {"best_val_acc": 0.8, "config/optimizer": "adam", "config/lr": 1e-3, "config/nesterov": False,
+         "config/width": 1.0},
+        {"best_val_acc": 0.9, "config/optimizer": "sgd", "config/lr": 1e-2, "config/nesterov": True,
+         "config/width": 1.0},
+    ])
+    d = dims(figures.parallel_coordinates(t))
+    assert list(d) == ["optimizer", "lr (log)", "nesterov", "best_val_acc"]  # width does not vary
+    assert list(d["optimizer"].ticktext) == ["adam", "sgd"]
+    assert list(d["optimizer"].values) == [1, 0, 1]
+    assert list(d["optimizer"].tickvals) == [0, 1]
+    assert list(d["nesterov"].ticktext) == ["False", "True"]
+    assert list(d["lr (log)"].values) == pytest.approx([-5, -3, -2])
+    assert d["lr (log)"].ticktext[0] == "1e-05" and d["lr (log)"].ticktext[-1] == "0.01"
+
+
+def test_parallel_coordinates_nan_single_trial_and_conditional_param():
+    t = make_trials([
+        {"best_val_acc": 0.6, "config/optimizer": "sgd", "config/momentum": 0.9, "config/lr": 0.01},
+        {"best_val_acc": 0.7, "config/optimizer": "adam", "config/momentum": np.nan, "config/lr": 0.02},
+        {"best_val_acc": np.nan, "status": "running", "config/optimizer": "adam", "config/momentum": np.nan,
+         "config/lr": 0.03},
+    ])
+    d = dims(figures.parallel_coordinates(t))
+    assert len(d["best_val_acc"].values) == 2  # the running trial has nothing to colour by
+    assert list(d["lr"].values) == pytest.approx([0.01, 0.02])
+    assert d["momentum"].values[0] == pytest.approx(0.9) and math.isnan(d["momentum"].values[1])
+
+    one = figures.parallel_coordinates(t.iloc[[0]])
+    (trace,) = one.data
+    assert [dim.label for dim in trace.dimensions] == ["best_val_acc"]  # nothing varies in one trial
+    assert trace.line.cmin < trace.line.cmax
+    assert "no hyperparameter differs" in one.layout.title.text
+
+
+def test_param_vs_metric_log_axis_status_colours_and_nan():
+    t = make_trials([
+        {"status": "finished", "best_val_acc": 0.9, "config/weight_decay": 1e-6},
+        {"status": "stopped", "best_val_acc": 0.5, "config/weight_decay": 1e-4},
+        {"status": "stopped", "best_val_acc": 0.4, "config/weight_decay": 1e-3},
+        {"status": "diverged", "best_val_acc": np.nan, "config/weight_decay": 1e-2},
+    ])
+    fig = figures.param_vs_metric(t, "config/weight_decay")
+    assert fig.layout.xaxis.type == "log"
+    traces = {tr.name: tr for tr in fig.data}
+    assert set(traces) == {"finished", "stopped"}  # the diverged trial has no accuracy to plot
+    assert list(traces["stopped"].y) == [0.5, 0.4]
+    assert list(traces["stopped"].text) == ["t1", "t2"]
+    assert traces["finished"].marker.color == figures.STATUS_COLORS["finished"]
+    assert traces["stopped"].marker.color != traces["finished"].marker.color
+
+    narrow = figures.param_vs_metric(make_trials([{"config/lr": 1e-3}, {"config/lr": 5e-3}]), "lr")
+    assert narrow.layout.xaxis.type != "log"
+
+
+def test_param_vs_metric_categorical_and_missing():
+    t = make_trials([{"config/model": "resnet", "best_val_acc": 0.8}, {"config/model": "small_cnn"}])
+    fig = figures.param_vs_metric(t, "model")
+    assert fig.layout.xaxis.type == "category"
+    assert list(fig.data[0].x) == ["resnet", "small_cnn"]
+    assert "No trial has a value for dropout" in annotation_text(figures.param_vs_metric(t, "dropout"))
+    no_acc = make_trials([{"config/model": "resnet", "best_val_acc": np.nan}])
+    assert "validation result" in annotation_text(figures.param_vs_metric(no_acc, "model"))
+
+
+def test_learning_curves_missing_history_nan_and_order():
+    histories = {
+        "a": pd.DataFrame({"epoch": [2, 1, 3], "val_acc": [0.5, 0.3, np.nan], "val_loss": [1.0, 2.0, np.inf]}),
+        "b": pd.DataFrame(),  # started, no epoch yet
+        "c": pd.DataFrame({"epoch": [1], "train_loss": [2.0]}),  # no val metrics
+    }
+    fig = figures.learning_curves(histories, ["a", "b", "c", "missing"], "val_loss")
+    (tr,) = fig.data
+    assert tr.name == "a"
+    assert list(tr.x) == [1, 2, 3]  # sorted by epoch
+    assert tr.y[0] == 2.0 and tr.y[1] == 1.0 and (tr.y[2] is None or math.isnan(tr.y[2]))  # inf is a gap
+    assert "b, c, missing" in fig.layout.title.text
+    assert "have no validation accuracy yet" in annotation_text(figures.learning_curves(histories, ["b"], "val_acc"))
+
+
+def test_asha_milestones_successive_halving_and_history_fallback():
+    t = make_trials([{"epochs_run": e, "max_epochs": 5} for e in (1, 1, 1, 1, 2, 2, 4)])
+    (bar,) = figures.asha_milestones(t, {}).data
+    assert list(bar.x) == [1, 2, 3, 4, 5]  # up to the epoch budget, even if nobody got there
+    assert list(bar.y) == [7, 3, 1, 1, 0]
+
+    t = make_trials([{"epochs_run": np.nan, "max_epochs": np.nan}, {"epochs_run": 1, "max_epochs": np.nan}])
+    hist = {"t0": pd.DataFrame({"epoch": [1, 2, 3]})}
+    (bar,) = figures.asha_milestones(t, hist).data
+    assert list(bar.y) == [2, 1, 1]
+
+    pending = make_trials([{"epochs_run": 0, "max_epochs": np.nan, "status": "pending"}])
+    assert "No trial has finished an epoch" in annotation_text(figures.asha_milestones(pending, {"t0": pd.DataFrame()}))
+
+
+def test_param_importance_needs_three_usable_trials_and_a_varying_param():
+    rows = [{"config/lr": lr, "config/width": w, "best_val_acc": a}
+            for lr, w, a in ((1e-4, 0.5, 0.3), (1e-3, 1.0, 0.6), (1e-2, 1.5, 0.5))]
+    rows += [{"status": "running", "best_val_acc": 0.99, "config/lr": 5e-3, "config/width": 2.0},
+             {"status": "error", "best_val_acc": np.nan, "config/lr": 5e-3, "config/width": 2.0}]
+    t = make_trials(rows)
+    usable, params, reason = figures.importance_inputs(t)
+    assert reason is None and len(usable) == 3 and params == ["config/lr", "config/width"]
+    fig = figures.param_importance(t)
+    assert set(fig.data[0].y) == {"lr", "width"}
+    assert "3 trials" in fig.layout.title.text
+
+    two = t.iloc[[0, 1, 3]]  # one of these is running: 2 usable
+    assert figures.param_importance(two) is None
+    assert "at least 3" in figures.importance_inputs(two)[2] and "are 2" in figures.importance_inputs(two)[2]
+    same = make_trials([{"config/lr": 1e-3, "best_val_acc": a} for a in (0.1, 0.2, 0.3)])
+    assert figures.param_importance(same) is None
+    assert "no hyperparameter differs" in figures.importance_inputs(same)[2]
+
+
+def test_param_importance_categorical_int_and_conditional_params():
+    rows = []
+    for i in range(8):
+        sgd = i % 2 == 0
+        rows.append({"config/optimizer": "sgd" if sgd else "adamw", "config/momentum": 0.9 if sgd else np.nan,
+                     "config/batch_size": [64, 128][i % 4 // 2], "config/channels_last": i % 3 == 0,
+                     "best_val_acc": 0.9 if sgd else 0.2 + 0.01 * i, "status": "stopped" if i > 5 else "finished"})
+    values = figures.importance_values(make_trials(rows))
+    assert set(values) == {"optimizer", "batch_size", "channels_last"}  # momentum is constant where it is set
+    assert sum(values.values()) == pytest.approx(1.0)
+    assert max(values, key=values.get) == "optimizer"  # it decides the accuracy here
+
+
+def test_checkpoint_tables_on_missing_metrics():
+    df = figures.per_class_table(None)
+    assert list(df.columns) == ["class", "precision", "recall", "f1", "support"] and df.empty
+    assert figures.per_class_table({"accuracy": 0.5}).empty
+    pairs = figures.confused_pairs_table([])
+    assert list(pairs.columns) == ["pair", "mistakes", "detail"] and pairs.empty
+    partial = figures.confused_pairs_table([{"a": "O", "b": "0", "count": 3}])
+    assert partial["mistakes"].tolist() == [3] and "?× 'O' read as '0'" in partial["detail"][0]
+    for bad in (None, [], [[1, 2, 3]], [[1, 2], [3]]):
+        fig = figures.confusion_heatmap(bad, ["a", "b"])
+        assert not fig.data and "no confusion matrix" in annotation_text(fig)
+    fig = figures.confusion_heatmap([[3, 1], [0, 4]], ["only-one-name"])
+    assert list(fig.data[0].x) == ["0", "1"]  # class names that do not fit: indices instead
+    assert np.array(fig.data[0].customdata)[0] == pytest.approx([0.75, 0.25])  # row shares for hover
+
+
+# ---------------------------------------------------------------- the page (AppTest)
+
+
+@pytest.fixture
+def app(monkeypatch):
+    """AppTest of dashboard/app.py over a given results root. The Predictor page is another module;
+    if it is not there yet, a stand-in lets app.py import (this page is the default one)."""
+    from streamlit.testing.v1 import AppTest
+
+    if importlib.util.find_spec("dashboard.predictor") is None:
+        import dashboard
+
+        stub = types.ModuleType("dashboard.predictor")
+        stub.render = lambda root, name: None
+        monkeypatch.setitem(sys.modules, "dashboard.predictor", stub)
+        monkeypatch.setattr(dashboard, "predictor", stub, raising=False)
+
+    def make(root: Path) -> AppTest:
+        monkeypatch.setenv("EMNIST_TUNE_RESULTS", str(root))
+        return AppTest.from_file(APP, default_timeout=60)
+
+    return make
+
+
+def no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not [e.value for e in at.error], [e.value for e in at.error]
+
+
+def table_with(at, column: str) -> pd.DataFrame:
+    found = [d.value for d in at.dataframe if column in d.value.columns]
+    assert found, f"no table with a {column!r} column; tables: {[list(d.value.columns) for d in at.dataframe]}"
+    return found[0]
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+@pytest.fixture
+def copy_of_tiny(tiny_experiment, tmp_path):
+    root = tmp_path / "results"
+    shutil.copytree(tiny_experiment / "tiny", root / "tiny")
+    return root
+
+
+def test_page_on_finished_search(app, tiny_experiment, tiny):
+    at = app(tiny_experiment).run()
+    no_exception(at)
+    trials = table_with(at, "trial_id")
+    assert len(trials) == 4
+    assert set(trials["trial_id"]) == set(tiny.trials["trial_id"])
+    assert trials["trial_id"][0] == tiny.best_trial  # best first
+    assert {"lr", "width", "aug_strength", "best_val_acc", "stopped_early", "seconds"} <= set(trials.columns)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Trials"] == "4" and metrics["Best trial"] == tiny.best_trial
+    assert int(metrics["Finished"]) == int((tiny.trials["status"] == "finished").sum())
+    assert len(at.get("plotly_chart")) == 7  # parcoords, param vs acc, importance, 2 curves, ASHA, confusion
+
+    assert at.selectbox(key="explorer_trial").value == tiny.best_trial
+    per_class = table_with(at, "precision")
+    assert len(per_class) == 10
+    assert len(table_with(at, "pair")) > 0
+    assert at.multiselect(key="explorer_curve_trials").value[0] == tiny.best_trial
+
+    # another trial: its own checkpoint's numbers
+    other = next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
+    at.selectbox(key="explorer_trial").select(other).run()
+    no_exception(at)
+    expected = load_checkpoint(tiny.best_checkpoint(other))["metrics"]["val"]
+    assert table_with(at, "precision")["recall"].tolist() == pytest.approx([r["recall"] for r in expected["per_class"]])
+    assert f"Best checkpoint of trial {other}" in texts(at.caption)
+
+    # filters and the hyperparameter picker
+    at.selectbox(key="explorer_param").select("width").run()
+    no_exception(at)
+    at.slider(key="explorer_min_acc").set_value(1.0).run()
+    assert len(table_with(at, "trial_id")) == 0
+    at.slider(key="explorer_min_acc").set_value(0.0).run()
+    status = tiny.trials["status"].iloc[0]
+    at.multiselect(key="explorer_status_filter").select(status).run()
+    assert len(table_with(at, "trial_id")) == int((tiny.trials["status"] == status).sum())
+    at.toggle(key="explorer_auto_refresh").set_value(True).run()
+    no_exception(at)
+
+
+def test_refresh_button_rereads_the_experiment(app, copy_of_tiny, monkeypatch):
+    from dashboard import explorer
+
+    # Without the file fingerprint, only the Refresh button can invalidate the cached experiment.
+    monkeypatch.setattr(explorer, "_fingerprint", lambda path: ())
+    at = app(copy_of_tiny).run()
+    assert len(table_with(at, "trial_id")) == 4
+    (copy_of_tiny / "tiny" / "trial_new0001").mkdir()
+    at.run()
+    assert len(table_with(at, "trial_id")) == 4  # cached
+    at.button(key="explorer_refresh_button").click().run()
+    no_exception(at)
+    table = table_with(at, "trial_id")
+    assert len(table) == 5
+    assert table.set_index("trial_id").loc["new0001", "status"] == "pending"
+
+
+def test_new_results_are_picked_up_without_refresh(app, copy_of_tiny):
+    at = app(copy_of_tiny).run()
+    assert len(table_with(at, "trial_id")) == 4
+    (copy_of_tiny / "tiny" / "trial_new0002").mkdir()
+    at.run()
+    assert len(table_with(at, "trial_id")) == 5
+
+
+def test_empty_results_root(app, tmp_path):
+    at = app(tmp_path).run()
+    assert not at.exception
+    assert "No experiments under the results root" in texts(at.info)
+
+
+def test_experiment_without_trials(app, tmp_path):
+    (tmp_path / "starting").mkdir()
+    (tmp_path / "starting" / "experiment_state-2026-01-01_00-00-00.json").write_text('{"trial_data": []}')
+    at = app(tmp_path).run()
+    no_exception(at)
+    assert "has no trials yet" in texts(at.info)
+
+
+def test_experiment_being_written(app, copy_of_tiny, tiny):
+    exp_dir = copy_of_tiny / "tiny"
+    cut, no_ckpt = tiny.best_trial, next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
+    result = exp_dir / f"trial_{cut}" / "result.json"
+    text = result.read_text()
+    result.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 40])  # last line cut mid-way
+    for d in (exp_dir / f"trial_{no_ckpt}").glob("checkpoint_*"):
+        shutil.rmtree(d)
+    (exp_dir / "trial_zzz").mkdir()
+    expected = load_experiment(exp_dir).trials.set_index("trial_id")
+
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    table = table_with(at, "trial_id").set_index("trial_id")
+    assert len(table) == 5
+    assert table.loc["zzz", "status"] == "pending"
+    assert table.loc[cut, "epochs_run"] == 1  # the half-written epoch 2 is not there yet
+    assert (table["status"] == expected.loc[table.index, "status"]).all()
+    assert not table.loc[no_ckpt, "has_checkpoint"]
+
+    at.selectbox(key="explorer_trial").select(no_ckpt).run()
+    no_exception(at)
+    assert f"Trial {no_ckpt} has no checkpoint on disk" in texts(at.info)
+    assert not [d for d in at.dataframe if "precision" in d.value.columns]
+
+    at.selectbox(key="explorer_trial").select("zzz").run()
+    no_exception(at)
+    assert "Trial zzz has not started yet" in texts(at.info)
+
+    at.selectbox(key="explorer_trial").select(cut).run()  # still has its epoch-1 checkpoint
+    no_exception(at)
+    assert len(table_with(at, "precision")) == 10
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_corrupt_checkpoint(app, copy_of_tiny, tiny, damage):
+    best = tiny.best_trial
+    path = copy_of_tiny / "tiny" / tiny.best_checkpoint(best).relative_to(tiny.path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64 + data[len(data) // 2:])
+    at = app(copy_of_tiny).run()
+    assert not at.exception
+    assert at.selectbox(key="explorer_trial").value == best
+    warning = texts(at.warning)
+    assert f"Trial {best}'s best checkpoint cannot be used" in warning and str(path) in warning
+    assert "Traceback" not in warning
+    assert not [d for d in at.dataframe if "precision" in d.value.columns]
+    assert len(table_with(at, "trial_id")) == 4  # the rest of the page is there
+
+    other = next(t for t in tiny.trials["trial_id"] if t != best)
+    at.selectbox(key="explorer_trial").select(other).run()
+    no_exception(at)
+    assert len(table_with(at, "precision")) == 10
+
+
+def test_checkpoint_outside_results_root_is_not_opened(app, copy_of_tiny, tiny, tmp_path):
+    best = tiny.best_trial
+    path = copy_of_tiny / "tiny" / tiny.best_checkpoint(best).relative_to(tiny.path)
+    outside = tmp_path / "elsewhere.pt"
+    shutil.copy(path, outside)
+    path.unlink()
+    path.symlink_to(outside)
+    at = app(copy_of_tiny).run()
+    assert not at.exception
+    assert f"The checkpoint of trial {best} is outside the results root" in texts(at.error)
+    assert not [d for d in at.dataframe if "precision" in d.value.columns]
