@@ -32,7 +32,7 @@ bench: $(STAMP)
 	$(PY) -m training.bench $(ARGS)
 
 dashboard: $(STAMP)  ## Streamlit dashboard on http://127.0.0.1:8501 over results/ (ARGS="-- --results DIR")
-	$(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.maxUploadSize 5 \
+	OMP_NUM_THREADS=1 $(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.maxUploadSize 5 \
 		--client.showErrorDetails none --browser.gatherUsageStats false $(ARGS)
 
 tensorboard: $(STAMP)

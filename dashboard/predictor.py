@@ -1,0 +1,429 @@
+"""Predictor page: give any trial's model a character (an uploaded image or a drawing), see the
+28x28 image the model actually sees and its top-5 characters, and compare trials on the same input.
+
+The page is a thin shell around pure functions (`read_upload`, `read_canvas`, `predict_input`,
+`predict_upload`, `trial_options`) so every bad-input path is unit-tested without a browser.
+Nothing here raises into Streamlit for bad input: every failure becomes a message in the page.
+
+Security: checkpoints are only ever taken from the experiment's own listing and re-checked with
+`safe_checkpoint` (never a user-typed path); uploads are decoded by `training.preprocess.load_image`
+(pixel-count limit checked before decoding, truncated/corrupt files rejected); checkpoints are
+read weights-only. Upload size, bind address and error details stay as .streamlit/config.toml sets
+them: this page sets no server option, uses no raw HTML and never prints tracebacks.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+from dashboard.common import UnsafePath, open_experiment, safe_checkpoint
+from search.results import Experiment
+from training.checkpoint import CheckpointError
+from training.predict import Prediction, Predictor
+from training.preprocess import ImageError, NoCharacterFound, load_image
+
+log = logging.getLogger(__name__)
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "gif"]
+CANVAS_SIZE = 280
+STROKE_WIDTH = 20  # ~7 % of the canvas: strokes come out like EMNIST's pen at 28x28
+TOP_K = 5
+MODEL_VIEW_SCALE = 8  # 28 px -> 224 px, nearest neighbour
+MAX_COMPARE = 6
+INK = {"White on black": ("#FFFFFF", "#000000"), "Black on white": ("#000000", "#FFFFFF")}
+
+_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+# --- Trials ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialOption:
+    trial_id: str
+    status: str
+    val_acc: float | None
+    checkpoint: Path | None = None  # best checkpoint of the trial, when it has one
+    reason: str = ""  # why the trial cannot be used (no checkpoint)
+
+    def label(self, best: str | None = None) -> str:
+        acc = "no val acc" if self.val_acc is None else f"val acc {self.val_acc:.3f}"
+        return f"{self.trial_id} · {acc} · {self.status}" + (" · best" if self.trial_id == best else "")
+
+
+def _unavailable_reason(status: str) -> str:
+    return {
+        "pending": "not started yet, so no checkpoint",
+        "running": "still running and has not saved a checkpoint yet",
+        "error": "failed before saving a checkpoint",
+        "diverged": "diverged before saving a checkpoint",
+    }.get(status, "no checkpoint was saved")
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(value) else value
+
+
+def trial_options(exp: Experiment) -> tuple[list[TrialOption], list[TrialOption]]:
+    """(trials with a checkpoint, best first; trials without one, each with the reason)."""
+    available, unavailable = [], []
+    for row in exp.trials.to_dict("records"):
+        tid = str(row["trial_id"])
+        opt = TrialOption(tid, str(row.get("status") or "unknown"), _float_or_none(row.get("best_val_acc")))
+        ckpt = exp.best_checkpoint(tid) if row.get("has_checkpoint") else None
+        if ckpt is None:
+            opt.reason = _unavailable_reason(opt.status)
+            unavailable.append(opt)
+        else:
+            opt.checkpoint = ckpt
+            available.append(opt)
+    best = exp.best_trial
+    # Best trial first, then by validation accuracy (trials without one last), then by id.
+    available.sort(key=lambda o: (o.trial_id != best, o.val_acc is None, -(o.val_acc or 0.0), o.trial_id))
+    return available, unavailable
+
+
+@st.cache_resource(max_entries=16, show_spinner="Loading the model…")
+def _cached_predictor(path: str, mtime_ns: int, size: int) -> Predictor:
+    # mtime and size are part of the cache key only: a rewritten checkpoint loads afresh.
+    return Predictor.from_checkpoint(path, device="cpu")
+
+
+def load_predictor(root: Path, checkpoint: str | Path) -> Predictor:
+    """The (cached) Predictor of a checkpoint taken from an experiment listing under root.
+
+    Raises UnsafePath (outside root), CheckpointError (missing, unreadable, pickled objects,
+    not ours), or RuntimeError/ValueError (weights that do not fit the model).
+    """
+    path = safe_checkpoint(root, checkpoint)
+    try:
+        st_ = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {e.strerror or e}") from None
+    return _cached_predictor(str(path), st_.st_mtime_ns, st_.st_size)
+
+
+def _short(message: str, root: Path) -> str:
+    """An error message with the server's results path shortened (users know the experiment)."""
+    return str(message).replace(str(root.resolve()), "<results>").replace(str(root), "<results>")
+
+
+# --- Inputs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PageInput:
+    """What the user gave the page, ready for Predictor.predict (or why there is nothing)."""
+
+    image: Any = None  # PIL image or RGBA array
+    notes: list[str] = field(default_factory=list)  # how the input was interpreted (shown as info)
+    error: str = ""  # why there is nothing to predict (shown as an error)
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None and not self.error
+
+
+def _probe(data: bytes) -> tuple[str, int]:
+    """(file format, frames) of an upload; (\"image\", 1) if unknown. Called only after load_image
+    accepted the file, so the size is already checked; frames are counted without decoding them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+                return img.format or "image", frames
+    except Exception:  # informative only; the first frame is already decoded
+        return "image", 1
+
+
+def describe_image(img: Image.Image, frames: int = 1, fmt: str = "image") -> list[str]:
+    """Notes on how an unusual image is read (animation, transparency, bit depth, colour space)."""
+    notes = []
+    if frames > 1:
+        notes.append(f"Animated {fmt} with {frames} frames: only the first frame is used.")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        notes.append("Transparent image: the drawing is taken from the opaque pixels "
+                     "(flattened onto a background that contrasts with the strokes).")
+    if img.mode in _HIGH_DEPTH_MODES:
+        notes.append("16-bit image: read at full depth and scaled to 8 bits, like EMNIST.")
+    elif img.mode == "F":
+        notes.append("Floating-point image: intensities scaled to 8 bits.")
+    if img.mode == "CMYK":
+        notes.append("CMYK image: converted to RGB, then to grey.")
+    return notes
+
+
+def read_upload(data: bytes) -> PageInput:
+    """Decode uploaded bytes safely (see load_image). Never raises for bad input."""
+    if not data:
+        return PageInput(error="The file is empty.")
+    try:
+        img = load_image(data)
+    except ImageError as e:
+        return PageInput(error=f"This file cannot be used: {e}.")
+    except Exception as e:  # belt and braces: a decoder bug must not take the page down
+        log.warning("unexpected error decoding an upload", exc_info=True)
+        return PageInput(error=f"This file cannot be used: could not decode it ({type(e).__name__}).")
+    fmt, frames = _probe(data)
+    return PageInput(image=img, notes=describe_image(img, frames, fmt))
+
+
+def read_canvas(image_data: np.ndarray | None) -> PageInput:
+    """The canvas's RGBA pixels (None until the user has drawn something)."""
+    if image_data is None:
+        return PageInput(error="")  # nothing drawn yet: not an error, the page asks to draw
+    arr = np.asarray(image_data)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
+        return PageInput(error=f"The canvas sent an unexpected image of shape {arr.shape}.")
+    return PageInput(image=arr.astype(np.uint8, copy=False))
+
+
+def predict_input(predictor: Predictor, inp: PageInput, k: int = TOP_K) -> tuple[Prediction | None, str]:
+    """(prediction, "") or (None, message saying why there is none). Never raises for bad input."""
+    if inp.error:
+        return None, inp.error
+    if inp.image is None:
+        return None, "No input yet: upload an image or draw a character."
+    try:
+        pred = predictor.predict(inp.image, k=k)[0]
+    except (ImageError, NoCharacterFound) as e:  # Predictor catches these; kept for safety
+        return None, _sentence(str(e))
+    except Exception as e:
+        log.warning("prediction failed", exc_info=True)
+        return None, f"The model could not process this input ({type(e).__name__}: {e})."
+    if not pred.found:
+        return None, _sentence(pred.message or "no character found")
+    return pred, ""
+
+
+def predict_upload(predictor: Predictor, data: bytes, k: int = TOP_K) -> tuple[Prediction | None, str]:
+    """Uploaded bytes -> (prediction, notes on how the image was read) or (None, why not)."""
+    inp = read_upload(data)
+    pred, message = predict_input(predictor, inp, k)
+    notes = " ".join(inp.notes)
+    if pred is None:
+        return None, f"{message} {notes}".strip()
+    return pred, notes
+
+
+def _sentence(message: str) -> str:
+    message = message.strip()
+    if message.lower().startswith("no character found"):
+        message = "No character found" + message[len("no character found"):]
+    return message if message.endswith(".") else message + "."
+
+
+# --- Display ----------------------------------------------------------------------------------
+
+
+def model_view(image: np.ndarray, scale: int = MODEL_VIEW_SCALE) -> Image.Image:
+    """The 28x28 model input, enlarged with nearest neighbour so its pixels stay visible."""
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L")
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+
+
+def preview(img: Any, size: int = CANVAS_SIZE) -> Image.Image | None:
+    """A small displayable copy of an uploaded image (None if it cannot be shown)."""
+    try:
+        if not isinstance(img, Image.Image):
+            return None
+        if img.mode in _HIGH_DEPTH_MODES or img.mode == "F":
+            a = np.asarray(img, dtype=np.float64)
+            top = a.max() or 1.0
+            im = Image.fromarray(np.clip(a / top * 255, 0, 255).astype(np.uint8), mode="L")
+        elif img.mode in ("RGB", "RGBA", "L", "LA"):
+            im = img.copy()
+        else:
+            has_alpha = img.mode in ("PA",) or "transparency" in img.info
+            im = img.convert("RGBA" if has_alpha else "RGB")
+        if max(im.size) < size // 2:  # a tiny image (e.g. 28x28): enlarge, keeping its pixels
+            f = (size // 2) // max(im.size)
+            im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
+        im.thumbnail((size, size))
+        return im
+    except Exception:
+        return None
+
+
+def top_k_figure(top: list[tuple[str, float]], height: int = 260, title: str | None = None) -> go.Figure:
+    """Horizontal bars, most likely character on top, probabilities in %."""
+    chars = [f"'{c}'" for c, _ in top]  # quoted: keeps '1' a category, never a number
+    probs = [p for _, p in top]
+    fig = go.Figure(go.Bar(
+        x=probs, y=chars, orientation="h", text=[f"{p:.1%}" for p in probs], textposition="auto",
+        marker_color=["#1f77b4"] + ["#9ecae1"] * (len(top) - 1),
+        hovertemplate="%{y}: %{x:.2%}<extra></extra>",
+    ))
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30 if title else 10, "b": 10},
+                      title=title, showlegend=False)
+    fig.update_xaxes(range=[0, 1.02], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", title=None)
+    fig.update_yaxes(type="category", autorange="reversed", title=None)
+    return fig
+
+
+def _code(text: str, limit: int = 40) -> str:
+    """Inline code for text from files on disk (class names, trial ids), so it can never be markdown."""
+    text = " ".join(str(text).split())[:limit].replace("`", "'")
+    return f"`{text}`"
+
+
+def _error(message: str) -> None:
+    st.error(message, icon="⚠️")
+
+
+# --- Page -------------------------------------------------------------------------------------
+
+
+def render(root: Path, name: str) -> None:
+    st.header("Predictor")
+    try:
+        exp = open_experiment(root, name)
+    except (UnsafePath, OSError, ValueError) as e:
+        _error(f"Cannot open experiment {name!r}: {_short(str(e), root)}")
+        return
+
+    available, unavailable = trial_options(exp)
+    best = exp.best_trial
+    if not available:
+        _error(f"No trial of experiment {_code(name)} has a checkpoint yet, so there is no model to predict with.")
+        _unavailable_list(unavailable)
+        return
+
+    by_id = {o.trial_id: o for o in available}
+    ids = list(by_id)
+    trial_id = st.selectbox("Trial", ids, index=0, key=f"predictor_trial:{name}",
+                            format_func=lambda t: by_id[t].label(best),
+                            help="Only trials with a saved checkpoint can predict; the best trial comes first.")
+    _unavailable_list(unavailable)
+
+    left, right = st.columns([1, 2], gap="large")
+    with left:
+        inp = _input_widgets()
+    chosen = by_id[trial_id]
+    with right:
+        predictor = _load_or_report(root, chosen)
+        pred = None
+        if predictor is not None:
+            pred = _show_prediction(predictor, inp)
+
+    st.divider()
+    st.subheader("Compare trials")
+    default = ids[: min(3, len(ids))]
+    # Widget keys carry the experiment, so switching experiments starts from its own defaults.
+    compare = st.multiselect("Trials to compare on the same input", ids, default=default,
+                             key=f"predictor_compare:{name}", format_func=lambda t: by_id[t].label(best),
+                             max_selections=MAX_COMPARE)
+    if not compare:
+        st.caption("Pick trials above to see their predictions side by side.")
+    elif not inp.ok:
+        st.caption("Give the page an input (upload or drawing) to compare trials on it.")
+    elif pred is None and predictor is not None:
+        st.caption("Nothing to compare: the input has no usable character.")
+    else:
+        _compare(root, [by_id[t] for t in compare], inp, best)
+
+
+def _unavailable_list(unavailable: list[TrialOption]) -> None:
+    if not unavailable:
+        return
+    with st.expander(f"{len(unavailable)} trial(s) unavailable (no checkpoint)"):
+        for o in unavailable:
+            st.markdown(f"- {_code(o.trial_id)} ({o.status}): {o.reason}")
+
+
+def _input_widgets() -> PageInput:
+    source = st.radio("Input", ["Upload an image", "Draw"], horizontal=True, key="predictor_source")
+    if source == "Upload an image":
+        uploaded = st.file_uploader("Image of one character", type=UPLOAD_TYPES, key="predictor_upload",
+                                    help="PNG, JPEG, BMP, WebP or GIF; any size, colour or polarity.")
+        if uploaded is None:
+            st.caption("Upload an image of a single handwritten character.")
+            return PageInput()
+        inp = read_upload(uploaded.getvalue())
+        if inp.image is not None:
+            shown = preview(inp.image)
+            if shown is not None:
+                st.image(shown, caption=f"Uploaded: {uploaded.name}")
+        return inp
+
+    ink = st.radio("Ink", list(INK), horizontal=True, key="predictor_ink")
+    stroke, background = INK[ink]
+    st.space("small")  # room for the canvas toolbar, which floats above the canvas
+    try:
+        from streamlit_drawable_canvas import st_canvas
+
+        result = st_canvas(stroke_width=STROKE_WIDTH, stroke_color=stroke, background_color=background,
+                           width=CANVAS_SIZE, height=CANVAS_SIZE, drawing_mode="freedraw",
+                           return_image_data=True, update_streamlit=True, key=f"predictor_canvas_{ink}")
+        image_data = result.image_data
+    except Exception as e:
+        log.warning("drawing canvas unavailable", exc_info=True)
+        _error(f"The drawing canvas is not available here ({type(e).__name__}); upload an image instead.")
+        return PageInput()
+    if image_data is None:
+        st.caption("Draw one character, filling most of the square. Use the canvas toolbar to undo or clear.")
+    return read_canvas(image_data)
+
+
+def _load_or_report(root: Path, option: TrialOption) -> Predictor | None:
+    try:
+        return load_predictor(root, option.checkpoint)
+    except (CheckpointError, UnsafePath, RuntimeError, ValueError, KeyError, OSError) as e:
+        _error(f"Trial {_code(option.trial_id)} cannot be used: its checkpoint could not be loaded "
+               f"({_short(str(e), root)}). Pick another trial.")
+        return None
+
+
+def _show_prediction(predictor: Predictor, inp: PageInput) -> Prediction | None:
+    for note in inp.notes:
+        st.info(note, icon="ℹ️")
+    if not inp.ok and not inp.error:
+        st.info("Upload an image or draw a character to see what the model predicts.")
+        return None
+    pred, message = predict_input(predictor, inp)
+    if pred is None:
+        _error(message)
+        return None
+    char, prob = pred.top[0]
+    st.markdown(f"### Prediction: {_code(char)} ({prob:.1%})")
+    a, b = st.columns([1, 2])
+    with a:
+        st.image(model_view(pred.image), caption="What the model sees (28×28)")
+    with b:
+        st.plotly_chart(top_k_figure(pred.top, title=f"Top {len(pred.top)}"), key="predictor_topk",
+                        config={"displayModeBar": False})
+    return pred
+
+
+def _compare(root: Path, options: list[TrialOption], inp: PageInput, best: str | None) -> None:
+    cols = st.columns(len(options))
+    for col, option in zip(cols, options, strict=True):
+        with col:
+            acc = "" if option.val_acc is None else f" · val {option.val_acc:.3f}"
+            st.markdown(f"**{_code(option.trial_id)}**{acc}" + (" · best" if option.trial_id == best else ""))
+            predictor = _load_or_report(root, option)
+            if predictor is None:
+                continue
+            pred, message = predict_input(predictor, inp)
+            if pred is None:
+                _error(message)
+                continue
+            char, prob = pred.top[0]
+            st.markdown(f"Top-1: {_code(char)} ({prob:.1%})")
+            st.plotly_chart(top_k_figure(pred.top, height=200), key=f"predictor_cmp_{option.trial_id}",
+                            config={"displayModeBar": False})

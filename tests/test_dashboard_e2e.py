@@ -1,0 +1,245 @@
+"""End to end: the real dashboard (`streamlit run dashboard/app.py`) in a real headless Chromium.
+
+Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and the PyPI
+`playwright` package; playwright's own browser downloads are never used. With EMNIST_DATA_DIR set,
+a small real search runs first (configs/search/smoke.yaml, 2 trials, ~1 min) and the uploaded image
+is a real EMNIST test character; without it, a generated glyph and the tiny experiment are used.
+
+UPDATE_SCREENSHOT=1 also copies the screenshot to docs/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dashboard import predictor as page
+from dashboard.common import ENV_RESULTS, open_experiment
+from tests.conftest import render_char
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 90_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _real_experiment(data_dir: Path, root: Path) -> Path:
+    """A small real search (2 trials x 2 epochs on 4000 real images) under root, named 'real'."""
+    cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config", str(REPO / "configs/search/smoke.yaml"),
+           "--data-dir", str(data_dir), "--storage", str(root), "--name", "real", "--samples", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return root
+
+
+def _real_character(root: Path, data_dir: Path) -> tuple[bytes, str, float]:
+    """A real EMNIST test image that the best checkpoint classifies right with high confidence
+    (checked through the page's own upload path)."""
+    from training.data import load_test
+
+    exp = open_experiment(root, "real")
+    predictor = page.load_predictor(root, exp.best_checkpoint())
+    x, y, classes = load_test("bymerge", data_dir)
+    x, y = x[:3000], y[:3000]
+    probs = predictor.probabilities(x)
+    conf, pred = probs.max(1)
+    ok = (pred == y).nonzero().flatten()
+    for i in ok[conf[ok].argsort(descending=True)][:20].tolist():
+        data = _png(x[i].numpy())
+        got, _ = page.predict_upload(predictor, data)
+        if got is not None and got.top[0][0] == classes[int(y[i])] and got.top[0][1] >= 0.9:
+            return data, classes[int(y[i])], got.top[0][1]
+    pytest.fail(f"no real test image is classified right with >= 90 % by the best trial {exp.best_trial}")
+
+
+def _generated_character(root: Path) -> tuple[bytes, str, float]:
+    """The generated digit glyph the tiny experiment's best trial is most confident about (and right)."""
+    exp = open_experiment(root, "tiny")
+    predictor = page.load_predictor(root, exp.best_checkpoint())
+    rng = np.random.default_rng(11)
+    best = None
+    for d in "0123456789" * 3:
+        big = Image.fromarray(render_char(d, rng)).resize((112, 112), Image.Resampling.BICUBIC)
+        data = _png(np.asarray(big))
+        got, _ = page.predict_upload(predictor, data)
+        if got is not None and got.top[0][0] == d and (best is None or got.top[0][1] > best[2]):
+            best = (data, d, got.top[0][1])
+    assert best is not None, "the tiny experiment's best trial gets no generated digit right"
+    return best
+
+
+class Server:
+    def __init__(self, root: Path, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, ENV_RESULTS: str(root), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(self.port),
+               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none"]
+        self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"streamlit exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"streamlit did not come up in {timeout:.0f} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log_file.close()
+
+
+def _wait_for_any(pw_page, texts: list[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        html = pw_page.content()
+        found = [t for t in texts if t in html]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"none of {texts} appeared in the page within {timeout_s:.0f} s")
+
+
+def _wait_idle(pw_page) -> None:
+    """Until Streamlit has finished the script run (its 'Running…' status widget is gone)."""
+    pw_page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=TIMEOUT_MS)
+
+
+@pytest.mark.slow
+def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the PyPI playwright package is not installed")
+
+    try:
+        data_dir = request.getfixturevalue("real_data_dir")
+    except pytest.skip.Exception as e:
+        data_dir = None
+        warnings.warn(f"real-character part skipped ({e.msg}); using a generated glyph instead", stacklevel=1)
+    if data_dir is not None:
+        root = _real_experiment(data_dir, tmp_path / "results")
+        image, label, prob = _real_character(root, data_dir)
+        name = "real"
+    else:
+        root = tiny_experiment
+        image, label, prob = _generated_character(root)
+        name = "tiny"
+    upload = tmp_path / f"character-{label}.png"
+    upload.write_bytes(image)
+    trial_ids = [str(t) for t in open_experiment(root, name).trials["trial_id"]]
+
+    server = Server(root, tmp_path / "streamlit.log")
+    shot = tmp_path / "dashboard.png"
+    try:
+        server.wait()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                pw = browser.new_page(viewport={"width": 1400, "height": 1000})
+                pw.set_default_timeout(TIMEOUT_MS)
+                pw.goto(server.url, wait_until="domcontentloaded")
+                # Trial explorer (the default page) lists the experiment's trials.
+                _wait_for_any(pw, trial_ids, timeout_s=90)
+                _wait_idle(pw)
+                pw.locator(".js-plotly-plot").first.wait_for()
+                pw.wait_for_timeout(800)  # let the charts draw
+                pw.screenshot(path=str(tmp_path / "explorer.png"), full_page=False)
+
+                # Predictor page: the best trial is preselected; upload the character.
+                pw.locator('[data-testid="stSidebar"]').get_by_text("Predictor", exact=True).click()
+                pw.get_by_text("Image of one character").wait_for()
+                _wait_idle(pw)
+                pw.locator('input[type="file"]').set_input_files(str(upload))
+                pw.locator("h3", has_text="Prediction:").wait_for()
+                pw.get_by_text("What the model sees").wait_for()
+                pw.locator(".js-plotly-plot").first.wait_for()
+                _wait_idle(pw)
+                heading = pw.locator("h3", has_text="Prediction:").inner_text()
+                assert heading.startswith(f"Prediction: {label} ("), heading
+                assert abs(float(heading.rsplit("(", 1)[1].rstrip("%) ")) / 100 - prob) < 0.0015, (heading, prob)
+                # Top-5 chart + one per compared trial, no error boxes, no tracebacks.
+                assert pw.locator(".js-plotly-plot").count() >= 2
+                assert pw.locator('[data-testid="stException"]').count() == 0
+                assert "Traceback" not in pw.content()
+                # Streamlit scrolls inside its main container, not the document: grow the viewport
+                # to the content so the screenshot shows the whole page (compare section included).
+                height = pw.evaluate("Math.max(...[...document.querySelectorAll('[data-testid=\"stMain\"], "
+                                     "[data-testid=\"stMainBlockContainer\"]')].map(e => e.scrollHeight), 1000)")
+                pw.set_viewport_size({"width": 1400, "height": min(int(height) + 40, 4000)})
+                pw.wait_for_timeout(800)  # let the charts redraw at the new size
+                pw.screenshot(path=str(shot), full_page=True)
+                # The drawing canvas works in a real browser too: draw a 7, get a prediction.
+                pw.locator('[data-testid="stMain"]').get_by_text("Draw", exact=True).click()
+                canvas = pw.locator("canvas").first
+                canvas.wait_for()
+                _wait_idle(pw)
+                pw.get_by_text("Draw one character").wait_for()
+                assert pw.locator("h3", has_text="Prediction:").count() == 0  # nothing drawn yet
+                box = canvas.bounding_box()
+                assert box and round(box["width"]) == page.CANVAS_SIZE, box
+                pw.mouse.move(box["x"] + 70, box["y"] + 60)
+                pw.mouse.down()
+                for x, y in [(140, 60), (210, 60), (165, 145), (120, 230)]:
+                    pw.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+                pw.mouse.up()
+                pw.locator("h3", has_text="Prediction:").wait_for()
+                _wait_idle(pw)
+                assert pw.locator('[data-testid="stException"]').count() == 0
+            finally:
+                browser.close()
+    except BaseException:
+        print(server.output())
+        raise
+    finally:
+        server.stop()
+
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
+        shutil.copyfile(tmp_path / "explorer.png", REPO / "docs" / "explorer.png")
