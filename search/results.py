@@ -15,6 +15,7 @@ Layout (Ray Tune's, with our trial names):
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class Experiment:
     trials: pd.DataFrame  # one row per trial
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)  # trial id -> per-epoch rows
     checkpoints: dict[str, pd.DataFrame] = field(default_factory=dict)  # trial id -> path, epoch, val_acc
+    # trial folders the experiment state does not know, with no params.json: started by a driver that
+    # was killed before it recorded them (a resumed search re-runs them as new trials); listed as pending
+    orphans: list[str] = field(default_factory=list)
 
     @property
     def best_trial(self) -> str | None:
@@ -38,12 +42,21 @@ class Experiment:
         return None if ok.empty else str(ok.sort_values("best_val_acc", ascending=False).iloc[0]["trial_id"])
 
     def best_checkpoint(self, trial_id: str | None = None) -> Path | None:
-        """Path of the best existing checkpoint of a trial (default: the best trial)."""
+        """Path of the best readable checkpoint of a trial (default: the best trial). A listed file
+        that cannot be loaded (damaged or deleted since) is skipped for the next best one."""
+        from training.checkpoint import CheckpointError, load_checkpoint
+
         trial_id = trial_id or self.best_trial
         ck = self.checkpoints.get(trial_id) if trial_id else None
         if ck is None or ck.empty:
             return None
-        return Path(ck.sort_values(["val_acc", "epoch"], ascending=[False, False]).iloc[0]["path"])
+        for path in ck.sort_values(["val_acc", "epoch"], ascending=[False, False])["path"]:
+            try:
+                load_checkpoint(path)
+            except CheckpointError:
+                continue
+            return Path(path)
+        return None
 
 
 def read_json_lines(path: Path) -> list[dict]:
@@ -93,6 +106,29 @@ def ray_statuses(exp_dir: Path) -> dict[str, dict]:
     return {}
 
 
+def _drop_rereported(results: list[dict]) -> list[dict]:
+    """Drop Ray's repeat of a trial's final result. A trial whose last epoch was reported (done)
+    but that the saved experiment state still had as running (Ctrl+C or a kill right then) is
+    resumed from that last checkpoint, trains nothing, and Ray appends its last result once more."""
+    out: list[dict] = []
+    for r in results:
+        prev = out[-1] if out else None
+        if prev is not None and r.get("done") and prev.get("done") and r.get("epoch") == prev.get("epoch") \
+                and r.get("training_iteration") == prev.get("training_iteration"):
+            continue
+        out.append(r)
+    return out
+
+
+def _looks_complete(path: Path) -> bool:
+    """A cheap check (no tensors read): the file exists and is a whole zip archive, as torch.save
+    writes it. A truncated copy has lost the archive's directory at its end."""
+    try:
+        return path.is_file() and zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
 def trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.glob("trial_*") if p.is_dir())
 
@@ -102,23 +138,24 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
     statuses = ray_statuses(exp_dir)
     rows, histories, checkpoints = [], {}, {}
     ids = {d.name.removeprefix("trial_"): d for d in trial_dirs(exp_dir)}
+    orphans = sorted(t for t, d in ids.items() if statuses and t not in statuses and not (d / "params.json").is_file())
     for trial_id in sorted(set(ids) | set(statuses)):
         d = ids.get(trial_id, exp_dir / f"trial_{trial_id}")
         config = read_json(d / "params.json") or {}
-        results = read_json_lines(d / "result.json")
+        results = _drop_rereported(read_json_lines(d / "result.json"))
         history = pd.DataFrame(results)
         histories[trial_id] = history
         ck = []
         for c in sorted(d.glob("checkpoint_*")):
             f = c / CHECKPOINT_FILE
-            if f.is_file():
+            if _looks_complete(f):  # a deleted or truncated file is not offered
                 match = [r for r in results if r.get("checkpoint_dir_name") == c.name]
                 r = match[-1] if match else {}
                 ck.append({"path": str(f), "epoch": r.get("epoch"), "val_acc": r.get("val_acc")})
         checkpoints[trial_id] = pd.DataFrame(ck, columns=["path", "epoch", "val_acc"])
         rows.append(_trial_row(trial_id, d, config, results, statuses.get(trial_id, {})))
     trials = pd.DataFrame(rows, columns=_COLUMNS + sorted({k for r in rows for k in r} - set(_COLUMNS)))
-    return Experiment(exp_dir, trials, histories, checkpoints)
+    return Experiment(exp_dir, trials, histories, checkpoints, orphans)
 
 
 _COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
@@ -154,7 +191,7 @@ def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: d
         "diverged": diverged,
         "seconds": last.get("time_total_s"),
         "num_failures": ray.get("num_failures", 0),
-        "has_checkpoint": any(d.glob(f"checkpoint_*/{CHECKPOINT_FILE}")),
+        "has_checkpoint": any(_looks_complete(f) for f in d.glob(f"checkpoint_*/{CHECKPOINT_FILE}")),
         **{f"config/{k}": v for k, v in sorted(config.items())},
     }
 

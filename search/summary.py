@@ -40,7 +40,8 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         return 0
     exp_dir = Path(exp_dir)
     exp = load_experiment(exp_dir)
-    trials = exp.trials
+    # The search is over: folders of trials a killed driver started but never recorded are not trials.
+    trials = exp.trials[~exp.trials["trial_id"].isin(exp.orphans)]
     trials.to_csv(exp_dir / "trials.csv", index=False)
     best_id = exp.best_trial
     if best_id is None:

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 # Our trials write their own TensorBoard events; Ray's automatic TBX logger would duplicate
 # them, so the default loggers are switched off and JSON + CSV are added back explicitly.
@@ -41,6 +42,11 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.done_epochs += 1
+        if result.get("resume_warning"):  # see search.trainable._resume_state
+            start = result.get("resumed_from_epoch") or 0
+            how = f"resumed from epoch {start}" if start else "restarted from scratch"
+            print(f"  trial {trial.trial_id}: newest checkpoint unusable, {how} "
+                  f"(epochs after {start} run again): {result['resume_warning']}", flush=True)
         if result.get(METRIC, -1) > self.best[0] and not result.get("diverged"):
             self.best = (result[METRIC], trial.trial_id)
         self._print(trials)
@@ -197,6 +203,14 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
 
     trials = grid._experiment_analysis.trials  # Trial objects, with their final Ray status
     done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+    if "://" not in exp_dir:
+        # On Ctrl+C, Ray saves the experiment state and then stops the running trials, which marks
+        # them TERMINATED in memory. The saved state has their true status (RUNNING): an interrupted
+        # last trial must not count as done, or the search would end as if complete.
+        from search.results import ray_statuses
+
+        saved = ray_statuses(Path(exp_dir))
+        done = [t for t in done if saved.get(t.trial_id, {}).get("status") in ("TERMINATED", "ERROR")]
     if len(done) < samples:
         print(f"\nsearch interrupted with {len(done)} of {samples} trials done; nothing finished is lost. "
               f"Continue with:\n  python search/run.py --name {name} --storage {args.storage} "
