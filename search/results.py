@@ -14,6 +14,7 @@ Layout (Ray Tune's, with our trial names):
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -44,19 +45,30 @@ class Experiment:
     def best_checkpoint(self, trial_id: str | None = None) -> Path | None:
         """Path of the best readable checkpoint of a trial (default: the best trial). A listed file
         that cannot be loaded (damaged or deleted since) is skipped for the next best one."""
-        from training.checkpoint import CheckpointError, load_checkpoint
-
         trial_id = trial_id or self.best_trial
         ck = self.checkpoints.get(trial_id) if trial_id else None
         if ck is None or ck.empty:
             return None
         for path in ck.sort_values(["val_acc", "epoch"], ascending=[False, False])["path"]:
             try:
-                load_checkpoint(path)
-            except CheckpointError:
+                stat = Path(path).stat()
+            except OSError:
                 continue
-            return Path(path)
+            if _loads(path, stat.st_mtime_ns, stat.st_size):
+                return Path(path)
         return None
+
+
+@functools.lru_cache(maxsize=512)
+def _loads(path: str, mtime_ns: int, size: int) -> bool:
+    """Whether a checkpoint file loads; cached per file version (the dashboard asks on every rerun)."""
+    from training.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def read_json_lines(path: Path) -> list[dict]:

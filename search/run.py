@@ -26,7 +26,6 @@ from training.idx import IdxError  # noqa: E402
 
 DEFAULT_SEARCH = REPO_ROOT / "configs" / "search" / "default.yaml"
 DEFAULT_STORAGE = REPO_ROOT / "results"
-METRIC, MODE = "val_acc", "max"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -32,7 +32,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms  # noqa: E402
@@ -48,7 +47,7 @@ from training.data import (  # noqa: E402
     load_dataset,
 )
 from training.idx import IdxError  # noqa: E402
-from training.trainer import _autocast, make_optimizer, resolve_device, train, train_step, use_bf16  # noqa: E402
+from training.trainer import make_optimizer, resolve_device, train, train_step, use_bf16  # noqa: E402
 
 # The project's targets: one resident epoch of small_cnn over the full training set
 # (~89k images) in under a minute on 2 CPU cores, and a resident/conventional speed-up of at
@@ -173,11 +172,7 @@ def warm_up(c: TrainConfig, num_classes: int, device: torch.device) -> None:
     x = torch.randn(c.batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, num_classes, (c.batch_size,), device=device)
     for _ in range(5):
-        with _autocast(device, c.precision):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, c, c.channels_last and device.type != "mps")
     sync(device)
 
 
