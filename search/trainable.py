@@ -9,10 +9,12 @@ back when a trial is retried or an experiment resumed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 import torch
@@ -37,34 +39,73 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected transient failure at epoch {epoch}")
 
 
-def _resume_state(checkpoint: tune.Checkpoint) -> tuple[dict | None, dict]:
-    """The training state to resume from, and a note for the trial's next result when it is not
-    the newest checkpoint's.
+class Resume(NamedTuple):
+    state: dict | None  # the training state to resume from (None: start over)
+    path: Path | None  # the checkpoint file it came from
+    note: dict  # for the next result, when it is older than the checkpoint Ray handed back
 
-    Ray hands back the trial's newest checkpoint. If that file is unreadable (truncated by a full
-    disk or a crash while it was copied, or deleted), the trial falls back to its newest readable
-    older checkpoint in the same trial folder (local storage), else restarts from scratch; the
-    epochs after the fallback point are then run again. The note ({"resumed_from_epoch": N,
-    "resume_warning": why}) goes into the next result, and the driver prints it.
+
+def _resume_state(checkpoint: tune.Checkpoint) -> Resume:
+    """The training state a retried or resumed trial starts from.
+
+    Ray hands back the newest checkpoint its experiment state knows, but on local storage the
+    trial folder can hold a better one, in both directions:
+    - newer: the experiment was interrupted after a trial had written its next checkpoint but
+      before the driver recorded it (Ctrl+C or a kill at that moment). Resuming from the handed
+      one would train those epochs again, and a trial that had finished would train once more.
+    - older: the handed file is unreadable (truncated by a full disk or a crash while it was
+      copied, or deleted); the epochs after the older one are then run again, with a note
+      ({"resumed_from_epoch": N, "resume_warning": why}) that goes into the next result and
+      that the driver prints.
+    The newest readable checkpoint wins; with none readable the trial restarts from scratch.
     """
+    handed = Path(checkpoint.path)
+    candidates = [handed]
+    if _is_local(checkpoint):  # Ray numbers them in order
+        candidates = sorted(set(handed.parent.glob("checkpoint_*")) | {handed}, key=lambda p: p.name, reverse=True)
+    problem = None
+    for path in candidates:
+        try:
+            if path == handed:
+                with checkpoint.as_directory() as d:
+                    state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+            else:
+                state = load_checkpoint(path / CHECKPOINT_FILE)
+        except (CheckpointError, OSError) as e:
+            if path == handed:
+                problem = str(e)
+            continue
+        note = {} if problem is None else {"resumed_from_epoch": int(state["epoch"]), "resume_warning": problem}
+        return Resume(state, path / CHECKPOINT_FILE, note)
+    return Resume(None, None, {"resumed_from_epoch": 0, "resume_warning": problem or "no readable checkpoint"})
+
+
+def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint) -> list[dict]:
+    """The epochs in a newer checkpoint than the handed one that Ray never logged (the driver was
+    interrupted before it got their result): reported from the checkpoint's history instead of
+    trained again. An epoch is logged when it is in the trial's result.json in storage, or when it
+    is in the checkpoint Ray handed back (Ray records a checkpoint only after logging its result)."""
+    handed = Path(checkpoint.path)
+    if resume.state is None or resume.path.parent == handed or not _is_local(checkpoint):
+        return []
     try:
-        with checkpoint.as_directory() as d:
-            return load_checkpoint(Path(d) / CHECKPOINT_FILE), {}
-    except (CheckpointError, OSError) as e:
-        problem = str(e)
-    best = None
-    if type(checkpoint.filesystem).__name__ == "LocalFileSystem":
-        newest = Path(checkpoint.path)
-        for other in sorted(newest.parent.glob("checkpoint_*")):
-            if other.name >= newest.name:  # only older ones (Ray numbers them in order)
-                continue
-            try:
-                ckpt = load_checkpoint(other / CHECKPOINT_FILE)
-            except CheckpointError:
-                continue
-            if best is None or ckpt["epoch"] > best["epoch"]:
-                best = ckpt
-    return best, {"resumed_from_epoch": int(best["epoch"]) if best else 0, "resume_warning": problem}
+        logged = set(range(1, int(load_checkpoint(handed / CHECKPOINT_FILE)["epoch"]) + 1))
+    except CheckpointError:
+        logged = set()
+    try:
+        lines = (handed.parent / "result.json").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            logged.add(int(json.loads(line)["epoch"]))
+        except (ValueError, TypeError, KeyError):
+            continue  # a line cut short by a kill
+    return [m for m in resume.state["history"] if m["epoch"] not in logged]
+
+
+def _is_local(checkpoint: tune.Checkpoint) -> bool:
+    return type(checkpoint.filesystem).__name__ == "LocalFileSystem"
 
 
 def train_trial(config: dict, data: EmnistData) -> None:
@@ -76,15 +117,18 @@ def train_trial(config: dict, data: EmnistData) -> None:
 
     trial_dir = Path(tune.get_context().get_trial_dir())
     node_id = ray.get_runtime_context().get_node_id()
-    resume, note = None, {}
+    resume, unlogged = Resume(None, None, {}), []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a failure, or a resumed experiment
-        resume, note = _resume_state(checkpoint)
+        resume = _resume_state(checkpoint)
+        unlogged = _unlogged_epochs(resume, checkpoint)
+    note = resume.note
     # Checkpoints are written to a scratch dir and handed to Ray, which copies them to storage.
     scratch = Path(tempfile.mkdtemp(prefix="emnist-trial-"))
 
-    def report(metrics: dict, last_path: Path | None) -> None:
-        _maybe_inject_fault(metrics["epoch"])
+    def report(metrics: dict, last_path: Path | None, replay: bool = False) -> None:
+        if not replay:
+            _maybe_inject_fault(metrics["epoch"])
         result = {k: v for k, v in metrics.items() if v is not None}
         result["node_id"] = node_id  # which cluster node ran this epoch
         result.update(note)  # once: how this run resumed, when its newest checkpoint was unusable
@@ -94,11 +138,19 @@ def train_trial(config: dict, data: EmnistData) -> None:
             result.update(val_acc=0.0, diverged=True)
             tune.report(result)
             return
+        if last_path is None:
+            tune.report(result)
+            return
         with tempfile.TemporaryDirectory(dir=scratch) as d:
-            os.link(last_path, Path(d) / CHECKPOINT_FILE)  # hard link: no copy of the weights
+            if replay:  # a copy: Ray writes it back over the very file it came from
+                shutil.copyfile(last_path, Path(d) / CHECKPOINT_FILE)
+            else:
+                os.link(last_path, Path(d) / CHECKPOINT_FILE)  # hard link: no copy of the weights
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        train(config, data, reporter=report, out_dir=trial_dir, checkpoint_dir=scratch, resume=resume)
+        for m in unlogged:  # the checkpoint's own epoch carries it
+            report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
+        train(config, data, reporter=report, out_dir=trial_dir, checkpoint_dir=scratch, resume=resume.state)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

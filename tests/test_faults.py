@@ -8,8 +8,10 @@ had finished was lost or run twice."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +22,7 @@ import pytest
 from search.results import load_experiment
 from tests.test_search import REPO, RUN, run_search, write_space
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.trainer import train
 
 RAY_DAEMONS = ("raylet", "gcs_server")
 
@@ -267,7 +270,8 @@ def test_searcher_state_survives_interrupt_and_resume(digits_dir, tmp_path):
 
 
 def _interrupted_with_two_checkpoints(digits_dir, tmp_path, name):
-    """An experiment SIGINTed while its first trial (of 2, 6 epochs each) has saved two checkpoints."""
+    """An experiment SIGINTed while its first trial (of 2, 6 epochs each) has logged 3 epochs, so
+    that Ray's saved state knows at least two of its checkpoints (it can lag the files by one)."""
     space = write_space(tmp_path, samples=2, max_epochs=6, grace=6, space="  aug_strength: {uniform: [0.0, 1.0]}\n")
     storage = tmp_path / "results"
     exp_dir = storage / name
@@ -275,8 +279,8 @@ def _interrupted_with_two_checkpoints(digits_dir, tmp_path, name):
     proc = _start(args)
 
     def two_checkpoints():
-        return proc.poll() is not None or any(len(list(d.glob("checkpoint_*/checkpoint.pt"))) >= 2
-                                              for d in exp_dir.glob("trial_*"))
+        logged = (f.read_text().count("\n") for f in exp_dir.glob("trial_*/result.json"))
+        return proc.poll() is not None or any(n >= 3 for n in logged)
 
     assert _wait_for(two_checkpoints, every=0.1) and proc.poll() is None, proc.kill() or proc.stdout.read()
     proc.send_signal(signal.SIGINT)
@@ -290,22 +294,93 @@ def _checkpoint_epochs(exp_dir: Path, tid: str) -> dict[int, Path]:
     return {int(load_checkpoint(f)["epoch"]): f for f in (exp_dir / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt")}
 
 
+def _handed_back(exp_dir: Path, tid: str) -> str:
+    """The checkpoint folder Ray hands the trial when the experiment is resumed: the latest one in
+    the newest experiment state (it can lag the files on disk and result.json by one epoch)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    state = json.loads(max(exp_dir.glob("experiment_state-*.json")).read_text())
+    for info, meta in state["trial_data"]:
+        if json.loads(info)["trial_id"] == tid:
+            latest = _TrainingRunMetadata.from_json_state(meta).checkpoint_manager.latest_checkpoint_result
+            return Path(latest.checkpoint.path).name
+    raise AssertionError(f"trial {tid} not in the experiment state")
+
+
+def _trial_checkpoints(tmp_path: Path, digits_data, tiny_config, epochs: int = 4) -> Path:
+    """A trial folder as Ray leaves it: checkpoint_00000<epoch - 1>/checkpoint.pt for each epoch."""
+    trial = tmp_path / "trial_x"
+
+    def keep(m, last):
+        d = trial / f"checkpoint_{m['epoch'] - 1:06d}"
+        d.mkdir(parents=True)
+        (d / "checkpoint.pt").write_bytes(Path(last).read_bytes())
+
+    train({**tiny_config, "epochs": epochs}, digits_data, reporter=keep, checkpoint_dir=tmp_path / "scratch")
+    return trial
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_resume_picks_the_newest_readable_checkpoint(digits_data, tiny_config, tmp_path):
+    """Which state a resumed trial starts from, given the checkpoint Ray hands back (`handed`) and
+    the files in its folder. Real tune.Checkpoint objects; no Ray cluster needed."""
+    from ray import tune
+
+    from search.trainable import _resume_state, _unlogged_epochs
+
+    trial = _trial_checkpoints(tmp_path, digits_data, tiny_config)
+    handed = tune.Checkpoint.from_directory(trial / "checkpoint_000002")  # epoch 3
+    # Ray's state lags the disk (interrupted right after epoch 4 was written): take epoch 4, or the
+    # trial would train epoch 4 again, and a finished trial would be run once more.
+    r = _resume_state(handed)
+    assert r.state["epoch"] == 4 and r.path == trial / "checkpoint_000003" / "checkpoint.pt" and r.note == {}
+    # epoch 4 is reported from the checkpoint unless result.json has it already
+    assert [m["epoch"] for m in _unlogged_epochs(r, handed)] == [4]
+    lines = [json.dumps({"epoch": e, "val_acc": 0.5}) for e in (1, 2, 3)]
+    (trial / "result.json").write_text("\n".join(lines) + "\n")
+    assert [m["epoch"] for m in _unlogged_epochs(r, handed)] == [4]
+    (trial / "result.json").write_text("\n".join([*lines, json.dumps({"epoch": 4}), '{"epoch": 5, "va']))
+    assert _unlogged_epochs(r, handed) == []  # (a line cut short by a kill is skipped)
+    # the newer file is damaged: the handed one, silently, and nothing to replay
+    _truncate(trial / "checkpoint_000003" / "checkpoint.pt")
+    r = _resume_state(handed)
+    assert r.state["epoch"] == 3 and r.note == {} and _unlogged_epochs(r, handed) == []
+    # the handed one is damaged too: the newest older readable one, and a note for the driver
+    _truncate(trial / "checkpoint_000002" / "checkpoint.pt")
+    r = _resume_state(handed)
+    assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
+    assert "checkpoint_000002" in r.note["resume_warning"] and _unlogged_epochs(r, handed) == []
+    # deleted instead of damaged: same
+    shutil.rmtree(trial / "checkpoint_000002")
+    r = _resume_state(handed)
+    assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
+    # nothing readable: start over
+    for f in trial.glob("checkpoint_*/checkpoint.pt"):
+        _truncate(f)
+    r = _resume_state(handed)
+    assert r.state is None and r.note["resumed_from_epoch"] == 0 and r.note["resume_warning"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_damaged_newest_checkpoint_falls_back_on_resume(digits_dir, tmp_path, damage):
     exp_dir, args = _interrupted_with_two_checkpoints(digits_dir, tmp_path, f"damaged-{damage}")
     before = snapshot(exp_dir)
     tid = next(t for t, v in before.items() if v["status"] != "finished")
-    # the checkpoint Ray will hand back: the newest one its saved state (and result.json) knows
-    rows = load_experiment(exp_dir).histories[tid]
-    name = rows["checkpoint_dir_name"].dropna().iloc[-1]
+    # Damage the checkpoint Ray will hand back and any newer file (a resumed trial takes the newest
+    # readable one), so that the trial must fall back to an older one.
+    name = _handed_back(exp_dir, tid)
+    on_disk = _checkpoint_epochs(exp_dir, tid)
+    damaged = [f for f in on_disk.values() if f.parent.name >= name]
     newest = exp_dir / f"trial_{tid}" / name / "checkpoint.pt"
-    newest_epoch = int(load_checkpoint(newest)["epoch"])
-    fallback_epoch = max(e for e, f in _checkpoint_epochs(exp_dir, tid).items() if f.parent.name < name)
-    if damage == "truncate":
-        data = newest.read_bytes()
-        newest.write_bytes(data[: len(data) // 3])
-    else:
-        newest.unlink()
+    fallback_epoch = max(e for e, f in on_disk.items() if f.parent.name < name)
+    for f in damaged:
+        if damage == "truncate":
+            _truncate(f)
+        else:
+            f.unlink()
 
     # The reader skips the damaged file and offers the older readable one.
     exp = load_experiment(exp_dir)
@@ -322,14 +397,63 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(digits_dir, tmp_path, da
     assert_nothing_finished_changed(before, after, "after resume")
     assert len(after) == 2 and set(before) <= set(after) and all(t["status"] == "finished" for t in after.values())
     t = after[tid]
-    # epochs up to the damaged checkpoint were run once; those after the fallback point again
-    assert t["epochs"] == [*range(1, newest_epoch + 1), *range(fallback_epoch + 1, 7)], t["epochs"]
+    # the epochs logged before were run once; those after the fallback point again
+    assert t["epochs"] == [*before[tid]["epochs"], *range(fallback_epoch + 1, 7)], t["epochs"]
     rows = load_experiment(exp_dir).histories[tid]
     assert rows["resumed_from_epoch"].dropna().astype(int).tolist() == [fallback_epoch]
     # whatever the experiment now offers as the trial's best checkpoint loads
     exp = load_experiment(exp_dir)
     assert exp.trials.set_index("trial_id").loc[tid, "epochs_run"] == 6
     load_checkpoint(exp.best_checkpoint(tid))
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_epoch_the_driver_never_recorded_is_not_trained_again(digits_dir, digits_data, tmp_path, logged):
+    """Interrupted right after a trial wrote its next checkpoint, before the driver recorded it:
+    Ray hands back the older checkpoint. The trial resumes from the newer one; its epoch is
+    reported from the checkpoint (or, when result.json already has it, not at all) and is not
+    trained again. The newer checkpoint is made here (one more epoch, trained outside Ray), so the
+    test does not depend on hitting that moment with a signal."""
+    exp_dir, args = _interrupted_with_two_checkpoints(digits_dir, tmp_path, f"unrecorded-{logged}")
+    before = snapshot(exp_dir)
+    tid = next(t for t, v in before.items() if v["status"] != "finished")
+    trial = exp_dir / f"trial_{tid}"
+    newest = max(trial.glob("checkpoint_*"), key=lambda p: p.name)
+    state = load_checkpoint(newest / "checkpoint.pt")
+    logged_epochs = before[tid]["epochs"]
+    assert logged_epochs == list(range(1, len(logged_epochs) + 1)) and len(logged_epochs) <= state["epoch"] < 6
+
+    class Stop(Exception):
+        pass
+
+    extra = []
+
+    def one_epoch(m, _):
+        extra.append(m)
+        raise Stop
+
+    with pytest.raises(Stop):
+        train(state["config"], digits_data, reporter=one_epoch, checkpoint_dir=tmp_path / "offline", resume=state)
+    unrecorded = trial / f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"
+    unrecorded.mkdir()
+    shutil.copyfile(tmp_path / "offline" / "last.pt", unrecorded / "checkpoint.pt")
+    history = load_checkpoint(unrecorded / "checkpoint.pt")["history"]
+    if logged:  # the driver had logged their results too (but had not recorded the checkpoints)
+        with open(trial / "result.json", "a") as f:
+            for m in history[len(logged_epochs):]:
+                f.write(json.dumps({**m, "trial_id": tid, "training_iteration": m["epoch"]}) + "\n")
+
+    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = snapshot(exp_dir)
+    assert_nothing_finished_changed(before, after, "after resume")
+    assert after[tid]["status"] == "finished" and after[tid]["epochs"] == [1, 2, 3, 4, 5, 6], after[tid]["epochs"]
+    rows = load_experiment(exp_dir).histories[tid].set_index("epoch")
+    # the rows of the checkpoint's epochs are those computed before (times never come out the same twice)
+    for m in history:
+        assert rows.loc[m["epoch"], "epoch_seconds"] == m["epoch_seconds"], m["epoch"]
+        assert rows.loc[m["epoch"], "val_acc"] == m["val_acc"], m["epoch"]
+    assert extra[0]["epoch"] in rows.index
 
 
 def test_best_checkpoint_skips_unreadable(digits_dir, tmp_path):

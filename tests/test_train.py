@@ -72,6 +72,24 @@ def test_early_stopping(digits_data, tiny_config):
     assert result["epochs_run"] - result["best_epoch"] == 2
 
 
+def test_resuming_an_ended_run_trains_nothing_more(digits_data, tiny_config, tmp_path):
+    """An early-stopped or complete run stays ended when resumed (a search resumed right after a
+    trial finished hands it its final checkpoint)."""
+    cfg = {**tiny_config, "epochs": 40, "early_stop_patience": 1, "lr": 5e-3}
+    ended = train(cfg, digits_data, out_dir=tmp_path / "a")
+    assert ended["stopped_early"]
+    reports = []
+    again = train(cfg, digits_data, out_dir=tmp_path / "a", resume=tmp_path / "a" / "last.pt",
+                  reporter=lambda m, p: reports.append(m))
+    assert reports == [] and again["stopped_early"] and again["epochs_run"] == ended["epochs_run"]
+    assert again["best_val_acc"] == ended["best_val_acc"]
+    done = train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path / "b")
+    again = train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt",
+                  reporter=lambda m, p: reports.append(m))
+    assert reports == [] and again["epochs_run"] == 1 and not again["stopped_early"]
+    assert again["best_val_acc"] == done["best_val_acc"]
+
+
 def test_tensorboard_logs(digits_data, tiny_config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

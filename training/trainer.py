@@ -220,6 +220,8 @@ def train(
         _set_rng_state(ckpt["rng"], g_order, g_aug, device)
         history, best, bad_epochs = list(ckpt["history"]), dict(ckpt["best"]), ckpt["bad_epochs"]
         start_epoch = ckpt["epoch"] + 1
+        if history and history[-1].get("early_stopped"):
+            start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
 
     out = Path(out_dir) if out_dir is not None else None
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
@@ -235,7 +237,7 @@ def train(
         return {"model": model.state_dict(), "config": c.to_dict(), "classes": list(data.classes),
                 "epoch": epoch, "split": data.split}
 
-    diverged = stopped_early = False
+    diverged, stopped_early = False, bool(history and history[-1].get("early_stopped"))
     last_path = None
     try:
         for epoch in range(start_epoch, c.epochs + 1):
