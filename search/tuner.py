@@ -19,9 +19,8 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-from ray.tune.search import ConcurrencyLimiter  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
+from search.searcher import ForwardingLimiter, ResumableOptunaSearch  # noqa: E402
 from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
 from search.trainable import train_trial  # noqa: E402
 from training.data import EmnistData  # noqa: E402
@@ -152,7 +151,7 @@ def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
 
 def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed: int,
                run_config: tune.RunConfig, reuse_actors: bool = True) -> tune.Tuner:
-    searcher = OptunaSearch(
+    searcher = ResumableOptunaSearch(  # Optuna, caught up with the experiment on --resume
         space=DefineByRun(spec),
         metric=METRIC,
         mode=MODE,
@@ -162,7 +161,7 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            search_alg=ForwardingLimiter(searcher, max_concurrent=concurrency),
             scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
                                     grace_period=spec.grace_period, reduction_factor=spec.reduction_factor),
             num_samples=samples,

@@ -1,0 +1,124 @@
+"""The Optuna searcher, kept in step with the experiment across resumes.
+
+Ray restores the searcher (the pickled Optuna study) and the trials (the experiment state) from
+two different files. A driver killed while it was writing them can leave a study that is older
+than the trial list: trials the experiment records as finished that the study never heard of.
+Ray does not run finished trials again, so Optuna would never learn their results, and TPE
+would model the space without them. On restore, `ResumableOptunaSearch` tells the study every
+finished trial it is missing, from the experiment state Ray itself restores the trials from.
+Trials it does not know that finish later (restored as running) are added when they complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+log = logging.getLogger(__name__)
+
+
+class _Replay:
+    """Stands in for an Optuna trial while the define-by-run space is replayed on a known
+    config: answers each suggest_* with the config's value and records its distribution."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config, self.params, self.distributions = config, {}, {}
+
+    def _take(self, name: str, dist: optuna.distributions.BaseDistribution):
+        if name not in self.config:
+            raise KeyError(f"the trial's config has no {name!r}")
+        self.params[name], self.distributions[name] = self.config[name], dist
+        return self.config[name]
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        return self._take(name, optuna.distributions.FloatDistribution(low, high, step=step, log=log))
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return self._take(name, optuna.distributions.IntDistribution(low, high, step=step, log=log))
+
+    def suggest_categorical(self, name, choices):
+        return self._take(name, optuna.distributions.CategoricalDistribution(choices))
+
+
+def experiment_trials(exp_dir: str | Path) -> list[dict]:
+    """[{trial_id, status, config, last_result}] from the newest experiment state in `exp_dir`
+    (the file Ray restores the trials from: the newest by name)."""
+    for state_file in sorted(Path(exp_dir).glob("experiment_state-*.json"), reverse=True):
+        try:
+            state = json.loads(state_file.read_text())
+            out = []
+            for info, meta in state["trial_data"]:
+                # plain JSON: Ray's cloudpickled fields stay opaque dicts (they are never unpickled)
+                info, meta = json.loads(info), json.loads(meta)
+                out.append({"trial_id": info["trial_id"], "status": info.get("status"),
+                            "config": info.get("config") or {}, "last_result": meta.get("last_result") or {}})
+            return out
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a file cut short by a kill: Ray skips it too
+    return []
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that catches its study up with the experiment on restore (see module doc)."""
+
+    def restore_from_dir(self, checkpoint_dir: str) -> None:
+        super().restore_from_dir(checkpoint_dir)
+        caught_up = [t["trial_id"] for t in experiment_trials(checkpoint_dir)
+                     if t["status"] == "TERMINATED" and self._complete(t["trial_id"], t["last_result"], t["config"])]
+        if caught_up:
+            log.warning("searcher state was older than the experiment; told Optuna %d finished trial(s): %s",
+                        len(caught_up), ", ".join(caught_up))
+            # The sampler's random state is as old as the study was: left alone, it would draw the
+            # very values it drew for the trials above (while TPE still samples at random) and
+            # suggest their configurations again.
+            self._ot_study.sampler.reseed_rng()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:  # results of a trial the study never asked for: only its end counts
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        result = result or {}
+        # Ray passes the result flattened ("config/lr"); nested where it comes from the saved state
+        config = result.get("config") or {k[len("config/"):]: v for k, v in result.items() if k.startswith("config/")}
+        self._complete(trial_id, result, config, error)
+
+    def _complete(self, trial_id: str, result: dict | None, config: dict, error: bool = False) -> bool:
+        """Tell the study that `trial_id` ended; True if it did not know yet."""
+        if trial_id in self._completed_trials:
+            return False
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+            return True
+        value = (result or {}).get(self.metric)
+        replay = _Replay(config)
+        try:
+            self._space(replay)
+        except KeyError as e:
+            log.warning("trial %s ended but cannot be added to the Optuna study: %s", trial_id, e)
+            return False
+        if value is None:
+            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
+        else:
+            state = optuna.trial.TrialState.COMPLETE
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            params=replay.params, distributions=replay.distributions, value=value, state=state))
+        self._completed_trials.add(trial_id)
+        return True
+
+
+class ForwardingLimiter(ConcurrencyLimiter):
+    """ConcurrencyLimiter that still passes on the end of a trial it lost track of (its state is
+    restored from yet another file), so that the searcher hears of every trial that ends."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials or not self._limit_concurrency:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
