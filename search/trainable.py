@@ -1,8 +1,10 @@
 """The Ray Tune trial: the training core's `train()` with a reporter that hands each epoch
 to Tune (metrics + checkpoint), so ASHA can stop it and Optuna can learn from it.
 
-TensorBoard events go into the trial's working directory, which Ray syncs to the
-experiment storage (also from other nodes of a cluster). Checkpoints go through
+TensorBoard events go straight into the trial's folder in the experiment storage when that is
+a filesystem path (local or shared); for cloud storage into the trial's working directory,
+which Ray syncs there. (Ray's sync runs in the background: a driver killed right after a trial
+finished left that trial's last epochs out of the stored events.) Checkpoints go through
 `tune.report(checkpoint=...)`, so Ray keeps the best ones in storage and hands the latest
 back when a trial is retried or an experiment resumed.
 """
@@ -45,26 +47,29 @@ class Resume(NamedTuple):
     note: dict  # for the next result, when it is older than the checkpoint Ray handed back
 
 
-def _resume_state(checkpoint: tune.Checkpoint) -> Resume:
-    """The training state a retried or resumed trial starts from.
+def _resume_state(checkpoint: tune.Checkpoint | None, folder: Path | None) -> Resume:
+    """The training state a trial starts from: `checkpoint` is the one Ray hands back (None for
+    a fresh trial), `folder` the trial's folder in the experiment storage when that is a
+    filesystem path (else None: only the handed checkpoint is considered).
 
-    Ray hands back the newest checkpoint its experiment state knows, but on local storage the
-    trial folder can hold a better one, in both directions:
+    Ray hands back the newest checkpoint its experiment state knows, but the trial folder can
+    hold a better one, in both directions:
     - newer: the experiment was interrupted after a trial had written its next checkpoint but
-      before the driver recorded it (Ctrl+C or a kill at that moment). Resuming from the handed
-      one would train those epochs again, and a trial that had finished would train once more.
+      before the driver recorded it (Ctrl+C or a kill at that moment; if it was the trial's
+      first, Ray hands back none). Resuming from the handed one would train those epochs again,
+      and a trial that had finished would train once more.
     - older: the handed file is unreadable (truncated by a full disk or a crash while it was
       copied, or deleted); the epochs after the older one are then run again, with a note
       ({"resumed_from_epoch": N, "resume_warning": why}) that goes into the next result and
       that the driver prints.
-    The newest readable checkpoint wins; with none readable the trial restarts from scratch.
+    The newest readable checkpoint wins; with none readable the trial starts from scratch.
     """
-    handed = Path(checkpoint.path)
-    candidates = [handed]
-    if _is_local(checkpoint):  # Ray numbers them in order
-        candidates = sorted(set(handed.parent.glob("checkpoint_*")) | {handed}, key=lambda p: p.name, reverse=True)
+    handed = Path(checkpoint.path) if checkpoint is not None else None
+    candidates = set(folder.glob("checkpoint_*")) if folder is not None else set()
+    if handed is not None:
+        candidates.add(handed)
     problem = None
-    for path in candidates:
+    for path in sorted(candidates, key=lambda p: p.name, reverse=True):  # Ray numbers them in order
         try:
             if path == handed:
                 with checkpoint.as_directory() as d:
@@ -77,23 +82,28 @@ def _resume_state(checkpoint: tune.Checkpoint) -> Resume:
             continue
         note = {} if problem is None else {"resumed_from_epoch": int(state["epoch"]), "resume_warning": problem}
         return Resume(state, path / CHECKPOINT_FILE, note)
-    return Resume(None, None, {"resumed_from_epoch": 0, "resume_warning": problem or "no readable checkpoint"})
+    if problem is None:
+        return Resume(None, None, {})  # a fresh trial
+    return Resume(None, None, {"resumed_from_epoch": 0, "resume_warning": problem})
 
 
-def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint) -> list[dict]:
+def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint | None, folder: Path | None) -> list[dict]:
     """The epochs in a newer checkpoint than the handed one that Ray never logged (the driver was
     interrupted before it got their result): reported from the checkpoint's history instead of
     trained again. An epoch is logged when it is in the trial's result.json in storage, or when it
     is in the checkpoint Ray handed back (Ray records a checkpoint only after logging its result)."""
-    handed = Path(checkpoint.path)
-    if resume.state is None or resume.path.parent == handed or not _is_local(checkpoint):
+    if resume.state is None or folder is None:
         return []
+    logged: set[int] = set()
+    if checkpoint is not None:
+        if resume.path.parent == Path(checkpoint.path):
+            return []
+        try:
+            logged = set(range(1, int(load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)["epoch"]) + 1))
+        except CheckpointError:
+            pass
     try:
-        logged = set(range(1, int(load_checkpoint(handed / CHECKPOINT_FILE)["epoch"]) + 1))
-    except CheckpointError:
-        logged = set()
-    try:
-        lines = (handed.parent / "result.json").read_text().splitlines()
+        lines = (folder / "result.json").read_text().splitlines()
     except OSError:
         lines = []
     for line in lines:
@@ -104,8 +114,12 @@ def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint) -> list[dict]:
     return [m for m in resume.state["history"] if m["epoch"] not in logged]
 
 
-def _is_local(checkpoint: tune.Checkpoint) -> bool:
-    return type(checkpoint.filesystem).__name__ == "LocalFileSystem"
+def _storage_folder() -> Path | None:
+    """The trial's folder in the experiment storage, when that is a filesystem path."""
+    storage = tune.get_context().get_storage()
+    if type(storage.storage_filesystem).__name__ != "LocalFileSystem":
+        return None
+    return Path(storage.trial_fs_path)
 
 
 def train_trial(config: dict, data: EmnistData) -> None:
@@ -115,13 +129,12 @@ def train_trial(config: dict, data: EmnistData) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    folder = _storage_folder()
+    tb_dir = folder if folder is not None else Path(tune.get_context().get_trial_dir())
     node_id = ray.get_runtime_context().get_node_id()
-    resume, unlogged = Resume(None, None, {}), []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:  # a retry after a failure, or a resumed experiment
-        resume = _resume_state(checkpoint)
-        unlogged = _unlogged_epochs(resume, checkpoint)
+    checkpoint = tune.get_checkpoint()  # set when the trial is retried or its experiment resumed
+    resume = _resume_state(checkpoint, folder)
+    unlogged = _unlogged_epochs(resume, checkpoint, folder)
     note = resume.note
     # Checkpoints are written to a scratch dir and handed to Ray, which copies them to storage.
     scratch = Path(tempfile.mkdtemp(prefix="emnist-trial-"))
@@ -151,6 +164,6 @@ def train_trial(config: dict, data: EmnistData) -> None:
     try:
         for m in unlogged:  # the checkpoint's own epoch carries it
             report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
-        train(config, data, reporter=report, out_dir=trial_dir, checkpoint_dir=scratch, resume=resume.state)
+        train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

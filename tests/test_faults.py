@@ -52,8 +52,26 @@ def snapshot(exp_dir: Path) -> dict:
             "result": [] if h is None or h.empty else h.drop(columns=["iterations_since_restore", "time_since_restore"],
                                                                 errors="ignore").to_dict("records"),
             "checkpoints": {p.parent.name: _sha(p) for p in sorted(d.glob("checkpoint_*/checkpoint.pt"))},
+            "events": {p.name: _sha(p) for p in sorted(d.glob("events.out.tfevents.*"))},
         }
     return out
+
+
+def tensorboard_epochs(trial_dir: Path) -> list[int]:
+    """The epochs of a trial's TensorBoard validation accuracy, as TensorBoard shows them (a
+    resumed run's event file purges the steps it runs again)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trial_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("accuracy/val")] if "accuracy/val" in acc.Tags()["scalars"] else []
+
+
+def assert_tensorboard_complete(exp_dir: Path, snap: dict) -> None:
+    """Every finished trial's TensorBoard curve has each of its epochs once."""
+    for tid, t in snap.items():
+        if t["status"] == "finished":
+            assert sorted(tensorboard_epochs(exp_dir / f"trial_{tid}")) == sorted(set(t["epochs"])), tid
 
 
 def n_finished(snap: dict) -> int:
@@ -66,7 +84,7 @@ def n_epochs(snap: dict) -> int:
 
 def assert_nothing_finished_changed(before: dict, after: dict, where: str) -> None:
     """A trial finished in `before` is still there, unchanged: same config, same result.json
-    (so not run again), same checkpoint files with the same content."""
+    (so not run again), same checkpoint files and TensorBoard event files with the same content."""
     for tid, t in before.items():
         assert tid in after, f"{where}: trial {tid} disappeared"
         assert after[tid]["config"] == t["config"], f"{where}: trial {tid} changed its config"
@@ -74,6 +92,7 @@ def assert_nothing_finished_changed(before: dict, after: dict, where: str) -> No
             assert after[tid]["status"] == "finished", (where, tid, after[tid]["status"])
             assert after[tid]["result"] == t["result"], f"{where}: finished trial {tid} was run again"
             assert after[tid]["checkpoints"] == t["checkpoints"], f"{where}: finished trial {tid}'s checkpoints changed"
+            assert after[tid]["events"] == t["events"], f"{where}: finished trial {tid}'s TensorBoard events changed"
 
 
 def _ppids() -> dict[int, int]:
@@ -228,6 +247,7 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
         assert "trials 4/4 done" in outputs[-1] and "best trial" in outputs[-1]
         # Ray's daemons of a SIGKILLed driver must not outlive it for long
         assert not any(lingering), f"Ray processes of a killed driver still alive after 60 s: {lingering}"
+        assert_tensorboard_complete(exp_dir, final)
         # 2: the searcher state survived three hard kills and resumes
         assert_searcher_state(exp_dir, samples)
     finally:
@@ -263,6 +283,7 @@ def test_searcher_state_survives_interrupt_and_resume(digits_dir, tmp_path):
     after = snapshot(exp_dir)
     assert_nothing_finished_changed(before, after, "after resume")
     assert len(after) == samples and all(t["epochs"] == [1, 2, 3, 4] for t in after.values()), after
+    assert_tensorboard_complete(exp_dir, after)
     assert_searcher_state(exp_dir, samples)
 
 
@@ -309,6 +330,7 @@ def test_stale_searcher_state_is_caught_up_on_resume(digits_dir, tmp_path):
     after = snapshot(exp_dir)
     assert_nothing_finished_changed(before, after, "after resume")
     assert len(after) == samples and all(t["status"] == "finished" for t in after.values()), after
+    assert_tensorboard_complete(exp_dir, after)
     assert_searcher_state(exp_dir, samples)
 
 
@@ -381,32 +403,43 @@ def test_resume_picks_the_newest_readable_checkpoint(digits_data, tiny_config, t
     handed = tune.Checkpoint.from_directory(trial / "checkpoint_000002")  # epoch 3
     # Ray's state lags the disk (interrupted right after epoch 4 was written): take epoch 4, or the
     # trial would train epoch 4 again, and a finished trial would be run once more.
-    r = _resume_state(handed)
+    r = _resume_state(handed, trial)
     assert r.state["epoch"] == 4 and r.path == trial / "checkpoint_000003" / "checkpoint.pt" and r.note == {}
     # epoch 4 is reported from the checkpoint unless result.json has it already
-    assert [m["epoch"] for m in _unlogged_epochs(r, handed)] == [4]
+    assert [m["epoch"] for m in _unlogged_epochs(r, handed, trial)] == [4]
     lines = [json.dumps({"epoch": e, "val_acc": 0.5}) for e in (1, 2, 3)]
     (trial / "result.json").write_text("\n".join(lines) + "\n")
-    assert [m["epoch"] for m in _unlogged_epochs(r, handed)] == [4]
+    assert [m["epoch"] for m in _unlogged_epochs(r, handed, trial)] == [4]
     (trial / "result.json").write_text("\n".join([*lines, json.dumps({"epoch": 4}), '{"epoch": 5, "va']))
-    assert _unlogged_epochs(r, handed) == []  # (a line cut short by a kill is skipped)
+    assert _unlogged_epochs(r, handed, trial) == []  # (a line cut short by a kill is skipped)
+    # Ray hands back none (the trial's first checkpoint was not recorded): the newest in the folder
+    r = _resume_state(None, trial)
+    assert r.state["epoch"] == 4 and r.note == {} and _unlogged_epochs(r, None, trial) == []
+    (trial / "result.json").write_text("\n".join(lines[:1]) + "\n")
+    assert [m["epoch"] for m in _unlogged_epochs(r, None, trial)] == [2, 3, 4]
+    (trial / "result.json").write_text("\n".join(lines) + "\n")  # epochs 1-3 logged, as Ray leaves it
+    # a fresh trial: its folder is empty
+    (tmp_path / "fresh").mkdir()
+    assert _resume_state(None, tmp_path / "fresh") == (None, None, {})
+    # cloud storage (no folder): only the handed checkpoint
+    assert _resume_state(handed, None).state["epoch"] == 3
     # the newer file is damaged: the handed one, silently, and nothing to replay
     _truncate(trial / "checkpoint_000003" / "checkpoint.pt")
-    r = _resume_state(handed)
-    assert r.state["epoch"] == 3 and r.note == {} and _unlogged_epochs(r, handed) == []
+    r = _resume_state(handed, trial)
+    assert r.state["epoch"] == 3 and r.note == {} and _unlogged_epochs(r, handed, trial) == []
     # the handed one is damaged too: the newest older readable one, and a note for the driver
     _truncate(trial / "checkpoint_000002" / "checkpoint.pt")
-    r = _resume_state(handed)
+    r = _resume_state(handed, trial)
     assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
-    assert "checkpoint_000002" in r.note["resume_warning"] and _unlogged_epochs(r, handed) == []
+    assert "checkpoint_000002" in r.note["resume_warning"] and _unlogged_epochs(r, handed, trial) == []
     # deleted instead of damaged: same
     shutil.rmtree(trial / "checkpoint_000002")
-    r = _resume_state(handed)
+    r = _resume_state(handed, trial)
     assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
     # nothing readable: start over
     for f in trial.glob("checkpoint_*/checkpoint.pt"):
         _truncate(f)
-    r = _resume_state(handed)
+    r = _resume_state(handed, trial)
     assert r.state is None and r.note["resumed_from_epoch"] == 0 and r.note["resume_warning"]
 
 
@@ -451,6 +484,7 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(digits_dir, tmp_path, da
     exp = load_experiment(exp_dir)
     assert exp.trials.set_index("trial_id").loc[tid, "epochs_run"] == 6
     load_checkpoint(exp.best_checkpoint(tid))
+    assert_tensorboard_complete(exp_dir, after)  # the epochs run again replace theirs in TensorBoard
 
 
 @pytest.mark.parametrize("logged", [False, True])

@@ -88,6 +88,9 @@ def test_resuming_an_ended_run_trains_nothing_more(digits_data, tiny_config, tmp
                   reporter=lambda m, p: reports.append(m))
     assert reports == [] and again["epochs_run"] == 1 and not again["stopped_early"]
     assert again["best_val_acc"] == done["best_val_acc"]
+    # and its folder is left as it was (no new TensorBoard event file)
+    assert len(list((tmp_path / "a").glob("events.out.tfevents.*"))) == 1
+    assert len(list((tmp_path / "b").glob("events.out.tfevents.*"))) == 1
 
 
 def test_tensorboard_logs(digits_data, tiny_config, tmp_path):

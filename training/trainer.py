@@ -228,7 +228,7 @@ def train(
     if resume is not None and ck is not None and (ck / "best.pt").is_file():
         best["metrics"] = load_checkpoint(ck / "best.pt")["metrics"].get("val")
     tb = None
-    if out is not None:
+    if out is not None and start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
 
         tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=start_epoch if resume is not None else None)
