@@ -16,6 +16,8 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
@@ -34,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--samples", type=int, default=None, help="number of trials (default: the YAML's, else 50)")
-    p.add_argument("--config", type=Path, default=DEFAULT_SEARCH, help="search space YAML")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"search space YAML (default: {DEFAULT_SEARCH.relative_to(REPO_ROOT)})")
     p.add_argument("--name", default=None, help="experiment name (default: <config>-<time>); needed for --resume")
     p.add_argument("--storage", default=str(DEFAULT_STORAGE), help="local path, shared path or URI (s3://...)")
     p.add_argument("--address", default=None, help="Ray cluster to join: 'auto' or ray://host:10001")
@@ -42,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-trial", type=float, default=None, help="default 0.25 with CUDA, else 0")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what resources allow)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment --name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted experiment --name, with the settings it was started with")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--split", default=None)
-    p.add_argument("--seed", type=int, default=0, help="seeds the Optuna sampler")
+    p.add_argument("--seed", type=int, default=None, help="seeds the Optuna sampler (default 0)")
     p.add_argument("--device", default=None, help="trial device (default auto: CUDA if present)")
     return p.parse_args(argv)
 
@@ -70,6 +74,67 @@ def check_args(args: argparse.Namespace, spec: SearchSpec) -> None:
         raise ConfigError(f"--name must be a plain folder name, got {args.name!r}")
 
 
+# What a resumed search must keep: Ray restores the trials, the searcher and the total number of
+# trials as they were, so these are read back from the experiment and a different value given
+# with --resume is an error rather than silently ignored (or, for --split, a crash in every trial).
+SETTINGS_FILE = "search.json"
+KEPT = ("config", "samples", "max_epochs", "split", "seed", "device")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """The settings to save with a new experiment (written by search.tuner just before it starts)."""
+    config = Path(args.config).resolve()
+    return {"config": str(config), "config_sha256": _sha256(config), "samples": args.samples,
+            "max_epochs": args.max_epochs, "split": args.split, "seed": args.seed, "device": args.device,
+            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None}
+
+
+def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
+    """For --resume: fill in what was not given from the experiment's saved settings, and refuse
+    what contradicts them. Experiments in cloud storage (or from before the settings were saved)
+    have none: their command line is taken as it is."""
+    path = Path(exp_dir) / SETTINGS_FILE
+    if is_uri(exp_dir) or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: cannot read {path}: {e}") from None
+    for key in KEPT:
+        given, was = getattr(args, key), saved.get(key)
+        if key == "config" and given is not None:
+            given = str(Path(given).resolve())
+        if given is None:
+            setattr(args, key, Path(was) if key == "config" and was else was)
+        elif given != was:
+            raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the experiment's {was} "
+                              f"(saved in {path}): a resumed search keeps its settings. Leave it out, or "
+                              "start a new search with another --name")
+    if args.data_dir is None and saved.get("data_dir"):
+        args.data_dir = Path(saved["data_dir"])
+    config = Path(args.config)
+    if not config.is_file():
+        raise ConfigError(f"--resume: the experiment's search space {config} is gone; restore it or pass --config")
+    if saved.get("config_sha256") and _sha256(config) != saved["config_sha256"]:
+        raise ConfigError(f"--resume: {config} changed since the experiment started (the resumed trials and "
+                          "searcher keep the old space); restore the file or start a new search with another --name")
+
+
+def resume_command(args: argparse.Namespace, name: str) -> str:
+    """The command that continues this experiment (all flags that matter when none are saved)."""
+    cmd = f"python search/run.py --name {name} --storage {args.storage} --resume"
+    if is_uri(args.storage):
+        for key in (*KEPT, "data_dir"):
+            value = getattr(args, key)
+            if value is not None:
+                cmd += f" --{key.replace('_', '-')} {value}"
+    return cmd
+
+
 def is_uri(path: str) -> bool:
     return "://" in path
 
@@ -81,6 +146,10 @@ def experiment_dir(storage: str, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.resume and args.name:
+            apply_saved_settings(args, experiment_dir(args.storage, args.name))
+        args.config = args.config or DEFAULT_SEARCH
+        args.seed = 0 if args.seed is None else args.seed
         spec = load_search_spec(args.config)
         check_args(args, spec)
         if args.max_epochs is not None:
@@ -89,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.fixed.update(overrides)
         base = spec.trial_base()  # validates fixed + overrides
         make_config(default_point(spec), base=base)
-        samples = args.samples or spec.samples or 50
+        samples = args.samples = args.samples or spec.samples or 50
         name = args.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = experiment_dir(args.storage, name)
         if not is_uri(exp_dir):
@@ -109,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from search.tuner import run_search  # Ray is imported only from here on
 
-    return run_search(args, spec, base, data, samples, name, exp_dir)
+    return run_search(args, spec, base, data, samples, name, exp_dir,
+                      settings=None if args.resume else settings_of(args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -178,7 +179,10 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
     )
 
 
-def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: int, name: str, exp_dir: str) -> int:
+def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: int, name: str, exp_dir: str,
+               settings: dict | None = None) -> int:
+    """Run (or with args.resume continue) the search; `settings` are saved with a new experiment
+    so that --resume needs only its name (see search.run.apply_saved_settings)."""
     init_ray(args.address)
     try:
         cpt, gpt, concurrency = resources(args)
@@ -196,12 +200,16 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
         else:
             tuner = make_tuner(trainable, spec, samples, concurrency, args.seed, run_config,
                                reuse_actors=not args.address)
+        if settings is not None and "://" not in exp_dir:
+            Path(exp_dir).mkdir(parents=True, exist_ok=True)
+            (Path(exp_dir) / "search.json").write_text(json.dumps(settings, indent=1) + "\n")
         start = time.time()
         grid = tuner.fit()
         wall = time.time() - start
     finally:
         ray.shutdown()
 
+    from search.run import resume_command
     from search.summary import finish_experiment
 
     trials = grid._experiment_analysis.trials  # Trial objects, with their final Ray status
@@ -216,8 +224,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
         done = [t for t in done if saved.get(t.trial_id, {}).get("status") in ("TERMINATED", "ERROR")]
     if len(done) < samples:
         print(f"\nsearch interrupted with {len(done)} of {samples} trials done; nothing finished is lost. "
-              f"Continue with:\n  python search/run.py --name {name} --storage {args.storage} "
-              f"--config {args.config} --resume")
+              f"Continue with:\n  {resume_command(args, name)}")
         return 130
     return finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=wall, max_epochs=spec.max_epochs)
 

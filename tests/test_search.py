@@ -129,6 +129,36 @@ def test_bad_arguments_fail_before_ray_starts(tmp_path, digits_dir):
         assert time.time() - start < 30  # no Ray start-up
 
 
+def test_resume_keeps_the_saved_settings(tmp_path, digits_dir):
+    """--resume reads the experiment's saved settings; a contradicting one is refused (before Ray)."""
+    space = write_space(tmp_path, 4, 2, 1, "  lr: {uniform: [0.001, 0.01]}\n")
+    exp = tmp_path / "results" / "exp"
+    exp.mkdir(parents=True)
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
+    from search.run import parse_args, settings_of
+
+    args = parse_args(["--config", str(space), "--data-dir", str(digits_dir)])
+    args.samples, args.seed = 4, 0
+    (exp / "search.json").write_text(json.dumps(settings_of(args)))
+    common = ["--name", "exp", "--storage", tmp_path / "results", "--resume"]
+    for extra, message in [
+        (["--samples", "5"], "--samples 5 differs from the experiment's 4"),
+        (["--seed", "1"], "--seed 1 differs from the experiment's 0"),
+        (["--split", "letters"], "--split letters differs from the experiment's None"),
+        (["--config", REPO / "configs" / "search" / "smoke.yaml"], "--config"),
+    ]:
+        start = time.time()
+        r = run_search(*common, *extra, timeout=60)
+        assert r.returncode == 2 and message in r.stderr and "Leave it out" in r.stderr, (extra, r.stderr)
+        assert time.time() - start < 30  # no Ray start-up
+    space.write_text(space.read_text().replace("0.01]", "0.02]"))
+    r = run_search(*common, timeout=60)
+    assert r.returncode == 2 and f"{space} changed since the experiment started" in r.stderr, r.stderr
+    space.unlink()
+    r = run_search(*common, timeout=60)
+    assert r.returncode == 2 and f"search space {space} is gone" in r.stderr, r.stderr
+
+
 def _wait_for(predicate, timeout=240):
     end = time.time() + timeout
     while time.time() < end:
@@ -155,12 +185,14 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
-    assert "--resume" in out
+    # the command it prints continues the search as it was started (space, data, samples)
+    command = out.split("Continue with:\n")[1].split("\n")[0].split()
+    assert command[:2] == ["python", "search/run.py"] and "--resume" in command and "--config" not in command
     before = load_experiment(exp_dir)
     finished = before.trials[before.trials["status"] == "finished"]["trial_id"].tolist()
     results_before = {t: (exp_dir / f"trial_{t}" / "result.json").read_text() for t in finished}
 
-    r = run_search(*args, "--resume")
+    r = run_search(*command[2:])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     after = load_experiment(exp_dir)
     assert len(after.trials) == 4 and set(after.trials["status"]) == {"finished"}
