@@ -21,6 +21,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+from search.results import is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
 from training.config import ConfigError, make_config  # noqa: E402
 from training.data import REPO_ROOT, DataNotFoundError  # noqa: E402
@@ -133,10 +134,6 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
             if value is not None:
                 cmd += f" --{key.replace('_', '-')} {value}"
     return cmd
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def experiment_dir(storage: str, name: str) -> str:

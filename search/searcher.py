@@ -14,36 +14,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import optuna
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from search.space import ReplayTrial
+
 log = logging.getLogger(__name__)
-
-
-class _Replay:
-    """Stands in for an Optuna trial while the define-by-run space is replayed on a known
-    config: answers each suggest_* with the config's value and records its distribution."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.config, self.params, self.distributions = config, {}, {}
-
-    def _take(self, name: str, dist: optuna.distributions.BaseDistribution):
-        if name not in self.config:
-            raise KeyError(f"the trial's config has no {name!r}")
-        self.params[name], self.distributions[name] = self.config[name], dist
-        return self.config[name]
-
-    def suggest_float(self, name, low, high, *, step=None, log=False):
-        return self._take(name, optuna.distributions.FloatDistribution(low, high, step=step, log=log))
-
-    def suggest_int(self, name, low, high, *, step=1, log=False):
-        return self._take(name, optuna.distributions.IntDistribution(low, high, step=step, log=log))
-
-    def suggest_categorical(self, name, choices):
-        return self._take(name, optuna.distributions.CategoricalDistribution(choices))
 
 
 def experiment_trials(exp_dir: str | Path) -> list[dict]:
@@ -97,7 +75,7 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result=result, error=error)
             return True
         value = (result or {}).get(self.metric)
-        replay = _Replay(config)
+        replay = ReplayTrial(config)
         try:
             self._space(replay)
         except KeyError as e:

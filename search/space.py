@@ -183,6 +183,32 @@ class DefineByRun:
                     self._sample(trial, branch)
 
 
+class ReplayTrial:
+    """Stands in for an Optuna trial while a DefineByRun space is replayed on a known config:
+    answers each suggest_* with the config's value and records its distribution. Tells which
+    parameters a trial actually sampled (conditional ones only on their chosen branch)."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config, self.params, self.distributions = config, {}, {}
+
+    def _take(self, name: str, make_dist):
+        if name not in self.config:
+            raise KeyError(f"the trial's config has no {name!r}")
+        import optuna  # only where distributions are wanted (the searcher)
+
+        self.params[name], self.distributions[name] = self.config[name], make_dist(optuna.distributions)
+        return self.config[name]
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        return self._take(name, lambda d: d.FloatDistribution(low, high, step=step, log=log))
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return self._take(name, lambda d: d.IntDistribution(low, high, step=step, log=log))
+
+    def suggest_categorical(self, name, choices):
+        return self._take(name, lambda d: d.CategoricalDistribution(choices))
+
+
 def default_point(spec: SearchSpec) -> dict[str, Any]:
     """The default training config expressed as a point of the space (only the active branches),
     so the search evaluates it first and can never end worse than the defaults."""

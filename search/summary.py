@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from search.results import Experiment, load_experiment
+from search.results import Experiment, is_uri, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.metrics import format_pairs
 
@@ -26,6 +26,28 @@ def _config_of(exp: Experiment, trial_id: str) -> dict:
     return {k.removeprefix("config/"): _plain(v) for k, v in row.items() if k.startswith("config/") and v == v}
 
 
+def _sampled_names(exp_dir: Path):
+    """config -> the names the search sampled for that trial (a conditional parameter only where
+    its branch was chosen), from the space saved in search.json; None where that is unknown."""
+    from search.space import DefineByRun, ReplayTrial, load_search_spec
+    from training.config import ConfigError
+
+    try:
+        space = DefineByRun(load_search_spec(json.loads((exp_dir / "search.json").read_text())["config"]))
+    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+        return lambda config: None
+
+    def names(config: dict) -> set[str] | None:
+        replay = ReplayTrial(config)
+        try:
+            space(replay)
+        except KeyError:
+            return None
+        return set(replay.params)
+
+    return names
+
+
 def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
@@ -34,7 +56,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
                       max_epochs: int | None = None, device: str = "auto") -> int:
     from training.evaluate import evaluate_checkpoint
 
-    if "://" in str(exp_dir):
+    if is_uri(exp_dir):
         print(f"results are in {exp_dir}; sync the experiment to local disk to summarise it "
               "(python -m search.summary <local experiment dir>)")
         return 0
@@ -75,11 +97,14 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
 
     print(f"\n=== {exp_dir.name}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in summary['trials'].items())})")
     top = trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc", ascending=False).head(TOP_N)
-    # Show what differs between trials (the searched parameters), not the fixed settings.
+    # Show each trial's searched parameters (not the fixed settings, nor a conditional parameter
+    # whose branch it did not take); without the space, what differs between trials.
     varying = {c.removeprefix("config/") for c in trials if c.startswith("config/") and trials[c].nunique() > 1}
+    sampled = _sampled_names(exp_dir)
     for _, r in top.iterrows():
         cfg = _config_of(exp, r["trial_id"])
-        brief = ", ".join(f"{k}={_short(v)}" for k, v in cfg.items() if k in varying)
+        shown = sampled(cfg) or varying
+        brief = ", ".join(f"{k}={_short(v)}" for k, v in cfg.items() if k in shown)
         print(f"  {r['trial_id']}  val {r['best_val_acc']:.4f}  {int(r['epochs_run'])} ep  {r['status']:8s}  {brief}")
     print(f"best trial {best_id}: val acc {summary['val_acc']:.4f}, test acc {test['accuracy']:.4f} "
           f"({test['n']} test images)")

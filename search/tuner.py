@@ -21,6 +21,7 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
+from search.results import is_uri  # noqa: E402
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch  # noqa: E402
 from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
 from search.trainable import train_trial  # noqa: E402
@@ -137,7 +138,7 @@ def resources(args: argparse.Namespace) -> tuple[float, float, int]:
 def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
     return tune.RunConfig(
         name=name,
-        storage_path=storage if "://" in storage else os.path.abspath(storage),
+        storage_path=storage if is_uri(storage) else os.path.abspath(storage),
         # Best two checkpoints per trial by validation accuracy (Ray also keeps the latest).
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
@@ -200,7 +201,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
         else:
             tuner = make_tuner(trainable, spec, samples, concurrency, args.seed, run_config,
                                reuse_actors=not args.address)
-        if settings is not None and "://" not in exp_dir:
+        if settings is not None and not is_uri(exp_dir):
             Path(exp_dir).mkdir(parents=True, exist_ok=True)
             (Path(exp_dir) / "search.json").write_text(json.dumps(settings, indent=1) + "\n")
         start = time.time()
@@ -214,7 +215,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
 
     trials = grid._experiment_analysis.trials  # Trial objects, with their final Ray status
     done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-    if "://" not in exp_dir:
+    if not is_uri(exp_dir):
         # On Ctrl+C, Ray saves the experiment state and then stops the running trials, which marks
         # them TERMINATED in memory. The saved state has their true status (RUNNING): an interrupted
         # last trial must not count as done, or the search would end as if complete.

@@ -79,3 +79,16 @@ def test_restore_catches_the_study_up_with_the_experiment_state(searcher, tmp_pa
     assert restored._completed_trials == {"t1", "t2", "t3"}
     restored.on_trial_complete("t3", _flat(SGD, val_acc=0.8))  # Ray's own word on it later: no second copy
     assert len([t for t in restored._ot_study.trials if t.state == Complete]) == 3
+
+
+def test_summary_names_only_what_each_trial_sampled(tmp_path):
+    """The end-of-search top-5 lists a conditional parameter only for trials on its branch."""
+    from search.summary import _sampled_names
+
+    (tmp_path / "search.json").write_text(json.dumps({"config": str(_write(tmp_path, GOOD))}))
+    names = _sampled_names(tmp_path)
+    assert names(SGD) == {"lr", "width", "batch_size", "optimizer", "momentum", "scheduler", "step_size", "gamma"}
+    adamw = {**SGD, "optimizer": "adamw", "scheduler": "none"}  # momentum etc. still in its config
+    assert names(adamw) == {"lr", "width", "batch_size", "optimizer", "scheduler"}
+    assert names({"lr": 0.01}) is None  # not a config of this space
+    assert _sampled_names(tmp_path / "elsewhere")(SGD) is None  # no saved settings
