@@ -112,8 +112,9 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
         if given is None:
             setattr(args, key, Path(was) if key == "config" and was else was)
         elif given != was:
-            raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the experiment's {was} "
-                              f"(saved in {path}): a resumed search keeps its settings. Leave it out, or "
+            was = "not given: the space file's value" if was is None else was
+            raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the experiment's setting ({was}, "
+                              f"saved in {path}): a resumed search keeps its settings. Leave it out, or "
                               "start a new search with another --name")
     if args.data_dir is None and saved.get("data_dir"):
         args.data_dir = Path(saved["data_dir"])

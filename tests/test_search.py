@@ -142,9 +142,9 @@ def test_resume_keeps_the_saved_settings(tmp_path, digits_dir):
     (exp / "search.json").write_text(json.dumps(settings_of(args)))
     common = ["--name", "exp", "--storage", tmp_path / "results", "--resume"]
     for extra, message in [
-        (["--samples", "5"], "--samples 5 differs from the experiment's 4"),
-        (["--seed", "1"], "--seed 1 differs from the experiment's 0"),
-        (["--split", "letters"], "--split letters differs from the experiment's None"),
+        (["--samples", "5"], "--samples 5 differs from the experiment's setting (4,"),
+        (["--seed", "1"], "--seed 1 differs from the experiment's setting (0,"),
+        (["--split", "letters"], "--split letters differs from the experiment's setting (not given: the space file"),
         (["--config", REPO / "configs" / "search" / "smoke.yaml"], "--config"),
     ]:
         start = time.time()
