@@ -59,12 +59,12 @@ class Experiment:
         return None
 
 
-@functools.lru_cache(maxsize=512)
 def is_uri(path: str | Path) -> bool:
     """A cloud storage location (s3://, gs://, ...) rather than a filesystem path."""
     return "://" in str(path)
 
 
+@functools.lru_cache(maxsize=512)
 def _loads(path: str, mtime_ns: int, size: int) -> bool:
     """Whether a checkpoint file loads; cached per file version (the dashboard asks on every rerun)."""
     from training.checkpoint import CheckpointError, load_checkpoint
