@@ -59,6 +59,9 @@ class Experiment:
         return None
 
 
+SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
+
+
 def is_uri(path: str | Path) -> bool:
     """A cloud storage location (s3://, gs://, ...) rather than a filesystem path."""
     return "://" in str(path)
@@ -105,7 +108,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def ray_statuses(exp_dir: Path) -> dict[str, dict]:
-    """trial id -> {status, num_failures, error_file} from the newest readable experiment state."""
+    """trial id -> {status, num_failures, error_file, config, last_result} from the newest readable
+    experiment state (the file Ray restores the trials from). Plain JSON: Ray's cloudpickled
+    fields stay opaque dicts, never unpickled."""
     for state_file in sorted(exp_dir.glob("experiment_state-*.json"), reverse=True):
         state = read_json(state_file)
         if not state or "trial_data" not in state:
@@ -116,7 +121,8 @@ def ray_statuses(exp_dir: Path) -> dict[str, dict]:
                 info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
                 meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
                 out[info["trial_id"]] = {"status": info.get("status"), "num_failures": meta.get("num_failures", 0),
-                                         "error_file": meta.get("error_filename")}
+                                         "error_file": meta.get("error_filename"), "config": info.get("config") or {},
+                                         "last_result": meta.get("last_result") or {}}
             except (KeyError, IndexError, TypeError, json.JSONDecodeError):
                 continue
         return out

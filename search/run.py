@@ -21,7 +21,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
-from search.results import is_uri  # noqa: E402
+from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
 from training.config import ConfigError, make_config  # noqa: E402
 from training.data import REPO_ROOT, DataNotFoundError  # noqa: E402
@@ -78,7 +78,6 @@ def check_args(args: argparse.Namespace, spec: SearchSpec) -> None:
 # What a resumed search must keep: Ray restores the trials, the searcher and the total number of
 # trials as they were, so these are read back from the experiment and a different value given
 # with --resume is an error rather than silently ignored (or, for --split, a crash in every trial).
-SETTINGS_FILE = "search.json"
 KEPT = ("config", "samples", "max_epochs", "split", "seed", "device")
 
 

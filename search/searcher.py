@@ -11,7 +11,6 @@ Trials it does not know that finish later (restored as running) are added when t
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,27 +18,10 @@ import optuna
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from search.results import ray_statuses
 from search.space import ReplayTrial
 
 log = logging.getLogger(__name__)
-
-
-def experiment_trials(exp_dir: str | Path) -> list[dict]:
-    """[{trial_id, status, config, last_result}] from the newest experiment state in `exp_dir`
-    (the file Ray restores the trials from: the newest by name)."""
-    for state_file in sorted(Path(exp_dir).glob("experiment_state-*.json"), reverse=True):
-        try:
-            state = json.loads(state_file.read_text())
-            out = []
-            for info, meta in state["trial_data"]:
-                # plain JSON: Ray's cloudpickled fields stay opaque dicts (they are never unpickled)
-                info, meta = json.loads(info), json.loads(meta)
-                out.append({"trial_id": info["trial_id"], "status": info.get("status"),
-                            "config": info.get("config") or {}, "last_result": meta.get("last_result") or {}})
-            return out
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a file cut short by a kill: Ray skips it too
-    return []
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -47,8 +29,8 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def restore_from_dir(self, checkpoint_dir: str) -> None:
         super().restore_from_dir(checkpoint_dir)
-        caught_up = [t["trial_id"] for t in experiment_trials(checkpoint_dir)
-                     if t["status"] == "TERMINATED" and self._complete(t["trial_id"], t["last_result"], t["config"])]
+        caught_up = [tid for tid, t in ray_statuses(Path(checkpoint_dir)).items()
+                     if t["status"] == "TERMINATED" and self._complete(tid, t["last_result"], t["config"])]
         if caught_up:
             log.warning("searcher state was older than the experiment; told Optuna %d finished trial(s): %s",
                         len(caught_up), ", ".join(caught_up))

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from search.results import Experiment, is_uri, load_experiment
+from search.results import SETTINGS_FILE, Experiment, is_uri, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.metrics import format_pairs
 
@@ -33,7 +33,7 @@ def _sampled_names(exp_dir: Path):
     from training.config import ConfigError
 
     try:
-        space = DefineByRun(load_search_spec(json.loads((exp_dir / "search.json").read_text())["config"]))
+        space = DefineByRun(load_search_spec(json.loads((exp_dir / SETTINGS_FILE).read_text())["config"]))
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return lambda config: None
 

@@ -11,7 +11,6 @@ back when a trial is retried or an experiment resumed.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import ray
 import torch
 from ray import tune
 
+from search.results import read_json_lines
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import EmnistData
 from training.trainer import train
@@ -102,15 +102,11 @@ def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint | None, folder:
             logged = set(range(1, int(load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)["epoch"]) + 1))
         except CheckpointError:
             pass
-    try:
-        lines = (folder / "result.json").read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    for row in read_json_lines(folder / "result.json"):  # (skips a line cut short by a kill)
         try:
-            logged.add(int(json.loads(line)["epoch"]))
+            logged.add(int(row["epoch"]))
         except (ValueError, TypeError, KeyError):
-            continue  # a line cut short by a kill
+            continue
     return [m for m in resume.state["history"] if m["epoch"] not in logged]
 
 

@@ -21,7 +21,7 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from search.results import is_uri  # noqa: E402
+from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch  # noqa: E402
 from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
 from search.trainable import train_trial  # noqa: E402
@@ -203,7 +203,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
                                reuse_actors=not args.address)
         if settings is not None and not is_uri(exp_dir):
             Path(exp_dir).mkdir(parents=True, exist_ok=True)
-            (Path(exp_dir) / "search.json").write_text(json.dumps(settings, indent=1) + "\n")
+            (Path(exp_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
         start = time.time()
         grid = tuner.fit()
         wall = time.time() - start

@@ -8,7 +8,8 @@ import json
 import optuna
 import pytest
 
-from search.searcher import ResumableOptunaSearch, experiment_trials
+from search.results import ray_statuses
+from search.searcher import ResumableOptunaSearch
 from search.space import DefineByRun, load_search_spec
 from tests.test_space import GOOD, _write
 
@@ -69,7 +70,7 @@ def test_restore_catches_the_study_up_with_the_experiment_state(searcher, tmp_pa
                             entry("t4", "RUNNING", SGD, {"val_acc": 0.1})]}
     (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
     (exp / "experiment_state-2026-01-01_00-00-09.json").write_text(json.dumps(state)[:500])  # cut short by the kill
-    assert [t["trial_id"] for t in experiment_trials(exp)] == ["t1", "t2", "t3", "t4"]
+    assert list(ray_statuses(exp)) == ["t1", "t2", "t3", "t4"]
 
     restored = ResumableOptunaSearch(space=searcher._space, metric="val_acc", mode="max",
                                      sampler=optuna.samplers.TPESampler(seed=0))
