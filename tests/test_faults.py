@@ -149,6 +149,24 @@ def _start(args: list) -> subprocess.Popen:
                             cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"})
 
 
+def _search_args(digits_dir, tmp_path: Path, name: str, samples: int, max_epochs: int, *extra) -> tuple[Path, list]:
+    """The experiment folder and run.py arguments of a search over aug_strength: `samples` trials
+    of `max_epochs` epochs (ASHA's grace period is the whole budget), one trial at a time."""
+    space = write_space(tmp_path, samples=samples, max_epochs=max_epochs, grace=max_epochs,
+                        space="  aug_strength: {uniform: [0.0, 1.0]}\n")
+    storage = tmp_path / "results"
+    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name, "--concurrency", "1",
+            *extra]
+    return storage / name, args
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """Ctrl+C to the driver: it saves the experiment and exits 130."""
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+
+
 def _newest_state(exp_dir: Path) -> dict:
     state_file = max(exp_dir.glob("searcher-state-*.pkl"))  # the newest by name, as Ray picks it
     with open(state_file, "rb") as f:  # our own file, written by this test's search
@@ -189,12 +207,7 @@ def assert_searcher_state(exp_dir: Path, samples: int) -> None:
 @pytest.mark.slow
 def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
     samples, max_epochs = 4, 3
-    space = write_space(tmp_path, samples=samples, max_epochs=max_epochs, grace=max_epochs,
-                        space="  aug_strength: {uniform: [0.0, 1.0]}\n")
-    storage, name = tmp_path / "results", "killed"
-    exp_dir = storage / name
-    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name,
-            "--concurrency", "1", "--seed", "0"]
+    exp_dir, args = _search_args(digits_dir, tmp_path, "killed", samples, max_epochs, "--seed", "0")
     records, lingering, kills, outputs = [{}], [], 0, []
     try:
         for attempt in range(6):
@@ -262,11 +275,7 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
 
 def test_searcher_state_survives_interrupt_and_resume(digits_dir, tmp_path):
     samples = 3
-    space = write_space(tmp_path, samples=samples, max_epochs=4, grace=4,
-                        space="  aug_strength: {uniform: [0.0, 1.0]}\n")
-    storage, name = tmp_path / "results", "sigint"
-    exp_dir = storage / name
-    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name, "--concurrency", "1"]
+    exp_dir, args = _search_args(digits_dir, tmp_path, "sigint", samples, 4)
     proc = _start(args)
 
     def second_trial_started():  # checkpoint files appear at once (results only at state snapshots)
@@ -274,9 +283,7 @@ def test_searcher_state_survives_interrupt_and_resume(digits_dir, tmp_path):
                                               for d in exp_dir.glob("trial_*")) >= 2
 
     assert _wait_for(second_trial_started, every=0.1) and proc.poll() is None, proc.kill() or proc.stdout.read()
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
+    _interrupt(proc)
     before = snapshot(exp_dir)
     r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -293,11 +300,7 @@ def test_stale_searcher_state_is_caught_up_on_resume(digits_dir, tmp_path):
     a copy taken when one trial had finished, after three had. The resumed study must still hold
     every finished trial's result, once, and suggest no configuration twice."""
     samples = 5
-    space = write_space(tmp_path, samples=samples, max_epochs=2, grace=2,
-                        space="  aug_strength: {uniform: [0.0, 1.0]}\n")
-    storage, name = tmp_path / "results", "stale"
-    exp_dir = storage / name
-    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name, "--concurrency", "1"]
+    exp_dir, args = _search_args(digits_dir, tmp_path, "stale", samples, 2)
     proc = _start(args)
 
     def ray_finished() -> int:
@@ -316,9 +319,7 @@ def test_stale_searcher_state_is_caught_up_on_resume(digits_dir, tmp_path):
     assert len(study.trials) < samples  # the copy is from before the later trials
     assert _wait_for(lambda: proc.poll() is not None or ray_finished() >= 3, every=0.1) and proc.poll() is None, \
         proc.kill() or proc.stdout.read()
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
+    _interrupt(proc)
     for f in exp_dir.glob("*.pkl"):  # the searcher (and its wrappers) back to the early copy
         if f.name in early:
             f.write_bytes(early[f.name])
@@ -340,10 +341,7 @@ def test_stale_searcher_state_is_caught_up_on_resume(digits_dir, tmp_path):
 def _interrupted_with_two_checkpoints(digits_dir, tmp_path, name):
     """An experiment SIGINTed while its first trial (of 2, 6 epochs each) has logged 3 epochs, so
     that Ray's saved state knows at least two of its checkpoints (it can lag the files by one)."""
-    space = write_space(tmp_path, samples=2, max_epochs=6, grace=6, space="  aug_strength: {uniform: [0.0, 1.0]}\n")
-    storage = tmp_path / "results"
-    exp_dir = storage / name
-    args = ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name, "--concurrency", "1"]
+    exp_dir, args = _search_args(digits_dir, tmp_path, name, 2, 6)
     proc = _start(args)
 
     def two_checkpoints():
@@ -351,9 +349,7 @@ def _interrupted_with_two_checkpoints(digits_dir, tmp_path, name):
         return proc.poll() is not None or any(n >= 3 for n in logged)
 
     assert _wait_for(two_checkpoints, every=0.1) and proc.poll() is None, proc.kill() or proc.stdout.read()
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out[-3000:]
+    _interrupt(proc)
     return exp_dir, args
 
 
