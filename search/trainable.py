@@ -91,17 +91,20 @@ def _unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint | None, folder:
     """The epochs in a newer checkpoint than the handed one that Ray never logged (the driver was
     interrupted before it got their result): reported from the checkpoint's history instead of
     trained again. An epoch is logged when it is in the trial's result.json in storage, or when it
-    is in the checkpoint Ray handed back (Ray records a checkpoint only after logging its result)."""
+    is in the checkpoint Ray handed back (Ray records a checkpoint only after logging its result).
+    When Ray hands back no checkpoint, it also starts the trial's result.json afresh (it restores
+    that file only for trials with a checkpoint), so every epoch the found checkpoint holds is
+    reported."""
     if resume.state is None or folder is None:
         return []
-    logged: set[int] = set()
-    if checkpoint is not None:
-        if resume.path.parent == Path(checkpoint.path):
-            return []
-        try:
-            logged = set(range(1, int(load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)["epoch"]) + 1))
-        except CheckpointError:
-            pass
+    if checkpoint is None:
+        return list(resume.state["history"])
+    if resume.path.parent == Path(checkpoint.path):
+        return []
+    try:
+        logged = set(range(1, int(load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)["epoch"]) + 1))
+    except CheckpointError:
+        logged = set()
     for row in read_json_lines(folder / "result.json"):  # (skips a line cut short by a kill)
         try:
             logged.add(int(row["epoch"]))

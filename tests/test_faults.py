@@ -408,11 +408,12 @@ def test_resume_picks_the_newest_readable_checkpoint(digits_data, tiny_config, t
     assert [m["epoch"] for m in _unlogged_epochs(r, handed, trial)] == [4]
     (trial / "result.json").write_text("\n".join([*lines, json.dumps({"epoch": 4}), '{"epoch": 5, "va']))
     assert _unlogged_epochs(r, handed, trial) == []  # (a line cut short by a kill is skipped)
-    # Ray hands back none (the trial's first checkpoint was not recorded): the newest in the folder
+    # Ray hands back none (the trial's first checkpoint was not recorded): the newest in the folder,
+    # and all its epochs are reported, logged or not: Ray then starts the trial's result.json afresh
+    # (CI once lost epoch 1 of such a trial when it was taken as logged)
     r = _resume_state(None, trial)
-    assert r.state["epoch"] == 4 and r.note == {} and _unlogged_epochs(r, None, trial) == []
-    (trial / "result.json").write_text("\n".join(lines[:1]) + "\n")
-    assert [m["epoch"] for m in _unlogged_epochs(r, None, trial)] == [2, 3, 4]
+    assert r.state["epoch"] == 4 and r.note == {}
+    assert [m["epoch"] for m in _unlogged_epochs(r, None, trial)] == [1, 2, 3, 4]
     (trial / "result.json").write_text("\n".join(lines) + "\n")  # epochs 1-3 logged, as Ray leaves it
     # a fresh trial: its folder is empty
     (tmp_path / "fresh").mkdir()
