@@ -111,22 +111,29 @@ def ray_statuses(exp_dir: Path) -> dict[str, dict]:
     """trial id -> {status, num_failures, error_file, config, last_result} from the newest readable
     experiment state (the file Ray restores the trials from). Plain JSON: Ray's cloudpickled
     fields stay opaque dicts, never unpickled."""
-    for state_file in sorted(exp_dir.glob("experiment_state-*.json"), reverse=True):
+    for state_file in sorted(exp_dir.glob(STATE_GLOB), reverse=True):
         state = read_json(state_file)
-        if not state or "trial_data" not in state:
-            continue
-        out = {}
-        for entry in state["trial_data"]:
-            try:
-                info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-                meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
-                out[info["trial_id"]] = {"status": info.get("status"), "num_failures": meta.get("num_failures", 0),
-                                         "error_file": meta.get("error_filename"), "config": info.get("config") or {},
-                                         "last_result": meta.get("last_result") or {}}
-            except (KeyError, IndexError, TypeError, json.JSONDecodeError):
-                continue
-        return out
+        if state and "trial_data" in state:
+            return parse_experiment_state(state)
     return {}
+
+
+STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
+
+
+def parse_experiment_state(state: dict) -> dict[str, dict]:
+    """The trials of one experiment state (see ray_statuses)."""
+    out = {}
+    for entry in state.get("trial_data") or []:
+        try:
+            info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
+            out[info["trial_id"]] = {"status": info.get("status"), "num_failures": meta.get("num_failures", 0),
+                                     "error_file": meta.get("error_filename"), "config": info.get("config") or {},
+                                     "last_result": meta.get("last_result") or {}}
+        except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError):
+            continue
+    return out
 
 
 def _drop_rereported(results: list[dict]) -> list[dict]:

@@ -21,6 +21,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
 from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
 from training.config import ConfigError, make_config  # noqa: E402
@@ -158,25 +159,40 @@ def main(argv: list[str] | None = None) -> int:
         samples = args.samples = args.samples or spec.samples or 50
         name = args.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         exp_dir = experiment_dir(args.storage, name)
+        if args.resume and not is_uri(exp_dir) and not Path(exp_dir).is_dir():
+            raise ConfigError(f"--resume: no experiment at {exp_dir}")
+        # One driver per experiment, from before anything is written until this process ends.
+        try:
+            lock = ExperimentLock(exp_dir).acquire()
+        except OSError as e:
+            raise ConfigError(f"cannot write the experiment folder {exp_dir}: {e.strerror or e}") from None
         if not is_uri(exp_dir):
-            exists = Path(exp_dir).is_dir() and any(Path(exp_dir).glob("experiment_state-*.json"))
-            if args.resume and not exists:
-                raise ConfigError(f"--resume: no experiment at {exp_dir}")
-            if not args.resume and Path(exp_dir).exists() and any(Path(exp_dir).iterdir()):
+            started = Path(exp_dir).is_dir() and any(Path(exp_dir).glob("experiment_state-*.json"))
+            if args.resume and not started:
+                if not (Path(exp_dir) / SETTINGS_FILE).is_file():
+                    raise ConfigError(f"--resume: no experiment at {exp_dir}")
+                # Stopped before Ray's first snapshot: no trial had written anything (a trial waits
+                # until the experiment state names it, see search.trainable), so start it afresh.
+                print(f"{exp_dir} was stopped before its first trial was recorded; starting its search afresh")
+                args.resume = False
+            elif not args.resume and any(p.name != LOCK_FILE for p in Path(exp_dir).iterdir()):
                 raise ConfigError(f"{exp_dir} already exists; use --resume to continue it or another --name")
         from training.data import load_dataset
 
         # Read once by the driver; trials receive it through Ray's object store.
         data = load_dataset(base["split"], args.data_dir, base["val_fraction"], base["seed"],
                             base["train_limit"], base["val_limit"])
-    except (ConfigError, DataNotFoundError, IdxError, ValueError) as e:
+    except (ConfigError, DataNotFoundError, IdxError, ValueError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from search.tuner import run_search  # Ray is imported only from here on
 
-    return run_search(args, spec, base, data, samples, name, exp_dir,
-                      settings=None if args.resume else settings_of(args))
+    try:
+        return run_search(args, spec, base, data, samples, name, exp_dir,
+                          settings=None if args.resume else settings_of(args))
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ back when a trial is retried or an experiment resumed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,7 +23,7 @@ import ray
 import torch
 from ray import tune
 
-from search.results import read_json_lines
+from search.results import STATE_GLOB, parse_experiment_state, read_json_lines
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import EmnistData
 from training.trainer import train
@@ -121,6 +123,83 @@ def _storage_folder() -> Path | None:
     return Path(storage.trial_fs_path)
 
 
+RECORD_TIMEOUT_S = 300.0
+
+
+def _recorded_trials(storage) -> set[str]:
+    """Trial ids in the newest experiment state in storage (any filesystem Ray writes to)."""
+    import pyarrow.fs
+
+    fs = storage.storage_filesystem
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(storage.experiment_fs_path))
+    except (OSError, ValueError):
+        return set()
+    prefix, suffix = STATE_GLOB.split("*")
+    for info in sorted((i for i in infos if i.base_name.startswith(prefix) and i.base_name.endswith(suffix)),
+                       key=lambda i: i.base_name, reverse=True):
+        try:
+            with fs.open_input_stream(info.path) as f:
+                state = json.loads(f.read())
+        except (OSError, ValueError):
+            continue  # being written, or cut short: the older one
+        if isinstance(state, dict) and "trial_data" in state:
+            return set(parse_experiment_state(state))
+    return set()
+
+
+def _wait_until_recorded(timeout_s: float = RECORD_TIMEOUT_S) -> None:
+    """Write nothing to storage until the experiment state there names this trial.
+
+    Ray snapshots its experiment state (the trial list a resume restores) every few seconds; a
+    driver killed between a trial's start and the next snapshot used to leave that trial's
+    checkpoints and TensorBoard files in a folder no resume knew of: an orphan, trained again
+    from scratch under a new id. Waiting for the snapshot (search.tuner sets it to every second)
+    means a trial that wrote anything is always one that --resume continues. A trial restored
+    from an existing experiment is named at once."""
+    storage = tune.get_context().get_storage()
+    trial_id = tune.get_context().get_trial_id()
+    local = type(storage.storage_filesystem).__name__ == "LocalFileSystem"
+    end = time.monotonic() + timeout_s
+    while trial_id not in _recorded_trials(storage):
+        if time.monotonic() > end:
+            print(f"trial {trial_id}: not in the experiment state after {timeout_s:.0f} s; starting anyway")
+            return
+        time.sleep(0.1 if local else 1.0)
+
+
+def _checkpoint_index(path: Path) -> int:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _set_next_checkpoint_folder(storage, folder: Path | None, index: int | None = None) -> None:
+    """Make Ray's next checkpoint go to checkpoint_<index>, or (None) past every folder on disk.
+
+    Ray numbers a trial's checkpoint folders from the index its experiment state recorded, which
+    lags the disk when the driver was interrupted: the resumed trial then wrote its next epoch
+    over the folder of an earlier one. `current_checkpoint_index` is the StorageContext
+    attribute Ray increments before each checkpoint (checked against Ray 2.60)."""
+    if folder is None:
+        return
+    if index is None:
+        index = max([storage.current_checkpoint_index, *map(_checkpoint_index, folder.glob("checkpoint_*"))]) + 1
+    storage.current_checkpoint_index = index - 1
+
+
+def _epoch_folders(folder: Path | None) -> dict[int, int]:
+    """epoch -> index of a readable checkpoint folder holding it (the newest such folder)."""
+    out: dict[int, int] = {}
+    for path in sorted(folder.glob("checkpoint_*"), key=_checkpoint_index) if folder is not None else []:
+        try:
+            out[int(load_checkpoint(path / CHECKPOINT_FILE)["epoch"])] = _checkpoint_index(path)
+        except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
 def train_trial(config: dict, data: EmnistData) -> None:
     """Ray Tune function trainable: `tune.with_parameters(train_trial, data=data)`."""
     # One thread per CPU Ray gave this trial: oversubscribed OpenMP threads from trials sharing a
@@ -128,17 +207,21 @@ def train_trial(config: dict, data: EmnistData) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 
+    _wait_until_recorded()
+    storage = tune.get_context().get_storage()
     folder = _storage_folder()
     tb_dir = folder if folder is not None else Path(tune.get_context().get_trial_dir())
     node_id = ray.get_runtime_context().get_node_id()
     checkpoint = tune.get_checkpoint()  # set when the trial is retried or its experiment resumed
     resume = _resume_state(checkpoint, folder)
     unlogged = _unlogged_epochs(resume, checkpoint, folder)
+    # a replayed epoch's checkpoint goes back into its own folder, so Ray knows it where it is
+    on_disk = _epoch_folders(folder) if unlogged else {}
     note = resume.note
     # Checkpoints are written to a scratch dir and handed to Ray, which copies them to storage.
     scratch = Path(tempfile.mkdtemp(prefix="emnist-trial-"))
 
-    def report(metrics: dict, last_path: Path | None, replay: bool = False) -> None:
+    def report(metrics: dict, last_path: Path | None, replay: bool = False, index: int | None = None) -> None:
         if not replay:
             _maybe_inject_fault(metrics["epoch"])
         result = {k: v for k, v in metrics.items() if v is not None}
@@ -153,6 +236,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
         if last_path is None:
             tune.report(result)
             return
+        _set_next_checkpoint_folder(storage, folder, index)
         with tempfile.TemporaryDirectory(dir=scratch) as d:
             if replay:  # a copy: Ray writes it back over the very file it came from
                 shutil.copyfile(last_path, Path(d) / CHECKPOINT_FILE)
@@ -161,8 +245,12 @@ def train_trial(config: dict, data: EmnistData) -> None:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
-        for m in unlogged:  # the checkpoint's own epoch carries it
-            report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
+        for m in unlogged:  # each with its checkpoint, where one is on disk
+            index = on_disk.get(m["epoch"])
+            if index is not None:
+                report(m, folder / f"checkpoint_{index:06d}" / CHECKPOINT_FILE, replay=True, index=index)
+            else:
+                report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
         train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -15,6 +15,9 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means silent: Progress prints instead
 # Checkpointing every epoch with num_to_keep=2 snapshots the experiment often; that is intended.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# The experiment state (what --resume restores) every second, not every 10+ s: a new trial waits
+# for the snapshot that names it before it writes anything (search.trainable._wait_until_recorded).
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402

@@ -245,15 +245,11 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
         assert kills == 3, f"the search finished before it was killed three times ({kills})"
         assert proc.returncode == 0, outputs[-1][-3000:]
         final = records[-1]
-        orphans = load_experiment(exp_dir).orphans
-        final = {k: v for k, v in final.items() if k not in orphans}
+        # A trial writes nothing before the experiment state names it, so no killed driver leaves
+        # a trial folder that the resumed search does not continue (an orphan).
+        assert load_experiment(exp_dir).orphans == []
+        assert sorted(d.name.removeprefix("trial_") for d in exp_dir.glob("trial_*")) == sorted(final)
         assert len(final) == samples, sorted(final)
-        # A trial the killed driver had started but not yet recorded is re-run as a new trial by the
-        # resumed search; its folder (TensorBoard events, maybe a checkpoint, no params.json) stays
-        # behind and is not shown as a trial.
-        for orphan in load_experiment(exp_dir).orphans:
-            d = exp_dir / f"trial_{orphan}"
-            assert not (d / "params.json").exists() and not (d / "result.json").exists(), orphan
         assert all(t["status"] == "finished" for t in final.values()), {k: t["status"] for k, t in final.items()}
         for tid, t in final.items():
             assert t["epochs"] == list(range(1, max_epochs + 1)), (tid, t["epochs"])
@@ -556,3 +552,154 @@ def test_best_checkpoint_skips_unreadable(digits_dir, tmp_path):
     assert exp.best_checkpoint() == good
     bad_only = Experiment(tmp_path, trials, {}, {"x": ck.iloc[:2]})
     assert bad_only.best_checkpoint("x") is None
+
+
+# ---------------------------------------------------------------- one driver per experiment
+
+
+def _read_lines(proc: subprocess.Popen, into: list) -> None:
+    for line in proc.stdout:
+        into.append(line)
+
+
+def test_one_driver_per_experiment(digits_dir, tmp_path):
+    """Two drivers started together on one experiment: one runs it, the other is refused at once,
+    naming the driver that holds it; so is a --resume while the first still runs. The experiment
+    ends with exactly --samples trials, and after the holder is gone --resume is accepted."""
+    import threading
+
+    samples = 2
+    exp_dir, args = _search_args(digits_dir, tmp_path, "shared", samples, 2)
+    a, b = _start(args), _start(args)
+    procs = {a.pid: a, b.pid: b}
+    assert _wait_for(lambda: a.poll() is not None or b.poll() is not None, timeout=120, every=0.1)
+    loser = a if a.poll() is not None else b
+    winner = b if loser is a else a
+    out, _ = loser.communicate(timeout=60)
+    assert loser.returncode == 2, out[-3000:]
+    assert f"is in use by driver pid {winner.pid} on host" in out and "--resume" in out, out
+    lines: list[str] = []
+    reader = threading.Thread(target=_read_lines, args=(winner, lines), daemon=True)
+    reader.start()
+    # a --resume while the holder still runs is refused the same way, and changes nothing
+    assert _wait_for(lambda: any(exp_dir.glob("experiment_state-*.json")) or winner.poll() is not None, every=0.1)
+    if winner.poll() is None:
+        r = run_search(*args, "--resume", timeout=120, env={**os.environ, "RAY_ADDRESS": "local"})
+        assert r.returncode == 2 and f"in use by driver pid {winner.pid}" in r.stderr, r.stdout + r.stderr
+    winner.wait(timeout=600)
+    reader.join(timeout=10)
+    assert winner.returncode == 0, "".join(lines)[-3000:]
+    assert f"trials {samples}/{samples} done" in "".join(lines)
+    exp = load_experiment(exp_dir)
+    assert len(exp.trials) == samples and set(exp.trials["status"]) == {"finished"}, exp.trials
+    assert len(pd_read_csv(exp_dir / "trials.csv")) == samples
+    # the lock is released with its driver: a later driver may take the experiment
+    r = run_search(*args, "--resume", timeout=300, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert set(procs) == {a.pid, b.pid}
+
+
+def test_lock_is_released_when_its_driver_dies(tmp_path):
+    """The kernel drops the lock of a dead process, however it died: no stale lock blocks --resume."""
+    import sys
+
+    from search.lock import ExperimentLock, LockedError
+
+    exp = tmp_path / "exp"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from search.lock import ExperimentLock; ExperimentLock(sys.argv[2]).acquire(); "
+                               "print('locked', flush=True); time.sleep(600)", str(REPO), str(exp)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
+            ExperimentLock(exp).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with ExperimentLock(exp):  # SIGKILLed holder: free at once
+        with pytest.raises(LockedError):  # and exclusive within one process too
+            ExperimentLock(exp).acquire()
+    ExperimentLock(exp).acquire().release()
+
+
+def pd_read_csv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"trial_id": str})
+
+
+# ---------------------------------------------------------------- SIGKILL at chosen moments: no orphans
+
+
+def _checkpoint_folders_agree(exp_dir: Path) -> None:
+    """Every checkpoint folder holds the epoch its results say, and later folders hold later
+    epochs (a resumed trial once wrote a later epoch over an earlier epoch's folder)."""
+    exp = load_experiment(exp_dir)
+    for tid, h in exp.histories.items():
+        folders = sorted((exp_dir / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt"))
+        epochs = [int(load_checkpoint(f)["epoch"]) for f in folders]
+        assert epochs == sorted(set(epochs)), (tid, [f.parent.name for f in folders], epochs)
+        named = {r["checkpoint_dir_name"]: int(r["epoch"]) for r in h.to_dict("records")
+                 if isinstance(r.get("checkpoint_dir_name"), str)}
+        for f, epoch in zip(folders, epochs, strict=True):
+            assert named.get(f.parent.name) == epoch, (tid, f.parent.name, epoch, named)
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
+    """The driver is SIGKILLed before Ray's first snapshot, while a trial has written checkpoints
+    (a few seconds in), and during the final summary; each time `--resume` continues. At the end
+    the experiment holds exactly --samples trials, each trained once through epochs 1..N, none
+    hidden (every trial folder is a listed trial with its config and results), none trained twice
+    (Optuna suggested and was told each configuration once), and the summary files are whole."""
+    import threading
+
+    samples, max_epochs = 3, 3
+    exp_dir, args = _search_args(digits_dir, tmp_path, "stages", samples, max_epochs, "--seed", "0")
+
+    def before_first_snapshot():
+        return (exp_dir / "search.json").is_file() and not any(exp_dir.glob("experiment_state-*.json"))
+
+    def trial_wrote_checkpoints():  # the second trial's first checkpoint (Ray snapshots every few s)
+        return sum(any(d.glob("checkpoint_*/checkpoint.pt")) for d in exp_dir.glob("trial_*")) >= 2
+
+    def in_summary():
+        return (exp_dir / "trials.csv").exists()
+
+    outputs, record = [], {}
+    for stage, moment in [("before the first snapshot", before_first_snapshot),
+                          ("a trial had written checkpoints", trial_wrote_checkpoints),
+                          ("during the summary", in_summary)]:
+        proc = _start([*args, *(["--resume"] if outputs else [])])
+        lines: list[str] = []
+        threading.Thread(target=_read_lines, args=(proc, lines), daemon=True).start()
+        assert _wait_for(lambda m=moment, p=proc: m() or p.poll() is not None, every=0.01), stage
+        assert proc.poll() is None, f"{stage}: the driver ended first: {''.join(lines)[-3000:]}"
+        proc.kill()
+        proc.wait(timeout=60)
+        outputs.append("".join(lines))
+        snap = snapshot(exp_dir)
+        assert_nothing_finished_changed(record, snap, stage)
+        record = snap
+        time.sleep(2)  # Ray's daemons of the killed driver go away
+
+    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    final = snapshot(exp_dir)
+    assert_nothing_finished_changed(record, final, "after the last resume")
+    exp = load_experiment(exp_dir)
+    assert exp.orphans == [], exp.orphans
+    folders = sorted(d.name.removeprefix("trial_") for d in exp_dir.glob("trial_*"))
+    assert folders == sorted(final) and len(final) == samples, (folders, sorted(final))
+    for tid, t in final.items():
+        assert t["status"] == "finished" and t["epochs"] == list(range(1, max_epochs + 1)), (tid, t["epochs"])
+        assert t["config"] is not None, f"trial {tid} has no params.json"
+    csv = pd_read_csv(exp_dir / "trials.csv")
+    assert sorted(csv["trial_id"]) == sorted(final) and set(csv["status"]) == {"finished"}
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert summary["best_trial"] in final and load_checkpoint(exp_dir / "best.pt")
+    assert f"trials {samples}/{samples} done" in r.stdout or "best trial" in r.stdout
+    assert_tensorboard_complete(exp_dir, final)
+    assert_searcher_state(exp_dir, samples)
+    _checkpoint_folders_agree(exp_dir)
