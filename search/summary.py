@@ -4,6 +4,7 @@ write summary.json, trials.csv and best.pt, and print a short report."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     exp = load_experiment(exp_dir)
     # The search is over: folders of trials a killed driver started but never recorded are not trials.
     trials = exp.trials[~exp.trials["trial_id"].isin(exp.orphans)]
-    trials.to_csv(exp_dir / "trials.csv", index=False)
+    _write_atomic(exp_dir / "trials.csv", trials.to_csv(index=False))
     best_id = exp.best_trial
     if best_id is None:
         print("no trial produced a validation result; see the trials' error.txt files")
@@ -93,7 +94,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         "search_wall_seconds": wall_seconds,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(exp_dir / "summary.json", json.dumps(summary, indent=2))
 
     print(f"\n=== {exp_dir.name}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in summary['trials'].items())})")
     top = trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc", ascending=False).head(TOP_N)
@@ -118,6 +119,14 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():
         print(f"streamlit run dashboard/app.py -- --results {exp_dir.parent}")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: a driver killed while it writes leaves the previous file (or none);
+    --resume then writes the summary again."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _short(v) -> str:

@@ -148,7 +148,7 @@ def _recorded_trials(storage) -> set[str]:
     return set()
 
 
-def _wait_until_recorded(timeout_s: float = RECORD_TIMEOUT_S) -> None:
+def _wait_until_recorded(timeout_s: float = RECORD_TIMEOUT_S) -> float:
     """Write nothing to storage until the experiment state there names this trial.
 
     Ray snapshots its experiment state (the trial list a resume restores) every few seconds; a
@@ -156,16 +156,17 @@ def _wait_until_recorded(timeout_s: float = RECORD_TIMEOUT_S) -> None:
     checkpoints and TensorBoard files in a folder no resume knew of: an orphan, trained again
     from scratch under a new id. Waiting for the snapshot (search.tuner sets it to every second)
     means a trial that wrote anything is always one that --resume continues. A trial restored
-    from an existing experiment is named at once."""
+    from an existing experiment is named at once. Returns the seconds waited."""
     storage = tune.get_context().get_storage()
     trial_id = tune.get_context().get_trial_id()
     local = type(storage.storage_filesystem).__name__ == "LocalFileSystem"
-    end = time.monotonic() + timeout_s
+    start = time.monotonic()
     while trial_id not in _recorded_trials(storage):
-        if time.monotonic() > end:
+        if time.monotonic() - start > timeout_s:
             print(f"trial {trial_id}: not in the experiment state after {timeout_s:.0f} s; starting anyway")
-            return
+            break
         time.sleep(0.1 if local else 1.0)
+    return time.monotonic() - start
 
 
 def _checkpoint_index(path: Path) -> int:
@@ -207,7 +208,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
 
-    _wait_until_recorded()
+    waited = _wait_until_recorded()
     storage = tune.get_context().get_storage()
     folder = _storage_folder()
     tb_dir = folder if folder is not None else Path(tune.get_context().get_trial_dir())
@@ -217,7 +218,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
     unlogged = _unlogged_epochs(resume, checkpoint, folder)
     # a replayed epoch's checkpoint goes back into its own folder, so Ray knows it where it is
     on_disk = _epoch_folders(folder) if unlogged else {}
-    note = resume.note
+    note = {**resume.note, "recorded_wait_s": round(waited, 3)}  # first result only: start-up accounting
     # Checkpoints are written to a scratch dir and handed to Ray, which copies them to storage.
     scratch = Path(tempfile.mkdtemp(prefix="emnist-trial-"))
 

@@ -197,6 +197,8 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
         run_config = make_run_config(name, args.storage, [Progress(samples, spec.max_epochs)])
         if args.resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
+            if not is_uri(exp_dir):
+                set_aside_unknown_trials(Path(exp_dir))
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
             local = getattr(tuner, "_local_tuner", None)  # None with a ray:// client
             if local is not None:  # the restored run config has the old session's callbacks
@@ -231,6 +233,31 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
               f"Continue with:\n  {resume_command(args, name)}")
         return 130
     return finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=wall, max_epochs=spec.max_epochs)
+
+
+def set_aside_unknown_trials(exp_dir: Path) -> None:
+    """Trial folders that the experiment state Ray restores from does not name are no trials of
+    this experiment: left by a driver of an earlier version killed before it recorded them (a
+    trial now writes nothing before it is recorded, see search.trainable._wait_until_recorded).
+    Ray would never continue them, so they would stay as phantom trials beside the real ones: an
+    empty one is removed, one with files is moved to <exp>/orphaned/ (nothing is deleted)."""
+    import shutil
+
+    from search.results import ray_statuses, trial_dirs
+
+    known = ray_statuses(exp_dir)
+    if not known:
+        return
+    for d in trial_dirs(exp_dir):
+        if d.name.removeprefix("trial_") in known:
+            continue
+        if not any(d.iterdir()):
+            d.rmdir()
+            continue
+        (exp_dir / "orphaned").mkdir(exist_ok=True)
+        shutil.move(str(d), str(exp_dir / "orphaned" / d.name))
+        print(f"  {d.name} is not in the experiment state (left by a killed driver of an earlier version): "
+              f"moved to {exp_dir / 'orphaned'}; its configuration may be tried again", flush=True)
 
 
 def _sampler(seed: int):

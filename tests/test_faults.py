@@ -49,8 +49,10 @@ def snapshot(exp_dir: Path) -> dict:
             "config": (d / "params.json").read_text() if (d / "params.json").is_file() else None,
             "epochs": [] if h is None or h.empty or "epoch" not in h else h["epoch"].astype(int).tolist(),
             # the epoch rows as read (Ray's repeat of an already-final result is not a second run)
-            "result": [] if h is None or h.empty else h.drop(columns=["iterations_since_restore", "time_since_restore"],
-                                                                errors="ignore").to_dict("records"),
+            "result": [] if h is None or h.empty else [
+                {k: v for k, v in r.items() if v == v}  # (a key only some rows have is NaN in the others)
+                for r in h.drop(columns=["iterations_since_restore", "time_since_restore"],
+                                errors="ignore").to_dict("records")],
             "checkpoints": {p.parent.name: _sha(p) for p in sorted(d.glob("checkpoint_*/checkpoint.pt"))},
             "events": {p.name: _sha(p) for p in sorted(d.glob("events.out.tfevents.*"))},
         }
@@ -599,30 +601,6 @@ def test_one_driver_per_experiment(digits_dir, tmp_path):
     assert set(procs) == {a.pid, b.pid}
 
 
-def test_lock_is_released_when_its_driver_dies(tmp_path):
-    """The kernel drops the lock of a dead process, however it died: no stale lock blocks --resume."""
-    import sys
-
-    from search.lock import ExperimentLock, LockedError
-
-    exp = tmp_path / "exp"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from search.lock import ExperimentLock; ExperimentLock(sys.argv[2]).acquire(); "
-                               "print('locked', flush=True); time.sleep(600)", str(REPO), str(exp)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(LockedError, match=f"pid {holder.pid}"):
-            ExperimentLock(exp).acquire()
-    finally:
-        holder.kill()
-        holder.wait()
-    with ExperimentLock(exp):  # SIGKILLed holder: free at once
-        with pytest.raises(LockedError):  # and exclusive within one process too
-            ExperimentLock(exp).acquire()
-    ExperimentLock(exp).acquire().release()
-
-
 def pd_read_csv(path: Path):
     import pandas as pd
 
@@ -703,3 +681,23 @@ def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
     assert_tensorboard_complete(exp_dir, final)
     assert_searcher_state(exp_dir, samples)
     _checkpoint_folders_agree(exp_dir)
+
+
+def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):
+    """Folders an older version's killed driver left behind (files but no trial in the experiment
+    state) are moved to orphaned/ on --resume, not shown as phantom trials; empty ones go."""
+    from search.tuner import set_aside_unknown_trials
+
+    exp = tmp_path / "exp"
+    info = json.dumps({"trial_id": "aaaa_00000", "status": "TERMINATED", "config": {}})
+    (exp / "trial_aaaa_00000").mkdir(parents=True)
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": [[info, json.dumps({"num_failures": 0})]]}))
+    (exp / "trial_bbbb_00001" / "checkpoint_000000").mkdir(parents=True)
+    (exp / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"weights")
+    (exp / "trial_cccc_00002").mkdir()
+    assert load_experiment(exp).orphans == ["bbbb_00001", "cccc_00002"]
+    set_aside_unknown_trials(exp)
+    assert sorted(p.name for p in exp.glob("trial_*")) == ["trial_aaaa_00000"]
+    assert (exp / "orphaned" / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").read_bytes() == b"weights"
+    assert load_experiment(exp).trials["trial_id"].tolist() == ["aaaa_00000"]
