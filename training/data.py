@@ -8,13 +8,21 @@ The test split is only read by `load_test`, which is called for final evaluation
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from training.idx import read_images, read_labels
+from training.idx import (
+    IMAGES_MAGIC,
+    IdxError,
+    check_images_shape,
+    read_idx_header,
+    read_images,
+    read_labels,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
@@ -138,29 +146,74 @@ def _mapping_path(folder: Path, split: str) -> Path | None:
     return None
 
 
+def first_label(split: str) -> int:
+    """Official 'letters' labels run 1..26, all others start at 0."""
+    return 1 if split == "letters" else 0
+
+
+_MAPPING_LINE = re.compile(r"[0-9 \t]*")
+_MAX_MAPPING_BYTES = 1 << 20  # the official files are < 1 KB
+
+
+def _mapping_char(path: Path, n: int, code: int) -> str:
+    if code > 0x10FFFF:
+        raise ValueError(f"{path}:{n}: character code {code} is out of range (Unicode ends at {0x10FFFF})")
+    ch = chr(code)
+    if 0xD800 <= code <= 0xDFFF or not ch.isprintable() or ch.isspace():
+        what = "NUL" if code == 0 else "a control, space or unassigned character"
+        raise ValueError(f"{path}:{n}: character code {code} is {what}, not a character a class can be")
+    return ch
+
+
 def read_mapping(folder: Path, split: str) -> tuple[list[str], int]:
     """(class names in label order, first label). The official mapping file wins when present;
-    otherwise the built-in copy. Official 'letters' labels run 1..26, all others start at 0."""
+    otherwise the built-in copy. Official 'letters' labels run 1..26, all others start at 0.
+    The file is read strictly: lines of 'label code [code]' in ASCII digits, labels first..first+n-1
+    each once, every code a printable character, no two labels with the same class."""
     path = _mapping_path(folder, split)
+    start = first_label(split)
     if path is None:
-        return list(BUILTIN_CLASSES[split]), (1 if split == "letters" else 0)
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+        return list(BUILTIN_CLASSES[split]), start
+    raw = path.read_bytes()
+    if len(raw) > _MAX_MAPPING_BYTES:
+        raise ValueError(f"{path}: {len(raw)} bytes is far too large for a class mapping file")
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file (byte {e.start} is not UTF-8): expected lines of "
+                         "'label ascii_code'") from None
+    rows: list[tuple[int, str, int]] = []
+    label_line: dict[int, int] = {}
+    class_line: dict[str, tuple[int, int]] = {}
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if "\x00" in line:
+            raise ValueError(f"{path}:{n}: contains a NUL character; expected 'label ascii_code [ascii_code]'")
         if not line.strip():
             continue
         parts = line.split()
-        try:
-            label, codes = int(parts[0]), [int(p) for p in parts[1:]]
-            if not codes:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{path}:{n}: expected 'label ascii_code [ascii_code]', got {line!r}") from None
-        rows.append((label, "".join(dict.fromkeys(chr(c) for c in codes))))
+        if not _MAPPING_LINE.fullmatch(line) or not 2 <= len(parts) <= 3 or any(len(p) > 9 for p in parts):
+            raise ValueError(f"{path}:{n}: expected 'label ascii_code [ascii_code]' (2 or 3 columns of ASCII "
+                             f"digits), got {line!r}")
+        label, codes = int(parts[0]), [int(p) for p in parts[1:]]
+        name = "".join(dict.fromkeys(_mapping_char(path, n, c) for c in codes))
+        if label in label_line:
+            raise ValueError(f"{path}:{n}: label {label} appears twice (also on line {label_line[label]})")
+        if name in class_line:
+            other, m = class_line[name]
+            raise ValueError(f"{path}:{n}: class {name!r} appears twice (also label {other} on line {m})")
+        label_line[label], class_line[name] = n, (label, n)
+        rows.append((label, name, n))
+    if not rows:
+        raise ValueError(f"{path}: no mapping lines (expected 'label ascii_code' per class)")
     rows.sort()
     labels = [r[0] for r in rows]
-    if not rows or labels != list(range(labels[0], labels[0] + len(labels))):
-        raise ValueError(f"{path}: labels are empty or not consecutive")
-    return [r[1] for r in rows], labels[0]
+    if labels != list(range(start, start + len(rows))):
+        missing = sorted(set(range(start, start + len(rows))) - set(labels))
+        raise ValueError(f"{path}: labels must run {start}..{start + len(rows) - 1} without gaps for the "
+                         f"{split!r} split, found {labels[0]}..{labels[-1]}"
+                         + (f" (missing {', '.join(map(str, missing[:5]))})" if missing else ""))
+    return [r[1] for r in rows], start
 
 
 def read_split(
@@ -173,17 +226,42 @@ def read_split(
     if len(x) != len(y):
         raise ValueError(f"{paths['images']} has {len(x)} images but {paths['labels']} has {len(y)} labels")
     folder = paths["images"].parent
-    classes, first_label = read_mapping(folder, split)
-    y = y.astype(np.int64) - first_label
-    if len(y) and (y.min() < 0 or y.max() >= len(classes)):
-        raise ValueError(
-            f"{paths['labels']}: labels span {y.min()}..{y.max()} after offset, but the mapping has "
-            f"{len(classes)} classes"
-        )
+    classes, first = read_mapping(folder, split)
+    y = _check_labels(paths["labels"], y, first, classes)
     # EMNIST stores images transposed (column-major); fix it once here so that training,
     # evaluation and user drawings all share the upright orientation.
     images = torch.from_numpy(x.copy()).transpose(1, 2).contiguous()
     return images, torch.from_numpy(y), classes, str(folder)
+
+
+def _check_labels(path: Path, y: np.ndarray, first: int, classes: list[str]) -> np.ndarray:
+    y = y.astype(np.int64) - first
+    if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+        raise ValueError(
+            f"{path}: labels span {y.min()}..{y.max()} after offset, but the mapping has "
+            f"{len(classes)} classes"
+        )
+    return y
+
+
+def check_split(split: str, part: str, data_dir: str | Path | None = None,
+                classes: list[str] | None = None) -> int:
+    """Check, without reading the images, that a split's files will load: both headers (magic,
+    28x28 images, a non-empty count, file sizes or the whole gzip stream), equal counts, the
+    mapping, the labels in range and, if given, the same classes. Returns the number of images.
+    Run before training for the test split, which is only read at the end."""
+    paths = locate(split, part, data_dir)
+    shape = read_idx_header(paths["images"], IMAGES_MAGIC)
+    check_images_shape(paths["images"], shape)
+    y = read_labels(paths["labels"])  # small (1 byte per image)
+    if len(y) != shape[0]:
+        raise IdxError(f"{paths['images']} has {shape[0]} images but {paths['labels']} has {len(y)} labels")
+    have, first = read_mapping(paths["images"].parent, split)
+    _check_labels(paths["labels"], y, first, have)
+    if classes is not None and have != list(classes):
+        raise ValueError(f"the {split} {part} files in {paths['images'].parent} have classes {have[:5]}... "
+                         f"({len(have)}), but the train files have {list(classes)[:5]}... ({len(classes)})")
+    return shape[0]
 
 
 def stratified_split(labels: np.ndarray | torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

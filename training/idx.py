@@ -17,6 +17,8 @@ import numpy as np
 
 IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims
 LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dim
+IMAGE_SIZE = (28, 28)  # every EMNIST image; the models are built for it
+_CHUNK = 1 << 20
 
 
 class IdxError(ValueError):
@@ -35,44 +37,91 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
-def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
-    """Read an uint8 IDX file (optionally .gz) into a numpy array of its declared shape."""
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 8:
-        raise IdxError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    (magic,) = struct.unpack(">I", data[:4])
+def _parse_header(path: Path, head: bytes, length: int, expect_magic: int | None) -> tuple[tuple[int, ...], int]:
+    """(declared shape, data offset) from the first bytes of a file of `length` bytes (decompressed),
+    checking that the file holds exactly the data the header declares."""
+    if length < 8:
+        raise IdxError(f"{path}: too short for an IDX header ({length} bytes)")
+    (magic,) = struct.unpack(">I", head[:4])
     if magic >> 8 != 0x08:
         raise IdxError(f"{path}: wrong magic number {magic}: not an IDX file of uint8 data (only uint8 is supported)")
     if expect_magic is not None and magic != expect_magic:
         kind = {IMAGES_MAGIC: "images", LABELS_MAGIC: "labels"}.get(expect_magic, "?")
         raise IdxError(f"{path}: wrong magic number {magic} (expected {expect_magic} for an IDX {kind} file)")
     ndim = magic & 0xFF
-    if ndim == 0 or len(data) < 4 + 4 * ndim:
+    if ndim == 0 or length < 4 + 4 * ndim:
         raise IdxError(f"{path}: header declares {ndim} dimensions but the file is too short for them")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape, dtype=np.int64))
-    actual = len(data) - offset
+    actual = length - offset
     if actual != expected:
         what = "truncated" if actual < expected else "has trailing bytes"
         raise IdxError(
             f"{path}: {what}: header declares shape {tuple(shape)} = {expected} bytes of data, found {actual}"
         )
+    return tuple(shape), offset
+
+
+def read_idx(path: str | Path, expect_magic: int | None = None) -> np.ndarray:
+    """Read an uint8 IDX file (optionally .gz) into a numpy array of its declared shape."""
+    path = Path(path)
+    data = _read_bytes(path)
+    shape, offset = _parse_header(path, data[: 4 + 4 * 255], len(data), expect_magic)
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+
+
+def read_idx_header(path: str | Path, expect_magic: int | None = None) -> tuple[int, ...]:
+    """The shape an IDX file declares, after the same checks `read_idx` makes (magic, sizes, a
+    whole gzip stream), without keeping its contents: a raw file's size comes from the file
+    system; a .gz file is decompressed in chunks (verifying its checksum) and only counted."""
+    path = Path(path)
+    if path.suffix != ".gz":
+        with path.open("rb") as f:
+            head = f.read(4 + 4 * 255)
+        return _parse_header(path, head, path.stat().st_size, expect_magic)[0]
+    with path.open("rb") as raw:
+        if raw.read(2) != b"\x1f\x8b":
+            raise IdxError(f"{path}: not a gzip file (the name ends in .gz but the gzip magic bytes are missing)")
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(4 + 4 * 255)
+            length = len(head)
+            while chunk := f.read(_CHUNK):
+                length += len(chunk)
+    except (EOFError, OSError, zlib.error) as e:
+        raise IdxError(f"{path}: corrupt or truncated gzip data ({e})") from e
+    return _parse_header(path, head, length, expect_magic)[0]
+
+
+def check_images_shape(path: str | Path, shape: tuple[int, ...]) -> None:
+    """An EMNIST images file: (count > 0, 28, 28)."""
+    if len(shape) != 3:
+        raise IdxError(f"{Path(path)}: expected 3 dimensions (count, rows, cols), found shape {tuple(shape)}")
+    if tuple(shape[1:]) != IMAGE_SIZE:
+        raise IdxError(f"{Path(path)}: images are {shape[1]}x{shape[2]} pixels; EMNIST images are "
+                       f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} (the header declares shape {tuple(shape)})")
+    if shape[0] == 0:
+        raise IdxError(f"{Path(path)}: holds no images (the header declares 0)")
+
+
+def check_labels_shape(path: str | Path, shape: tuple[int, ...]) -> None:
+    """An EMNIST labels file: (count > 0,)."""
+    if len(shape) != 1:
+        raise IdxError(f"{Path(path)}: expected 1 dimension (count), found shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise IdxError(f"{Path(path)}: holds no labels (the header declares 0)")
 
 
 def read_images(path: str | Path) -> np.ndarray:
     x = read_idx(path, IMAGES_MAGIC)
-    if x.ndim != 3:
-        raise IdxError(f"{Path(path)}: expected 3 dimensions (count, rows, cols), found shape {x.shape}")
+    check_images_shape(path, x.shape)
     return x
 
 
 def read_labels(path: str | Path) -> np.ndarray:
     y = read_idx(path, LABELS_MAGIC)
-    if y.ndim != 1:
-        raise IdxError(f"{Path(path)}: expected 1 dimension (count), found shape {y.shape}")
+    check_labels_shape(path, y.shape)
     return y
 
 

@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 from training.checkpoint import CheckpointError  # noqa: E402
 from training.config import ConfigError, load_yaml, make_config, parse_set  # noqa: E402
-from training.data import REPO_ROOT, DataNotFoundError, load_dataset  # noqa: E402
+from training.data import REPO_ROOT, DataNotFoundError, check_split, load_dataset  # noqa: E402
 from training.idx import IdxError  # noqa: E402
 from training.metrics import format_pairs  # noqa: E402
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_dataset(
             config.split, args.data_dir, config.val_fraction, config.seed, config.train_limit, config.val_limit
         )
+        if not args.no_test:  # read only at the end, so checked now: a bad file must not waste the training
+            check_split(config.split, "test", args.data_dir, data.classes)
     except (ConfigError, DataNotFoundError, IdxError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,212 @@
+"""Bad input is refused early, in one line, naming what is wrong: IDX files that are not 28x28
+EMNIST images, strict mapping files, a damaged test split (checked before the first epoch),
+configs that cannot run here (non-finite numbers, a device this machine lacks, a model too large
+to allocate), storage that cannot be written, an extended run (new schedule length), the printed
+resume command (shell-quoted), and checkpoints of random or damaged bytes (CheckpointError only)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_idx_dataset
+from training.data import check_split, load_dataset, read_split
+from training.idx import IdxError, write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(REPO / "training" / "train.py")]
+SEARCH = [sys.executable, str(REPO / "search" / "run.py")]
+PREDICT = [sys.executable, str(REPO / "training" / "predict.py")]
+TINY = ["--set", "batch_size=32", "--set", "hist_every=0", "--set", "eval_batch_size=256"]
+
+
+def run(cmd, *args, timeout=300, env=None):
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "RAY_ADDRESS": "local", **(env or {})})
+
+
+def one_line_error(r) -> str:
+    """The CLI refused with exit 2 and a single `error: ...` line on stderr (no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture
+def small_dir(tmp_path) -> Path:
+    return make_idx_dataset(tmp_path / "data", n_train=120, n_test=40)
+
+
+def _images(folder: Path, part: str, split: str = "digits") -> Path:
+    return next(folder.glob(f"emnist-{split}-{part}-images-idx3-ubyte*"))
+
+
+def _labels(folder: Path, part: str, split: str = "digits") -> Path:
+    return next(folder.glob(f"emnist-{split}-{part}-labels-idx1-ubyte*"))
+
+
+# --- 3. images other than 28x28, zero images, strict mapping files ---------------------------------
+
+@pytest.mark.parametrize("shape", [(14, 56), (28, 27), (32, 32), (1, 784), (56, 14)])
+def test_images_other_than_28x28_are_refused_naming_the_file(small_dir, shape):
+    path = _images(small_dir, "train")
+    write_idx(path, np.zeros((120, *shape), np.uint8))
+    with pytest.raises(IdxError, match="28x28") as e:
+        read_split("digits", "train", small_dir)
+    assert str(path) in str(e.value) and f"{shape[0]}x{shape[1]}" in str(e.value)
+    with pytest.raises(IdxError, match="28x28"):
+        check_split("digits", "train", small_dir)
+
+
+def test_mobile_cnn_on_14x56_images_is_refused_by_the_cli(small_dir, tmp_path):
+    """The issue's case: mobile_cnn (adaptive pooling) trained on 14x56 images and reported accuracy."""
+    path = _images(small_dir, "train")
+    write_idx(path, np.random.default_rng(0).integers(0, 255, (120, 14, 56), dtype=np.uint8))
+    r = run(TRAIN, "--data-dir", small_dir, "--split", "digits", "--epochs", "1", "--out", tmp_path / "run",
+            "--set", "model=mobile_cnn", *TINY)
+    line = one_line_error(r)
+    assert str(path) in line and "14x56" in line and "28x28" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("part", ["train", "test"])
+def test_zero_images_name_the_file(small_dir, part):
+    images, labels = _images(small_dir, part), _labels(small_dir, part)
+    write_idx(images, np.zeros((0, 28, 28), np.uint8))
+    write_idx(labels, np.zeros(0, np.uint8))
+    with pytest.raises(IdxError, match="holds no images") as e:
+        read_split("digits", part, small_dir)
+    assert str(images) in str(e.value)
+    with pytest.raises(IdxError, match="holds no images"):
+        check_split("digits", part, small_dir)
+    write_idx(images, np.zeros((5, 28, 28), np.uint8))
+    with pytest.raises(IdxError, match="holds no labels") as e:
+        read_split("digits", part, small_dir)
+    assert str(labels) in str(e.value)
+
+
+GOOD_DIGITS = [f"{i} {48 + i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\n".join(GOOD_DIGITS[:9] + ["3 57"]), "label 3 appears twice"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 48"]), "class '0' appears twice"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 0"]), "NUL"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 5\x0057"]), "NUL"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 7"]), "control"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 32"]), "space"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 55296"]), "not a character"),  # a lone surrogate
+    ("\n".join(GOOD_DIGITS[:9] + ["9 1114112"]), "out of range"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 99999999999999999999"]), "expected 'label ascii_code"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 -57"]), "expected 'label ascii_code"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 \u0665\u0667"]), "expected 'label ascii_code"),  # Arabic-Indic digits
+    ("\n".join(GOOD_DIGITS[:9] + ["9 5_7"]), "expected 'label ascii_code"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9"]), "expected 'label ascii_code"),
+    ("\n".join(GOOD_DIGITS[:9] + ["9 57 58 59"]), "expected 'label ascii_code"),
+    ("\n".join(f"{i + 1} {48 + i}" for i in range(10)), "labels must run 0..9"),
+    ("\n".join(GOOD_DIGITS[:5] + [f"{i + 1} {48 + i}" for i in range(5, 10)]), "missing 5"),
+    ("", "no mapping lines"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text file"),
+    (b"0 48\n1 49\n\xff\xfe 50\n", "not a text file"),
+])
+def test_bad_mapping_files_are_refused_naming_the_file(small_dir, content, message):
+    path = small_dir / "emnist-digits-mapping.txt"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message) as e:
+        read_split("digits", "train", small_dir)
+    assert str(path) in str(e.value)
+    with pytest.raises(ValueError, match=message):
+        check_split("digits", "test", small_dir)
+
+
+def test_good_mapping_variants_still_read(tmp_path):
+    folder = make_idx_dataset(tmp_path / "l", split="letters", n_train=52, n_test=26)
+    path = folder / "emnist-letters-mapping.txt"
+    # the official letters file: three columns, labels from 1; CRLF line ends, blank lines, tabs
+    path.write_bytes(("\r\n".join(f"{i + 1}\t{65 + i} {97 + i}" for i in range(26)) + "\r\n\r\n").encode())
+    classes = read_split("letters", "train", folder)[2]
+    assert classes[0] == "Aa" and classes[-1] == "Zz" and len(classes) == 26
+    digits = make_idx_dataset(tmp_path / "d", n_train=20, n_test=10)
+    (digits / "emnist-digits-mapping.txt").write_text("\n".join(reversed(GOOD_DIGITS)))  # order of lines is free
+    assert read_split("digits", "train", digits)[2] == list("0123456789")
+
+
+# --- 4. the test split is checked before the first epoch ------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "truncated-gz", "trailing", "labels-count", "not-28x28",
+                                    "mapping", "label-range"])
+def test_check_split_finds_test_file_problems_without_reading_images(tmp_path, damage):
+    gz = damage != "truncated"
+    folder = make_idx_dataset(tmp_path / "d", n_train=60, n_test=30, gz=gz)
+    images, labels = _images(folder, "test"), _labels(folder, "test")
+    data = images.read_bytes()
+    if damage == "truncated":
+        images.write_bytes(data[:-100])
+    elif damage == "truncated-gz":
+        images.write_bytes(data[: len(data) * 2 // 3])
+    elif damage == "trailing":
+        images.write_bytes(gzip.compress(gzip.decompress(data) + b"\x00" * 7))
+    elif damage == "labels-count":
+        write_idx(labels, np.zeros(29, np.uint8))
+    elif damage == "not-28x28":
+        write_idx(images, np.zeros((30, 14, 56), np.uint8))
+    elif damage == "label-range":
+        write_idx(labels, np.full(30, 10, np.uint8))
+    else:  # the test files elsewhere (torchvision's layout), with another class list
+        raw = folder / "EMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for p in folder.glob("emnist-digits-test-*"):
+            p.replace(raw / p.name)
+        (raw / "emnist-digits-mapping.txt").write_text("\n".join(f"{i} {97 + i}" for i in range(10)))
+    classes = load_dataset("digits", folder, val_fraction=0.2).classes  # the train files are fine
+    with pytest.raises(ValueError) as e:
+        check_split("digits", "test", folder, classes)
+    assert str(folder) in str(e.value)
+
+
+def test_check_split_accepts_good_files(digits_dir):
+    assert check_split("digits", "test", digits_dir, list("0123456789")) == 200
+    assert check_split("digits", "train", digits_dir) == 600
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_test_file_fails_the_train_cli_before_the_first_epoch(tmp_path, gz):
+    folder = make_idx_dataset(tmp_path / "d", n_train=120, n_test=40, gz=gz)
+    images = _images(folder, "test")
+    images.write_bytes(images.read_bytes()[:-500])
+    out = tmp_path / "run"
+    r = run(TRAIN, "--data-dir", folder, "--split", "digits", "--epochs", "1", "--out", out, *TINY)
+    line = one_line_error(r)
+    assert str(images) in line and ("truncated" in line or "corrupt" in line)
+    assert "epoch" not in r.stdout and not out.exists()  # refused before any training
+    # --no-test needs no test files
+    r = run(TRAIN, "--data-dir", folder, "--split", "digits", "--epochs", "1", "--out", out, "--no-test", *TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_truncated_test_file_fails_the_search_before_ray_starts(tmp_path):
+    folder = make_idx_dataset(tmp_path / "d", n_train=120, n_test=40)
+    labels = _labels(folder, "test")
+    write_idx(labels, np.zeros(39, np.uint8))
+    space = _space(tmp_path)
+    r = run(SEARCH, "--config", space, "--data-dir", folder, "--storage", tmp_path / "results", "--name", "x",
+            timeout=120)
+    line = one_line_error(r)
+    assert str(labels) in line and "40 images" in line and "39 labels" in line
+    assert "experiment x" not in r.stdout and not list((tmp_path / "results").glob("x/trial_*"))
+
+
+def _space(folder: Path, space: str = "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n", fixed: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text("split: digits\nbatch_size: 32\neval_batch_size: 256\nhist_every: 0\n"
+                                      "scheduler: none\n")
+    path = folder / "space.yaml"
+    path.write_text(f"base: base.yaml\nsamples: 1\nmax_epochs: 1\nasha: {{grace_period: 1}}\n{fixed}space:\n{space}")
+    return path
