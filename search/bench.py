@@ -26,37 +26,50 @@ from search.space import load_search_spec  # noqa: E402
 from training.data import REPO_ROOT, load_dataset  # noqa: E402
 
 
+def tutorial_model(c, num_classes: int) -> tuple[torch.nn.Module, torch.device]:
+    """The tutorial's model set-up: the model on the trial's device (CUDA when Ray gave the
+    trial a GPU), as `model.to(device)` in Ray Tune's PyTorch example."""
+    from models import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(c.seed)
+    return build_model(c.model, num_classes, **c.model_kwargs()).to(device), device
+
+
 def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
-    """A trial written like the Ray Tune PyTorch tutorial (load data, DataLoader, loop, report)."""
+    """A trial written like the Ray Tune PyTorch tutorial (load data, DataLoader, model and each
+    batch moved to the trial's device, loop, one report per epoch)."""
     from ray import tune
     from torch.utils.data import DataLoader
 
-    from models import build_model
     from training.bench import PilDataset, pil_transform
     from training.config import make_config
     from training.trainer import make_optimizer, make_scheduler
 
     c = make_config(config)
     data = load_dataset(c.split, data_dir, c.val_fraction, c.seed, c.train_limit, c.val_limit)  # in every trial
+    model, device = tutorial_model(c, data.num_classes)
+    pin = device.type == "cuda"
     train_loader = DataLoader(PilDataset(data.train_x, data.train_y, pil_transform(c)), batch_size=c.batch_size,
-                              shuffle=True, num_workers=workers, drop_last=True)
+                              shuffle=True, num_workers=workers, drop_last=True, pin_memory=pin,
+                              persistent_workers=workers > 0)
     val_loader = DataLoader(PilDataset(data.val_x, data.val_y, pil_transform(make_config({"aug_strength": 0}))),
-                            batch_size=c.eval_batch_size, num_workers=workers)
-    torch.manual_seed(c.seed)
-    model = build_model(c.model, data.num_classes, **c.model_kwargs())
+                            batch_size=c.eval_batch_size, num_workers=workers, pin_memory=pin,
+                            persistent_workers=workers > 0)
     opt = make_optimizer(c, model)
     sched, when = make_scheduler(c, opt, len(train_loader))
     start = 1
     ckpt = tune.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
+            state = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["epoch"] + 1
     for epoch in range(start, c.epochs + 1):
         model.train()
         for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = F.cross_entropy(model(x), y, label_smoothing=c.label_smoothing)
             opt.zero_grad()
             loss.backward()
@@ -68,6 +81,7 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
         loss_sum = 0.0
         with torch.no_grad():
             for x, y in val_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 out = model(x)
                 loss_sum += F.cross_entropy(out, y, reduction="sum").item()
                 correct += (out.argmax(1) == y).sum().item()
@@ -83,6 +97,14 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
                         checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}), no GPU"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "search" / "smoke.yaml")
@@ -93,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None, help="default: CPUs (or 4 per GPU)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorial trainable")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default=None, help="EMNIST split (default: the space's)")
     p.add_argument("--order", default="project,tutorial", help="which to run, in order")
     args = p.parse_args(argv)
 
@@ -104,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_search_spec(args.config)
     spec.max_epochs = args.max_epochs
     spec.grace_period = min(spec.grace_period, args.max_epochs)
-    spec.fixed.update(train_limit=args.limit, hist_every=0)
+    spec.fixed.update(train_limit=args.limit, hist_every=0, **({"split": args.split} if args.split else {}))
     base = spec.trial_base()
     data_dir = str(Path(args.data_dir or os.environ.get("EMNIST_DATA_DIR", REPO_ROOT / "data")).resolve())
     storage = tempfile.mkdtemp(prefix="search-bench-")
@@ -114,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cpt, gpt, concurrency = resources(rargs)
         print(f"search: {args.samples} samples, up to {args.max_epochs} epochs, {concurrency} trials at once, "
               f"{args.limit} training images, space {args.config.name}, seed {args.seed}; torch {torch.__version__}, "
-              f"{os.cpu_count()} CPUs, GPU: {gpt > 0}")
+              f"{os.cpu_count()} CPUs, device: {device_name()}" + (f", {gpt:g} GPU per trial" if gpt else ""))
         walls, epochs_run = {}, {}
         for which in args.order.split(","):
             if which == "project":

@@ -24,7 +24,7 @@ import time  # noqa: E402
 from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
 from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
-from training.config import ConfigError, make_config  # noqa: E402
+from training.config import ConfigError, check_device, make_config  # noqa: E402
 from training.data import REPO_ROOT, DataNotFoundError  # noqa: E402
 from training.idx import IdxError  # noqa: E402
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("split", args.split), ("device", args.device)) if v is not None}
         spec.fixed.update(overrides)
         base = spec.trial_base()  # validates fixed + overrides
+        if not args.address:  # (a cluster's workers may have the GPU its driver lacks)
+            check_device(base["device"])
         make_config(default_point(spec), base=base)
         samples = args.samples = args.samples or spec.samples or 50
         name = args.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"

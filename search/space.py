@@ -146,7 +146,39 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     samples = doc.get("samples")
     if samples is not None and (not isinstance(samples, int) or samples < 1):
         raise _err(str(path), f"samples must be a positive integer, got {samples!r}")
+    for corner in _largest_models(space):  # each value is fine alone; together they may be too big
+        try:
+            make_config({**fixed, **corner}, base=base)
+        except ConfigError as e:
+            where = ", ".join(f"{k}={v}" for k, v in corner.items())
+            raise _err(str(path), f"the largest model it can sample ({where}) is refused: {e}") from None
     return SearchSpec(path, base, fixed, space, max_epochs, grace, factor, samples, sorted(seen))
+
+
+SIZE_KEYS = ("model", "width", "depth", "blocks")  # what a model's parameter count depends on
+_MAX_CORNERS = 1000
+
+
+def _largest_models(tree: dict[str, Any]) -> list[dict[str, Any]]:
+    """The space's points with the largest models: every model it can choose (with its branch),
+    each at the top of the width/depth/blocks ranges (parameters grow with each of them)."""
+    corners: list[dict[str, Any]] = [{}]
+    for key, dist in tree.items():
+        if not isinstance(dist, dict):
+            options = [{key: dist}] if key in SIZE_KEYS else [{}]
+        else:
+            kind, arg = next(iter(dist.items()))
+            if kind == "choice":
+                options = []
+                for option in arg:
+                    sub = arg.get(option) if isinstance(arg, dict) else None
+                    own = {key: option} if key in SIZE_KEYS else {}
+                    options += [{**own, **c} for c in (_largest_models(sub) if sub else [{}])]
+            else:
+                options = [{key: arg[1]}] if key in SIZE_KEYS else [{}]
+        unique = {tuple(sorted(o.items(), key=str)): o for o in options}
+        corners = [{**c, **o} for c in corners for o in unique.values()][:_MAX_CORNERS]
+    return corners
 
 
 class DefineByRun:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import make_idx_dataset
+from training.config import ConfigError, check_device, make_config, parse_set
 from training.data import check_split, load_dataset, read_split
 from training.idx import IdxError, write_idx
 
@@ -210,3 +212,73 @@ def _space(folder: Path, space: str = "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n", 
     path = folder / "space.yaml"
     path.write_text(f"base: base.yaml\nsamples: 1\nmax_epochs: 1\nasha: {{grace_period: 1}}\n{fixed}space:\n{space}")
     return path
+
+
+# --- 5. configs that cannot run: non-finite numbers, a missing device, a model too large ----------
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lr": "inf"}, "lr must be a finite number"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"weight_decay": float("inf")}, "weight_decay must be a finite number"),
+    ({"aug_rotate": "-inf"}, "aug_rotate must be a finite number"),
+    ({"epochs": float("inf")}, "epochs must be a finite number"),
+    ({"width": 1e9}, "model too large: small_cnn with width=1e\\+09"),
+    ({"width": "1e300"}, "model too large"),
+    ({"model": "vgg", "width": 30, "depth": 8}, "model too large: vgg .* 1.3G parameters"),
+    ({"model": "resnet", "blocks": 10_000}, "blocks must be <= 100"),
+    ({"seed": -1}, "seed must be in"),
+    ({"device": "cuda:x"}, "device must be one of"),
+])
+def test_configs_that_cannot_run_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(overrides)
+
+
+def test_yaml_infinities_and_sane_models_pass():
+    assert parse_set(["lr=.inf"])["lr"] == float("inf")
+    with pytest.raises(ConfigError, match="finite"):
+        make_config(parse_set(["lr=.inf"]))
+    for model in ("small_cnn", "vgg", "resnet", "mobile_cnn"):
+        make_config({"model": model, "width": 4.0, "depth": 3, "blocks": 3})  # the big end of a sane space
+
+
+def test_missing_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", "mps"):
+        with pytest.raises(ConfigError, match="not available"):
+            check_device(device)
+    check_device("cpu")
+    check_device("auto")
+    make_config({"device": "cuda"})  # a checkpoint from a GPU machine still loads on this one
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lr=inf", "lr must be a finite number"),
+    ("lr=nan", "lr must be a finite number"),
+    ("width=1e9", "model too large"),
+    ("device=cuda", "CUDA is not available"),
+])
+def test_train_cli_refuses_before_any_work(tmp_path, setting, message):
+    if setting.startswith("device") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run(TRAIN, "--data-dir", tmp_path / "no-data-needed", "--out", tmp_path / "run", "--set", setting, timeout=60)
+    assert message in one_line_error(r)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, space, fixed, message", [
+    (["--device", "cuda"], None, "", "CUDA is not available"),
+    ([], "  width: {uniform: [0.5, 1.0e+9]}\n", "", "model too large"),
+    ([], "  model:\n    choice:\n      small_cnn: {}\n      vgg: {depth: {int: [1, 20]}}\n"
+         "  width: {uniform: [0.5, 8.0]}\n", "", "largest model it can sample (model=vgg, depth=20, width=8.0)"),
+    ([], None, "fixed: {lr: .inf}\n", "lr must be a finite number"),
+])
+def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fixed, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = _space(tmp_path, **({"space": space} if space else {}), fixed=fixed)
+    r = run(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", *args,
+            timeout=120)
+    assert message in one_line_error(r)
+    assert "experiment" not in r.stdout  # Ray never started

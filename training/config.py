@@ -8,6 +8,9 @@ configs, checkpoints): unknown keys and bad values fail here, before any trainin
 from __future__ import annotations
 
 import difflib
+import functools
+import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,11 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Sane bounds, checked before any work: a model beyond MAX_PARAMS (counted on PyTorch's "meta"
+# device, which allocates nothing) would not fit in memory, or not train in any useful time.
+MAX_PARAMS = 100_000_000
+MAX_LAYERS = 100  # vgg depth / resnet blocks per stage
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -97,6 +105,8 @@ def _coerce(key: str, value: Any) -> Any:
             value = float(value)
         except ValueError:
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if kind in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
@@ -122,7 +132,8 @@ def _check(c: TrainConfig) -> None:
     need(c.model in list_models(), f"model must be one of {', '.join(list_models())}, got {c.model!r}")
     need(c.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
     need(c.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {c.scheduler!r}")
-    need(c.device in DEVICES or c.device.startswith("cuda:"), f"device must be one of {', '.join(DEVICES)}")
+    need(c.device in DEVICES or re.fullmatch(r"cuda:\d+", c.device) is not None,
+         f"device must be one of {', '.join(DEVICES)} or cuda:N, got {c.device!r}")
     need(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
@@ -131,6 +142,9 @@ def _check(c: TrainConfig) -> None:
     need(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
     need(c.width > 0, f"width must be > 0, got {c.width}")
     need(c.depth >= 1 and c.blocks >= 1, "depth and blocks must be >= 1")
+    need(c.depth <= MAX_LAYERS and c.blocks <= MAX_LAYERS, f"depth and blocks must be <= {MAX_LAYERS}, got "
+         f"depth {c.depth}, blocks {c.blocks}")
+    need(0 <= c.seed <= MAX_SEED, f"seed must be in [0, 2**63), got {c.seed}")
     need(0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
     need(0 <= c.aug_erase <= 1, f"aug_erase is a probability, got {c.aug_erase}")
@@ -142,6 +156,63 @@ def _check(c: TrainConfig) -> None:
               "aug_scale", "aug_shear", "aug_elastic"):
         need(getattr(c, k) >= 0, f"{k} must be >= 0, got {getattr(c, k)}")
     need(c.aug_scale * c.aug_strength < 1, "aug_scale * aug_strength must be < 1 (a scale of 0 erases the image)")
+    params = count_parameters(c)
+    need(params <= MAX_PARAMS, f"model too large: {c.model} with {_describe(c.model_kwargs())} has "
+         f"{_human(params)} parameters, above the limit of {_human(MAX_PARAMS)}")
+
+
+def _human(n: float) -> str:
+    if n == math.inf:
+        return "more than 9.2e18 (its layer sizes overflow)"
+    return f"{n / 1e9:.3g}G" if n >= 1e9 else f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def _describe(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kwargs.items()
+                     if k != "dropout") or "its defaults"
+
+
+def count_parameters(c: TrainConfig) -> float:
+    """Parameters of the model `c` describes, counted without allocating it (math.inf when even
+    its shapes overflow). Uses the split's built-in class count."""
+    from training.data import BUILTIN_CLASSES
+
+    kwargs = {k: (0.0 if k == "dropout" else v) for k, v in c.model_kwargs().items()}  # dropout adds none
+    return _count_parameters(c.model, tuple(sorted(kwargs.items())), len(BUILTIN_CLASSES[c.split]))
+
+
+@functools.lru_cache(maxsize=512)
+def _count_parameters(model: str, kwargs: tuple, num_classes: int) -> float:
+    import torch
+
+    from models import build_model
+
+    try:
+        with torch.device("meta"):
+            net = build_model(model, num_classes, **dict(kwargs))
+    except (RuntimeError, TypeError, OverflowError, MemoryError) as e:  # shapes beyond int64
+        if isinstance(e, TypeError) and "overflow" not in str(e).lower():
+            raise
+        return math.inf
+    return sum(p.numel() for p in net.parameters())
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have (called by the CLIs before any work; not part of
+    make_config, since checkpoints and cluster trials carry devices of other machines)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {device!r} requested but CUDA is not available ({why}); "
+                              "use device auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' requested but MPS is not available on this machine; use device auto or cpu")
 
 
 def make_config(overrides: dict[str, Any] | None = None, base: TrainConfig | dict | None = None) -> TrainConfig:

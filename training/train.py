@@ -21,7 +21,7 @@ import json  # noqa: E402
 import time  # noqa: E402
 
 from training.checkpoint import CheckpointError  # noqa: E402
-from training.config import ConfigError, load_yaml, make_config, parse_set  # noqa: E402
+from training.config import ConfigError, check_device, load_yaml, make_config, parse_set  # noqa: E402
 from training.data import REPO_ROOT, DataNotFoundError, check_split, load_dataset  # noqa: E402
 from training.idx import IdxError  # noqa: E402
 from training.metrics import format_pairs  # noqa: E402
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["epochs"] = args.epochs
         # Validate everything before touching data or the GPU.
         config = make_config(overrides, base=load_yaml(args.config))
+        check_device(config.device)
         out = args.out or REPO_ROOT / "results" / "runs" / f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         resume = None
         if args.resume:

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Every figure of the GPU speed issue, measured in one go on a GPU machine, each printed with the device.
+#
+#   ../shared/device/pack.sh          # on the development machine, once: Ray + Optuna + EMNIST into .gpu/
+#   bash benchmarks/gpu.sh [PART...]   # on the GPU machine (device tool: carry .gpu)
+#
+# PART: train (training.bench at bs 128 and 256), concurrent (1/4/8 trainers on one GPU, without
+# and with MPS), searchbench (search.bench, project vs tutorial trainable), search (the default
+# 50-sample search, timed, with GPU utilisation sampled every second); default: all of them.
+# A device call may run 10 minutes at most: `train concurrent searchbench` fit in one call,
+# `search` in another. Logs go to $OUT (the device tool brings that folder back) or /tmp/gpu-bench.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu-bench}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if [ -f .gpu/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
+  mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
+fi
+[ -d /tmp/site/ray ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+DATA="${DATA:-.gpu/emnist}"
+SPLIT="${SPLIT:-bymerge}"
+SAMPLES="${SAMPLES:-50}"
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(train concurrent searchbench search)
+
+want() { local p; for p in "${PARTS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
+step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader || echo "no nvidia-smi"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+if want train; then
+  step "training.bench, small_cnn, bs 128 (target >= 3.5x, >= 75k img/s resident)"
+  "$PY" -m training.bench --data-dir "$DATA" --split "$SPLIT" --repeats 2 2>&1 | tee "$OUT/train-bs128.txt"
+  step "training.bench, small_cnn, bs 256 (target >= 4x)"
+  "$PY" -m training.bench --data-dir "$DATA" --split "$SPLIT" --repeats 2 --batch-size 256 2>&1 | tee "$OUT/train-bs256.txt"
+fi
+
+if want concurrent; then
+  step "concurrent trainers on one GPU, no MPS (summed target >= 160k img/s)"
+  "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 | tee "$OUT/concurrent.txt"
+  if command -v nvidia-cuda-mps-control >/dev/null; then
+    step "concurrent trainers on one GPU, with MPS"
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d; then
+      "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 | tee "$OUT/concurrent-mps.txt"
+      echo quit | nvidia-cuda-mps-control
+    else
+      echo "MPS could not be started on this machine"
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  else
+    echo "nvidia-cuda-mps-control not found: MPS not measured"
+  fi
+fi
+
+if want searchbench; then
+  step "search.bench: project vs tutorial trainable (target >= 8x)"
+  "$PY" -m search.bench --data-dir "$DATA" --split "$SPLIT" --workers 4 2>&1 | tee "$OUT/search-bench.txt"
+fi
+
+if want search; then
+  step "python search/run.py --samples $SAMPLES (target: <= 5 min, best val_acc >= 0.905)"
+  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 > "$OUT/gpu-util.txt" 2>/dev/null &
+  SMI=$!
+  rm -rf /tmp/gpu-search
+  start=$(date +%s)
+  "$PY" search/run.py --samples "$SAMPLES" --data-dir "$DATA" --split "$SPLIT" --storage /tmp/gpu-search \
+    --name default50 ${SEARCH_ARGS:-} 2>&1 | tee "$OUT/search.txt"
+  end=$(date +%s)
+  kill "$SMI" 2>/dev/null
+  echo "search wall-clock: $((end - start)) s"
+  "$PY" - "$OUT/gpu-util.txt" /tmp/gpu-search/default50 "$OUT/search.txt" "$((end - start))" <<'EOF'
+import re
+import sys
+from pathlib import Path
+
+util = [float(x) for x in Path(sys.argv[1]).read_text().split() if x.replace(".", "").isdigit()]
+if util:
+    print(f"GPU utilisation during the search: mean {sum(util) / len(util):.0f} % over {len(util)} s")
+sys.path.insert(0, ".")
+from search.results import load_experiment  # noqa: E402
+
+exp = load_experiment(sys.argv[2])
+ok = exp.trials.dropna(subset=["best_val_acc"])
+epochs = int(exp.trials["epochs_run"].sum())
+print(f"{len(exp.trials)} trials, {epochs} trial-epochs, best val_acc {ok['best_val_acc'].max():.4f}")
+found = re.search(r"data: \S+, (\d+) train", Path(sys.argv[3]).read_text())
+if found:
+    rate = epochs * int(found.group(1)) / float(sys.argv[4])
+    print(f"summed trial throughput: {rate:,.0f} img/s (trial-epochs x training images / wall-clock; target >= 160k)")
+waits = [h["recorded_wait_s"].dropna().sum() for h in exp.histories.values() if "recorded_wait_s" in h]
+if waits:
+    print(f"trial start-up waiting for the experiment snapshot: {sum(waits):.1f} s in all, {max(waits):.1f} s at most")
+EOF
+fi

@@ -1,0 +1,52 @@
+"""The benchmark scripts run, print what they measure, and compare like with like."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tutorial_baseline_puts_the_model_on_the_trial_device():
+    """search.bench's baseline moves its model (and batches) to the trial's device, as the Ray Tune
+    tutorial does; it once trained on the CPU on the GPU machine, which made any ratio meaningless."""
+    from search.bench import tutorial_model
+    from training.config import make_config
+
+    model, device = tutorial_model(make_config({"split": "digits"}), 10)
+    assert {p.device.type for p in model.parameters()} == {device.type}
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA here: the baseline's device is the CPU, which says nothing (runs on the GPU machine)")
+    assert device.type == "cuda"
+
+
+@pytest.mark.slow
+def test_search_bench_runs_both_trainables(digits_dir):
+    r = subprocess.run([sys.executable, "-m", "search.bench", "--data-dir", str(digits_dir), "--samples", "2",
+                        "--max-epochs", "1", "--limit", "300", "--workers", "0", "--split", "digits"],
+                       capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "device: " in r.stdout and "project   trainable" in r.stdout and "tutorial  trainable" in r.stdout
+    assert "ratio tutorial/project" in r.stdout
+
+
+def test_concurrent_trainers_bench_prints_summed_throughput():
+    """benchmarks.concurrent: N trainer processes at once, their summed images/s (CPU here, tiny)."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--procs", "1,2", "--synthetic", "600",
+                        "--split", "digits", "--epochs", "2", "--device", "cpu", "--set", "batch_size=64",
+                        "--set", "width=0.5"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if "trainer(s)" in ln]
+    assert r.stdout.startswith("device: CPU") and len(lines) == 2, r.stdout
+    summed = [float(ln.split("img/s each,")[1].split()[0]) for ln in lines]
+    assert all(s > 0 for s in summed)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--procs", "two"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "--procs must be comma-separated integers" in bad.stderr
