@@ -2,7 +2,9 @@
 
 Security: the dashboard never opens a path typed by a user. Experiments are picked from the
 folders found under the results root, and every name is resolved and checked to stay inside
-the root (also through symlinks) before anything is read.
+the root (also through symlinks) before anything is read. Inside an experiment, every trial
+folder and file (params.json, result.json, checkpoints, error.txt) gets the same check
+(`search.results.is_inside`, the one helper): one that leads outside the root is not opened.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
-from search.results import Experiment, list_experiments, load_experiment
+from search.results import Experiment, is_inside, list_experiments, load_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_RESULTS = "EMNIST_TUNE_RESULTS"
@@ -40,7 +42,7 @@ def safe_child(root: Path, name: str) -> Path:
         raise UnsafePath(f"not an experiment name: {name!r}")
     root_real = root.resolve()
     path = (root_real / decoded).resolve()
-    if path.parent != root_real:
+    if not is_inside(root_real, path) or path.parent != root_real:
         raise UnsafePath(f"{name!r} leads outside the results root")
     return path
 
@@ -61,12 +63,36 @@ def open_experiment(root: Path, name: str) -> Experiment:
     path = safe_child(root, name)
     if not path.is_dir():
         raise UnsafePath(f"no experiment named {name!r} under {root}")
-    return load_experiment(path)
+    return load_experiment(path, root=root)
 
 
 def safe_checkpoint(root: Path, path: str | Path) -> Path:
     """A checkpoint path that came from an experiment listing, re-checked to be inside root."""
+    return safe_file(root, path, "checkpoint")
+
+
+def safe_file(root: Path, path: str | Path, what: str = "file") -> Path:
+    """The real location of a file under an experiment (checkpoint, error.txt), which must be inside
+    root (and not root itself)."""
     real = Path(path).resolve()
-    if root.resolve() not in real.parents:
-        raise UnsafePath("checkpoint outside the results root")
+    if real == root.resolve() or not is_inside(root, real):
+        raise UnsafePath(f"{what} outside the results root")
     return real
+
+
+def read_tail(path: Path, max_bytes: int = 64 * 1024) -> str:
+    """The last max_bytes of a text file (error.txt can be any size)."""
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - max_bytes))
+        return f.read(max_bytes).decode("utf-8", errors="replace")
+
+
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#+-.!|~$"})
+
+
+def md_text(text: str, limit: int = 200) -> str:
+    """Text from disk (file and trial names) as plain text inside markdown: no links, images or code."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.translate(_MARKDOWN)

@@ -15,12 +15,13 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import figures
-from dashboard.common import UnsafePath, open_experiment, safe_checkpoint, safe_child
-from search.results import Experiment
+from dashboard.common import UnsafePath, md_text, open_experiment, read_tail, safe_checkpoint, safe_child, safe_file
+from search.results import OUTSIDE, Experiment
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
 REFRESH_KEY = "explorer_refresh"
+MAX_NOTES = 20
 STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
 TABLE_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
@@ -98,6 +99,7 @@ def _body(root: Path, name: str) -> None:
         return
     trials = exp.trials
     st.caption(f"{len(trials)} trial(s) read from `{exp.path.name}/` at {time.strftime('%H:%M:%S')}")
+    _section("reading notes", _reading_notes, exp)
     if trials.empty:
         st.info("This experiment has no trials yet. If the search has just started, press Refresh in a moment.")
         return
@@ -114,6 +116,17 @@ def _section(what: str, fn, *args) -> None:
         fn(*args)
     except Exception as e:  # noqa: BLE001
         st.error(f"The {what} could not be shown: {type(e).__name__}: {e}")
+
+
+def _reading_notes(exp: Experiment) -> None:
+    """What was not read: trial folders or files outside the results root, malformed result lines,
+    a bloated result.json (the rest of the experiment is shown)."""
+    lines = [f"trial {md_text(t)} was not read: {md_text(why)}" for t, why in sorted(exp.refused.items())]
+    lines += [f"trial {md_text(t)}: {md_text(n)}" for t, ns in sorted(exp.notes.items()) for n in ns]
+    if not lines:
+        return
+    more = [f"… and {len(lines) - MAX_NOTES} more"] if len(lines) > MAX_NOTES else []
+    st.warning("Parts of this experiment were left out:\n" + "\n".join(f"- {x}" for x in lines[:MAX_NOTES] + more))
 
 
 def _summary(exp: Experiment) -> None:
@@ -251,7 +264,7 @@ def _trial_details(root: Path, exp: Experiment) -> None:
     if tid is None:
         return
     row = trials.loc[trials["trial_id"].astype(str) == tid].iloc[0]
-    config = {figures.param_name(k): v for k, v in row.items() if k.startswith(figures.CONFIG) and pd.notna(v)}
+    config = {figures.param_name(k): v for k, v in row.items() if k.startswith(figures.CONFIG) and _present(v)}
     with st.expander("Configuration", expanded=False):
         if config:
             st.json(config)
@@ -261,6 +274,9 @@ def _trial_details(root: Path, exp: Experiment) -> None:
         _error_file(root, exp, tid)
 
     path = exp.best_checkpoint(tid)
+    if path is None and any(OUTSIDE in n and "checkpoint" in n for n in exp.notes.get(tid, [])):
+        st.error(f"The checkpoint of trial {tid} is outside the results root, so it was not opened.")
+        return
     if path is None:
         template = NO_CHECKPOINT.get(str(row["status"]),
                                      "Trial {t} has no checkpoint on disk (not written yet, not synced, or deleted).")
@@ -308,6 +324,11 @@ def _trial_details(root: Path, exp: Experiment) -> None:
     st.plotly_chart(figures.confusion_heatmap(val.get("confusion"), info.get("classes")), key="explorer_confusion")
 
 
+def _present(value) -> bool:
+    """A config cell that has a value (a list or dict from params.json counts, NaN/None do not)."""
+    return value is not None and not (isinstance(value, float) and value != value)
+
+
 def _short(text: str, limit: int = 400) -> str:
     """The first line of a message, cut to a readable length (torch's errors run on for lines)."""
     first = text.strip().splitlines()[0] if text.strip() else text
@@ -317,8 +338,8 @@ def _short(text: str, limit: int = 400) -> str:
 def _error_file(root: Path, exp: Experiment, tid: str) -> None:
     """The tail of a failed trial's error.txt, if there is one inside the results root."""
     try:
-        path = safe_checkpoint(root, exp.path / f"trial_{tid}" / "error.txt")
-        text = path.read_text(errors="replace") if path.is_file() else ""
+        path = safe_file(root, exp.path / f"trial_{tid}" / "error.txt", "error.txt")
+        text = read_tail(path) if path.is_file() else ""
     except (UnsafePath, OSError):
         return
     if text:

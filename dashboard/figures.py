@@ -32,6 +32,8 @@ STATUS_COLORS = {
 METRIC_LABELS = {"val_acc": "validation accuracy", "val_loss": "validation loss", "train_loss": "training loss",
                  "train_acc": "training accuracy", "lr": "learning rate"}
 IMPORTANCE_MIN_TRIALS = 3
+MAX_EPOCH_TICKS = 40  # one tick per epoch up to this many epochs, then plotly's own spacing
+MAX_BARS = 60  # bars of the ASHA figure: one per epoch up to this many, else one per epoch some trial stopped at
 USABLE_STATUSES = ("finished", "stopped")
 
 
@@ -238,7 +240,8 @@ def learning_curves(histories: Mapping[str, pd.DataFrame], trial_ids: Iterable[s
         return empty_figure(msg, title)
     if missing:
         title += f" (no {metric} yet: {', '.join(missing)})"
-    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1},
+    last = max((v for t in fig.data for v in t.x if v is not None and np.isfinite(v)), default=0)
+    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1 if last <= MAX_EPOCH_TICKS else None},
                       yaxis={"title": {"text": metric}}, legend_title="trial", height=400)
     return fig
 
@@ -256,17 +259,24 @@ def asha_milestones(trials: pd.DataFrame, histories: Mapping[str, pd.DataFrame] 
             h = histories.get(str(row["trial_id"]))
             if h is not None and not h.empty and "epoch" in h:
                 e = _numeric(h["epoch"]).max()
-        runs.append(0 if pd.isna(e) else int(e))
+        runs.append(int(e) if np.isfinite(e) and e > 0 else 0)
     runs = np.array(runs)
     budget = _numeric(trials["max_epochs"]).max() if "max_epochs" in trials else float("nan")
-    last = int(max(runs.max(initial=0), 0 if pd.isna(budget) else budget))
+    budget = int(budget) if np.isfinite(budget) and budget > 0 else 0
+    last = int(max(runs.max(initial=0), budget))
     if last < 1:
         return empty_figure("No trial has finished an epoch yet.", title)
-    epochs = list(range(1, last + 1))
+    if last <= MAX_BARS:
+        epochs, xaxis = list(range(1, last + 1)), {"dtick": 1}
+    else:  # a huge epoch count (a long search, or a bloated result file): the epochs trials stopped at
+        epochs = sorted({int(r) for r in runs if r > 0} | ({budget} if budget else set()))
+        if len(epochs) > MAX_BARS:
+            epochs = [epochs[round(i * (len(epochs) - 1) / (MAX_BARS - 1))] for i in range(MAX_BARS)]
+        xaxis = {"type": "category"}
     counts = [int((runs >= e).sum()) for e in epochs]
     fig = go.Figure(go.Bar(x=epochs, y=counts, text=counts, textposition="outside", marker_color="#1f77b4",
                            hovertemplate="epoch %{x}: %{y} trials<extra></extra>"))
-    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1},
+    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, **xaxis},
                       yaxis={"title": {"text": "trials"}, "range": [0, len(trials) * 1.15 + 0.5]}, height=350)
     return fig
 

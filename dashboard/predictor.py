@@ -26,7 +26,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from dashboard.common import UnsafePath, open_experiment, safe_checkpoint
+from dashboard.common import UnsafePath, md_text, open_experiment, safe_checkpoint
 from search.results import Experiment
 from training.checkpoint import CheckpointError
 from training.predict import Prediction, Predictor
@@ -297,6 +297,9 @@ def render(root: Path, name: str) -> None:
         _error(f"Cannot open experiment {name!r}: {_short(str(e), root)}")
         return
 
+    if exp.refused:
+        st.warning(f"{len(exp.refused)} trial folder(s) lead outside the results root and were not read: "
+                   + ", ".join(md_text(t) for t in sorted(exp.refused)[:10]) + ("…" if len(exp.refused) > 10 else ""))
     available, unavailable = trial_options(exp)
     best = exp.best_trial
     if not available:

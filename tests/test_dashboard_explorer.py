@@ -1,10 +1,12 @@
 """Trial explorer: the figure/table functions on a real tiny search and on edge cases, and the
 page itself through Streamlit's AppTest (finished search, empty root, a search still being
-written, a corrupt checkpoint, a checkpoint outside the results root, the Refresh button)."""
+written, a corrupt checkpoint, a checkpoint outside the results root, the Refresh button,
+trial folders and files that lead outside the results root, malformed and bloated result.json)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import shutil
 import sys
@@ -17,7 +19,8 @@ import plotly.graph_objects as go
 import pytest
 
 from dashboard import figures
-from search.results import load_experiment
+from dashboard.common import open_experiment
+from search.results import MAX_HISTORY_ROWS, load_experiment, read_result_rows
 from training.checkpoint import load_checkpoint
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -514,12 +517,210 @@ def test_corrupt_checkpoint(app, copy_of_tiny, tiny, damage):
 
 def test_checkpoint_outside_results_root_is_not_opened(app, copy_of_tiny, tiny, tmp_path):
     best = tiny.best_trial
-    path = copy_of_tiny / "tiny" / tiny.best_checkpoint(best).relative_to(tiny.path)
-    outside = tmp_path / "elsewhere.pt"
-    shutil.copy(path, outside)
-    path.unlink()
-    path.symlink_to(outside)
+    for i, listed in enumerate(tiny.checkpoints[best]["path"]):  # every checkpoint of the best trial
+        path = copy_of_tiny / "tiny" / Path(listed).relative_to(tiny.path)
+        outside = tmp_path / f"elsewhere{i}.pt"
+        shutil.copy(path, outside)
+        path.unlink()
+        path.symlink_to(outside)
     at = app(copy_of_tiny).run()
     assert not at.exception
     assert f"The checkpoint of trial {best} is outside the results root" in texts(at.error)
+    assert "leads outside the results root" in texts(at.warning)
     assert not [d for d in at.dataframe if "precision" in d.value.columns]
+    assert open_experiment(copy_of_tiny, "tiny").checkpoints[best].empty  # never offered to the predictor
+
+
+# ---------------------------------------------------------------- paths outside the results root
+
+
+def page_text(at) -> str:
+    """Everything the page sent to the browser (every element's message, tables included)."""
+    out = []
+
+    def walk(node):
+        if getattr(node, "proto", None) is not None:
+            out.append(str(node.proto))
+        for child in getattr(node, "children", {}).values():
+            walk(child)
+
+    walk(at._tree)
+    out += [d.value.to_csv() for d in at.dataframe]
+    return "\n".join(out)
+
+
+SECRET = "TOPSECRET-7d1f"
+
+
+def plant_secret_trial(trial: Path, folder: Path) -> Path:
+    """A copy of a trial folder at `folder` whose params.json and result.json carry SECRET (and the
+    best accuracy of all, so the page would put it first)."""
+    shutil.copytree(trial, folder)
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "model": SECRET}))
+    rows = [json.loads(x) for x in (folder / "result.json").read_text().splitlines()]
+    (folder / "result.json").write_text("".join(json.dumps({**r, "val_acc": 0.999, "note": SECRET}) + "\n"
+                                                for r in rows))
+    return folder
+
+
+def test_trial_folder_outside_the_root_is_not_read(app, copy_of_tiny, tiny, tmp_path):
+    exp_dir = copy_of_tiny / "tiny"
+    outside = plant_secret_trial(exp_dir / f"trial_{tiny.best_trial}", tmp_path / "outside" / "trial_leak")
+    (exp_dir / "trial_leak").symlink_to(outside, target_is_directory=True)
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert SECRET not in page_text(at)
+    assert set(table_with(at, "trial_id")["trial_id"]) == set(tiny.trials["trial_id"])
+    assert "trial leak was not read" in texts(at.warning) and "outside the results root" in texts(at.warning)
+    exp = open_experiment(copy_of_tiny, "tiny")
+    assert "leak" in exp.refused and "leak" not in exp.checkpoints and "leak" not in set(exp.trials["trial_id"])
+
+
+def test_files_of_a_trial_outside_the_root_are_not_read(app, copy_of_tiny, tiny, tmp_path):
+    """params.json and result.json symlinked out of the root, and a trial id in the experiment state
+    that climbs out of its folder: nothing of them reaches the page."""
+    exp_dir = copy_of_tiny / "tiny"
+    secret = plant_secret_trial(exp_dir / f"trial_{tiny.best_trial}", tmp_path / "outside" / "trial_x")
+    victim = next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
+    for name in ("params.json", "result.json"):
+        (exp_dir / f"trial_{victim}" / name).unlink()
+        (exp_dir / f"trial_{victim}" / name).symlink_to(secret / name)
+    climbing = f"{victim}/../../../outside/trial_x"
+    state_file = sorted(exp_dir.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    entry = state["trial_data"][0]
+    info = json.loads(entry[0]) if isinstance(entry[0], str) else dict(entry[0])
+    state["trial_data"].append([json.dumps({**info, "trial_id": climbing}), entry[1]])
+    state_file.write_text(json.dumps(state))
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert SECRET not in page_text(at)
+    table = table_with(at, "trial_id").set_index("trial_id")
+    assert set(table.index) == set(tiny.trials["trial_id"])
+    assert table.loc[victim, "epochs_run"] == 0
+    warning = texts(at.warning)
+    assert f"trial {victim}: params.json leads outside" in warning.replace("\\", "")
+    assert f"trial {victim}: result.json leads outside" in warning.replace("\\", "")
+
+
+def test_symlinks_inside_the_root_are_followed(app, copy_of_tiny, tiny):
+    """A trial folder kept elsewhere under the same results root (moved to another disk layout, say)."""
+    exp_dir = copy_of_tiny / "tiny"
+    moved = next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
+    (copy_of_tiny / "store").mkdir()
+    shutil.move(exp_dir / f"trial_{moved}", copy_of_tiny / "store" / f"trial_{moved}")
+    (exp_dir / f"trial_{moved}").symlink_to(copy_of_tiny / "store" / f"trial_{moved}", target_is_directory=True)
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert not at.warning
+    table = table_with(at, "trial_id").set_index("trial_id")
+    assert len(table) == 4 and table.loc[moved, "best_val_acc"] == pytest.approx(
+        float(tiny.trials.set_index("trial_id").loc[moved, "best_val_acc"]))
+    at.selectbox(key="explorer_trial").select(moved).run()
+    no_exception(at)
+    assert len(table_with(at, "precision")) == 10
+
+
+# ---------------------------------------------------------------- malformed and bloated result.json
+
+
+BAD_LINES = [
+    '{"epoch": 1, "val_acc": "0.9"}',  # a string where a number belongs
+    '{"epoch": 1, "val_acc": "NaN"}',
+    '{"epoch": ' + "9" * 5000 + ', "val_acc": 0.5}',  # too long for Python's int()
+    '{"epoch": 1, "val_loss": ' + "1" * 400 + '}',  # an int beyond float range
+    '{"epoch": 1, "val_acc": 1e999}',  # inf
+    '{"epoch": 1e300, "val_acc": 0.5}',
+    '{"epoch": "three"}',
+    '{"epoch": 1, "val_acc": {"a": 1}}',
+    '{"epoch": 1, "val_acc": [0.5]}',
+    '{"epoch": 1, "val_acc": true}',
+    '{"epoch": 1, "done": "yes"}',
+    '{"epoch": 1, "checkpoint_dir_name": ["checkpoint_000000"]}',
+    "[1, 2]",
+    '"just a string"',
+    "[" * 100000 + "]" * 100000,  # nesting too deep for the JSON parser
+    "not json at all",
+]
+
+
+def test_malformed_result_lines_are_skipped(app, copy_of_tiny, tiny):
+    exp_dir = copy_of_tiny / "tiny"
+    victim = tiny.best_trial
+    result = exp_dir / f"trial_{victim}" / "result.json"
+    lines = result.read_text().splitlines()
+    result.write_text("\n".join(lines[:1] + BAD_LINES + lines[1:]) + "\n")
+    # and a params.json with values no table column holds
+    other = next(t for t in tiny.trials["trial_id"] if t != victim)
+    params = exp_dir / f"trial_{other}" / "params.json"
+    params.write_text(json.dumps({**json.loads(params.read_text()), "seed": 10**30, "huge": 10**400,
+                                  "epochs": "lots", "width": {"nested": [1, 2]}, "tags": ["a", {"b": None}]}))
+
+    exp = load_experiment(exp_dir)
+    before = tiny.trials.set_index("trial_id")
+    row = exp.trials.set_index("trial_id").loc[victim]
+    assert row["best_val_acc"] == pytest.approx(before.loc[victim, "best_val_acc"])
+    assert row["epochs_run"] == before.loc[victim, "epochs_run"] and row["status"] == before.loc[victim, "status"]
+    assert exp.histories[victim]["epoch"].tolist() == tiny.histories[victim]["epoch"].tolist()
+    assert exp.notes[victim] == [f"{len(BAD_LINES)} malformed line(s) of result.json skipped"]
+
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    table = table_with(at, "trial_id")
+    assert set(table["trial_id"]) == set(tiny.trials["trial_id"]) and table["trial_id"][0] == victim
+    assert f"{len(BAD_LINES)} malformed line" in texts(at.warning)
+    assert len(at.get("plotly_chart")) == 7
+    for tid in (other, victim):
+        at.selectbox(key="explorer_trial").select(tid).run()
+        no_exception(at)
+    for param in at.selectbox(key="explorer_param").options:
+        at.selectbox(key="explorer_param").select(param).run()
+        no_exception(at)
+
+
+def test_a_result_line_cut_in_the_middle_is_not_counted_as_malformed(tmp_path):
+    path = tmp_path / "result.json"
+    rows = [{"epoch": i, "training_iteration": i, "val_acc": 0.5} for i in range(1, 201)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text + '{"epoch": 201, "val_')  # still being written
+    got, notes = read_result_rows(path)
+    assert [r["epoch"] for r in got] == list(range(1, 201)) and notes == []
+    # a file above the byte limit: its head and tail, cut at whole lines, no line counted as malformed
+    got, notes = read_result_rows(path, max_bytes=2000)
+    epochs = [r["epoch"] for r in got]
+    assert epochs[0] == 1 and epochs[-1] == 200 and 10 < len(epochs) < 60 and epochs == sorted(epochs)
+    assert len(notes) == 1 and "first and last" in notes[0]
+
+
+def test_bloated_result_json_is_read_bounded(app, copy_of_tiny, tiny):
+    """100,000 lines in one trial's result.json: a bounded number of rows is kept (always the last),
+    the trial and the rest of the experiment are shown."""
+    exp_dir = copy_of_tiny / "tiny"
+    victim = next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
+    n = 100_000
+    with (exp_dir / f"trial_{victim}" / "result.json").open("w") as f:
+        for i in range(1, n + 1):
+            f.write(json.dumps({"epoch": i, "training_iteration": i, "val_acc": 0.2 + 0.1 * (i == 50_000),
+                                "val_loss": 1.0, "time_total_s": float(i), "done": i == n}) + "\n")
+
+    exp = load_experiment(exp_dir)
+    history = exp.histories[victim]
+    assert 100 < len(history) <= MAX_HISTORY_ROWS
+    assert history["epoch"].iloc[-1] == n and history["epoch"].iloc[0] == 1 and history["epoch"].is_monotonic_increasing
+    row = exp.trials.set_index("trial_id").loc[victim]
+    assert row["epochs_run"] == n and row["status"] == "finished" and row["seconds"] == float(n)
+    assert " of them" in " ".join(exp.notes[victim])
+    for tid in tiny.trials["trial_id"]:  # the other trials as they were
+        if tid != victim:
+            assert exp.histories[tid]["epoch"].tolist() == tiny.histories[tid]["epoch"].tolist()
+
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert set(table_with(at, "trial_id")["trial_id"]) == set(tiny.trials["trial_id"])
+    at.multiselect(key="explorer_curve_trials").set_value(list(tiny.trials["trial_id"])).run()
+    no_exception(at)
+    asha = figures.asha_milestones(exp.trials, exp.histories)
+    assert len(asha.data[0].x) <= figures.MAX_BARS and asha.data[0].x[-1] == n
+    curve = figures.learning_curves(exp.histories, [victim], "val_acc")
+    assert len(curve.data[0].x) <= MAX_HISTORY_ROWS and curve.layout.xaxis.dtick is None

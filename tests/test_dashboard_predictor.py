@@ -4,6 +4,7 @@ through Streamlit's AppTest (real app.py, real tiny experiment, uploads via the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
@@ -443,6 +444,24 @@ def test_page_keeps_the_server_defaults(monkeypatch, tiny_experiment):
         assert forbidden not in source, forbidden
     toml = (REPO / ".streamlit" / "config.toml").read_text()
     assert 'address = "127.0.0.1"' in toml and "maxUploadSize = 5" in toml and 'showErrorDetails = "none"' in toml
+
+
+def test_page_trial_folder_outside_the_root_is_not_offered(monkeypatch, exp_copy, tmp_path):
+    """A trial folder that is a symlink out of the results root: neither its settings nor its
+    checkpoint are read, the page says so."""
+    exp = open_experiment(exp_copy, "tiny")
+    outside = tmp_path / "outside" / "trial_leak"
+    shutil.copytree(exp_copy / "tiny" / f"trial_{exp.best_trial}", outside)
+    rows = [json.loads(x) for x in (outside / "result.json").read_text().splitlines()]
+    (outside / "result.json").write_text("".join(json.dumps({**r, "val_acc": 0.999}) + "\n" for r in rows))
+    (exp_copy / "tiny" / "trial_leak").symlink_to(outside, target_is_directory=True)
+    at = _app(monkeypatch, exp_copy)
+    trial = at.selectbox(key="predictor_trial:tiny")
+    assert trial.value == exp.best_trial and "leak" not in trial.options
+    assert not [o for o in at.multiselect(key="predictor_compare:tiny").options if "leak" in o]
+    warnings = _texts(at.warning)
+    assert len(warnings) == 1 and "outside the results root" in warnings[0] and "leak" in warnings[0]
+    assert not at.error
 
 
 def test_page_switching_experiments(monkeypatch, tiny_experiment, tmp_path):
