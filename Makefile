@@ -31,9 +31,8 @@ test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA
 bench: $(STAMP)
 	$(PY) -m training.bench $(ARGS)
 
-dashboard: $(STAMP)  ## Streamlit dashboard on http://127.0.0.1:8501 over results/ (ARGS="-- --results DIR")
-	OMP_NUM_THREADS=1 $(VENV)/bin/streamlit run dashboard/app.py --server.address 127.0.0.1 --server.maxUploadSize 5 \
-		--client.showErrorDetails none --browser.gatherUsageStats false $(ARGS)
+dashboard: $(STAMP)  ## Streamlit dashboard on http://127.0.0.1:8501 over results/ (ARGS="--results DIR --port N")
+	$(PY) -m dashboard $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir results --host 127.0.0.1

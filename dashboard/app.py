@@ -1,6 +1,9 @@
 """emnist-tune dashboard: compare a search's trials, and predict characters with any trial.
 
-    streamlit run dashboard/app.py [-- --results results/]        (or: make dashboard)
+    python -m dashboard [--results results/]        (or: emnist-dashboard, make dashboard)
+
+That launcher runs `streamlit run` on this file with the safe server settings (dashboard/safety.py).
+Started any other way, the page refuses to show anything while the server listens beyond this machine.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import explorer, predictor  # noqa: E402
+from dashboard import explorer, predictor, safety  # noqa: E402
 from dashboard.common import experiment_names, results_root  # noqa: E402
 
 st.set_page_config(page_title="emnist-tune", page_icon="✍️", layout="wide")
+safety.enforce()  # stops here on a server that listens beyond this machine without --allow-remote
 
 root = results_root()
 st.sidebar.title("emnist-tune")

@@ -8,8 +8,9 @@ Nothing here raises into Streamlit for bad input: every failure becomes a messag
 Security: checkpoints are only ever taken from the experiment's own listing and re-checked with
 `safe_checkpoint` (never a user-typed path); uploads are decoded by `training.preprocess.load_image`
 (pixel-count limit checked before decoding, truncated/corrupt files rejected); checkpoints are
-read weights-only. Upload size, bind address and error details stay as .streamlit/config.toml sets
-them: this page sets no server option, uses no raw HTML and never prints tracebacks.
+read weights-only. Uploads are limited to safety.MAX_UPLOAD_MB (the widget, the server option that
+safety.enforce sets, and a size check here); bind address and error details are safety.py's. This
+page sets no server option, uses no raw HTML and never prints tracebacks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import streamlit as st
 from PIL import Image
 
 from dashboard.common import UnsafePath, md_text, open_experiment, safe_checkpoint
+from dashboard.safety import MAX_UPLOAD_MB
 from search.results import Experiment
 from training.checkpoint import CheckpointError
 from training.predict import Prediction, Predictor
@@ -353,10 +355,13 @@ def _input_widgets() -> PageInput:
     source = st.radio("Input", ["Upload an image", "Draw"], horizontal=True, key="predictor_source")
     if source == "Upload an image":
         uploaded = st.file_uploader("Image of one character", type=UPLOAD_TYPES, key="predictor_upload",
+                                    max_upload_size=MAX_UPLOAD_MB,
                                     help="PNG, JPEG, BMP, WebP or GIF; any size, colour or polarity.")
         if uploaded is None:
             st.caption("Upload an image of a single handwritten character.")
             return PageInput()
+        if uploaded.size > MAX_UPLOAD_MB * 2**20:
+            return PageInput(error=f"The file is larger than {MAX_UPLOAD_MB} MB; characters are small images.")
         inp = read_upload(uploaded.getvalue())
         if inp.image is not None:
             shown = preview(inp.image)

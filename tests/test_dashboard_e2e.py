@@ -1,4 +1,6 @@
-"""End to end: the real dashboard (`streamlit run dashboard/app.py`) in a real headless Chromium.
+"""End to end: the real dashboard, started as the README says (`python -m dashboard --results DIR`,
+here from a folder other than the repository), in a real headless Chromium; and a plain
+`streamlit run /path/to/dashboard/app.py --server.address 0.0.0.0`, whose page refuses to serve.
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and the PyPI
 `playwright` package; playwright's own browser downloads are never used. With EMNIST_DATA_DIR set,
@@ -27,6 +29,7 @@ from PIL import Image
 
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, open_experiment
+from dashboard.safety import ALLOW_REMOTE_ENV
 from tests.conftest import render_char
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,16 +97,21 @@ def _generated_character(root: Path) -> tuple[bytes, str, float]:
 
 
 class Server:
-    def __init__(self, root: Path, log: Path):
+    """The dashboard's launcher (`python -m dashboard`) run in `cwd`, or the given streamlit flags."""
+
+    def __init__(self, root: Path, log: Path, cwd: Path, streamlit_flags: list[str] | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, ENV_RESULTS: str(root), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.port", str(self.port),
-               "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--server.fileWatcherType", "none"]
+        env = {k: v for k, v in os.environ.items() if k not in (ENV_RESULTS, ALLOW_REMOTE_ENV)}
+        env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+        if streamlit_flags is None:
+            cmd = [sys.executable, "-m", "dashboard", "--results", str(root), "--port", str(self.port)]
+        else:
+            cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "dashboard" / "app.py"), "--server.port",
+                   str(self.port), *streamlit_flags, "--", "--results", str(root)]
         self._log_file = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -173,7 +181,9 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
     upload.write_bytes(image)
     trial_ids = [str(t) for t in open_experiment(root, name).trials["trial_id"]]
 
-    server = Server(root, tmp_path / "streamlit.log")
+    elsewhere = tmp_path / "elsewhere"  # not the repository: no .streamlit/config.toml here
+    elsewhere.mkdir()
+    server = Server(root, tmp_path / "streamlit.log", cwd=elsewhere)
     shot = tmp_path / "dashboard.png"
     try:
         server.wait()
@@ -243,3 +253,38 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
         shutil.copyfile(tmp_path / "explorer.png", REPO / "docs" / "explorer.png")
+
+
+@pytest.mark.slow
+def test_plain_streamlit_run_on_every_interface_refuses_in_chromium(tiny_experiment, tmp_path):
+    """`streamlit run /abs/dashboard/app.py --server.address 0.0.0.0` without --allow-remote: the page
+    explains and shows no experiment."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the PyPI playwright package is not installed")
+    trial_ids = [str(t) for t in open_experiment(tiny_experiment, "tiny").trials["trial_id"]]
+    server = Server(tiny_experiment, tmp_path / "streamlit.log", cwd=tmp_path,
+                    streamlit_flags=["--server.address", "0.0.0.0", "--server.headless", "true",
+                                     "--browser.gatherUsageStats", "false"])
+    try:
+        server.wait()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                pw = browser.new_page()
+                pw.set_default_timeout(TIMEOUT_MS)
+                pw.goto(server.url, wait_until="domcontentloaded")
+                _wait_for_any(pw, ["not served here"], timeout_s=90)
+                _wait_idle(pw)
+                html = pw.content()
+                assert "python -m dashboard" in html and "--allow-remote" in html
+                assert not [t for t in trial_ids if t in html]
+                assert pw.locator('[data-testid="stException"]').count() == 0
+            finally:
+                browser.close()
+    except BaseException:
+        print(server.output())
+        raise
+    finally:
+        server.stop()
+

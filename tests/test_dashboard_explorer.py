@@ -324,6 +324,19 @@ def test_checkpoint_tables_on_missing_metrics():
 # ---------------------------------------------------------------- the page (AppTest)
 
 
+@pytest.fixture(autouse=True)
+def loopback_server(monkeypatch):
+    """AppTest runs app.py in this process, where the server address is whatever config the current
+    folder has; the page serves only on loopback (tests/test_dashboard_server.py tests the refusal)."""
+    from streamlit import config
+
+    monkeypatch.delenv("EMNIST_DASHBOARD_ALLOW_REMOTE", raising=False)
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", old)
+
+
 @pytest.fixture
 def app(monkeypatch):
     """AppTest of dashboard/app.py over a given results root. The Predictor page is another module;

@@ -19,6 +19,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, UnsafePath, open_experiment
+from dashboard.safety import MAX_UPLOAD_MB
 from tests.conftest import render_char
 from training.checkpoint import CheckpointError
 from training.predict import Predictor
@@ -299,6 +300,19 @@ def test_model_view_and_figure():
 # --- The page through AppTest ---------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def loopback_server(monkeypatch):
+    """AppTest runs app.py in this process, where the server address is whatever config the current
+    folder has; the page serves only on loopback (tests/test_dashboard_server.py tests the refusal)."""
+    from streamlit import config
+
+    monkeypatch.delenv("EMNIST_DASHBOARD_ALLOW_REMOTE", raising=False)
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", old)
+
+
 def _app(monkeypatch, root: Path) -> AppTest:
     monkeypatch.setenv(ENV_RESULTS, str(root))
     at = AppTest.from_file(APP, default_timeout=60).run()
@@ -430,20 +444,30 @@ def test_page_empty_results_root(monkeypatch, tmp_path):
 
 
 def test_page_keeps_the_server_defaults(monkeypatch, tiny_experiment):
-    """The upload limit is the server's (.streamlit/config.toml: 5 MB), only image types are offered,
-    and the page has no way around the safe defaults (raw HTML, option changes, tracebacks)."""
+    """The upload limit is 5 MB (the widget's and the server's: dashboard/safety.py), only image types
+    are offered, and the page has no way around the safe defaults (raw HTML, option changes, tracebacks)."""
     from streamlit import config
 
     at = _app(monkeypatch, tiny_experiment)
     uploader = at.file_uploader(key="predictor_upload")
-    assert uploader.proto.max_upload_size_mb == config.get_option("server.maxUploadSize")
+    assert uploader.proto.max_upload_size_mb == MAX_UPLOAD_MB == config.get_option("server.maxUploadSize") == 5
     assert sorted(t.lstrip(".") for t in uploader.proto.type) == sorted(page.UPLOAD_TYPES)
     source = (REPO / "dashboard" / "predictor.py").read_text()
-    for forbidden in ("unsafe_allow_html", "set_option", "st.exception", "max_upload_size", "st.html",
+    for forbidden in ("unsafe_allow_html", "set_option", "st.exception", "st.html",
                       "components.v1.html", "traceback.", "exc_info=e"):
         assert forbidden not in source, forbidden
     toml = (REPO / ".streamlit" / "config.toml").read_text()
     assert 'address = "127.0.0.1"' in toml and "maxUploadSize = 5" in toml and 'showErrorDetails = "none"' in toml
+
+
+def test_page_refuses_an_upload_over_the_limit(monkeypatch, tiny_experiment):
+    """Also when the server took it (a server started with a larger limit than the widget's)."""
+    at = _app(monkeypatch, tiny_experiment)
+    big = _glyph_png("3") + b"\0" * (MAX_UPLOAD_MB * 2**20)
+    _upload(at, "big.png", big)
+    errors = _texts(at.error)
+    assert len(errors) == 1 and f"larger than {MAX_UPLOAD_MB} MB" in errors[0]
+    assert not any(t.startswith("### Prediction:") for t in _texts(at.markdown))
 
 
 def test_page_trial_folder_outside_the_root_is_not_offered(monkeypatch, exp_copy, tmp_path):
