@@ -19,11 +19,13 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import time  # noqa: E402
 
 from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
 from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
+from search.storage import check_storage  # noqa: E402
 from training.config import ConfigError, check_device, make_config  # noqa: E402
 from training.data import REPO_ROOT, DataNotFoundError  # noqa: E402
 from training.idx import IdxError  # noqa: E402
@@ -127,14 +129,15 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
 
 
 def resume_command(args: argparse.Namespace, name: str) -> str:
-    """The command that continues this experiment (all flags that matter when none are saved)."""
-    cmd = f"python search/run.py --name {name} --storage {args.storage} --resume"
+    """The command that continues this experiment (all flags that matter when none are saved),
+    shell-quoted: names and paths with spaces or quotes paste as they are."""
+    cmd = ["python", "search/run.py", "--name", name, "--storage", str(args.storage), "--resume"]
     if is_uri(args.storage):
         for key in (*KEPT, "data_dir"):
             value = getattr(args, key)
             if value is not None:
-                cmd += f" --{key.replace('_', '-')} {value}"
-    return cmd
+                cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(cmd)
 
 
 def experiment_dir(storage: str, name: str) -> str:
@@ -144,6 +147,7 @@ def experiment_dir(storage: str, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_storage(args.storage, args.name or "")  # a file, read-only, unreachable, a name too long
         if args.resume and args.name:
             apply_saved_settings(args, experiment_dir(args.storage, args.name))
         args.config = args.config or DEFAULT_SEARCH

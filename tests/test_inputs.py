@@ -6,8 +6,10 @@ resume command (shell-quoted), and checkpoints of random or damaged bytes (Check
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +284,104 @@ def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fix
             timeout=120)
     assert message in one_line_error(r)
     assert "experiment" not in r.stdout  # Ray never started
+
+
+# --- 6. storage that cannot be used ---------------------------------------------------------------
+
+def _search_with_storage(tmp_path, digits_dir, storage, name="exp", extra=(), env=None):
+    return run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", storage,
+               "--name", name, *extra, timeout=120, env=env)
+
+
+def test_storage_that_is_a_file(tmp_path, digits_dir):
+    f = tmp_path / "results.txt"
+    f.write_text("not a folder")
+    assert "is a file, not a folder" in one_line_error(_search_with_storage(tmp_path, digits_dir, f))
+    assert "which is a file" in one_line_error(_search_with_storage(tmp_path, digits_dir, f / "sub" / "dir"))
+    assert f.read_text() == "not a folder"
+
+
+def test_name_longer_than_the_filesystem_allows(tmp_path, digits_dir):
+    name = "n" * 300
+    for extra in ([], ["--resume"]):
+        line = one_line_error(_search_with_storage(tmp_path, digits_dir, tmp_path / "results", name, extra))
+        assert "--name is 300 bytes long" in line
+    line = one_line_error(_search_with_storage(tmp_path, digits_dir, tmp_path / ("s" * 300) / "results"))
+    assert "300 bytes long" in line
+
+
+def test_storage_that_is_not_writable(tmp_path, digits_dir, monkeypatch, capsys):
+    from search import run as search_run
+    from search import storage
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
+    code = search_run.main(["--config", str(_space(tmp_path / "cfg")), "--data-dir", str(digits_dir),
+                            "--storage", str(tmp_path / "ro"), "--name", "exp"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --storage") and "Read-only file system" in err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    if os.geteuid() != 0:  # a folder without write permission (root would ignore the mode)
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert "not writable" in one_line_error(_search_with_storage(tmp_path, digits_dir, locked))
+
+
+def test_unreachable_cloud_storage(tmp_path, digits_dir):
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true",
+           "EMNIST_TUNE_STORAGE_TIMEOUT_S": "60"}
+    for uri in ("s3://bucket/emnist?endpoint_override=127.0.0.1:1&scheme=http", "nosuchfs://bucket/emnist"):
+        line = one_line_error(_search_with_storage(tmp_path, digits_dir, uri, env=env))
+        assert line.startswith(f"error: cannot reach storage {uri}: "), line
+
+
+def test_storage_probe_that_hangs_times_out(monkeypatch):
+    from search import storage
+
+    monkeypatch.setattr(storage, "_PROBE", "import time; time.sleep(60)")
+    monkeypatch.setattr(storage, "STORAGE_TIMEOUT_S", 1.0)
+    with pytest.raises(ConfigError, match="cannot reach storage s3://b/x: no answer within 1 s"):
+        storage.check_storage("s3://b/x", "exp")
+
+
+def test_good_storage_passes(tmp_path):
+    from search.storage import check_storage
+
+    check_storage(str(tmp_path / "new" / "results"), "my experiment")  # created later, by the driver
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    check_storage(str(tmp_path), "exp")
+
+
+# --- 8. the printed resume command is shell-quoted -------------------------------------------------
+
+@pytest.mark.parametrize("storage", ["/tmp/with space/results", "s3://bucket/my results"])
+def test_resume_command_round_trips_through_the_shell(storage):
+    from search.run import parse_args, resume_command
+
+    name = "my exp's \"best\" $HOME"
+    args = parse_args(["--storage", storage, "--name", name, "--config", "/tmp/a dir/space.yaml",
+                       "--data-dir", "/tmp/emnist data", "--samples", "3", "--seed", "1"])
+    command = resume_command(args, name)
+    words = shlex.split(command)
+    assert words[:2] == ["python", "search/run.py"]
+    again = parse_args(words[2:])
+    assert again.name == name and again.storage == storage and again.resume
+    if "://" in storage:  # cloud storage saves no settings: every flag is in the command
+        assert again.config == Path("/tmp/a dir/space.yaml") and again.data_dir == Path("/tmp/emnist data")
+        assert again.samples == 3 and again.seed == 1
+    # and a shell really gets those words back
+    echo = subprocess.run(["sh", "-c", f"printf '%s\\n' {command.split(' ', 2)[2]}"], capture_output=True, text=True)
+    assert echo.stdout.splitlines() == words[2:]
+
+
+def test_a_name_with_spaces_is_a_plain_folder_name(tmp_path):
+    from search.run import check_args, parse_args
+    from search.space import load_search_spec
+    from search.storage import check_storage
+
+    args = parse_args(["--name", "my experiment", "--storage", str(tmp_path / "with space")])
+    check_args(args, load_search_spec(_space(tmp_path / "cfg")))
+    check_storage(args.storage, args.name)
