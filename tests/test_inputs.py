@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import errno
 import gzip
+import io
+import json
 import os
+import random
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,8 @@ import pytest
 import torch
 
 from tests.conftest import make_idx_dataset
-from training.config import ConfigError, check_device, make_config, parse_set
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import ConfigError, check_device, load_yaml, make_config, parse_set
 from training.data import check_split, load_dataset, read_split
 from training.idx import IdxError, write_idx
 
@@ -355,6 +360,28 @@ def test_good_storage_passes(tmp_path):
     check_storage(str(tmp_path), "exp")
 
 
+# --- 7. extending a finished run ------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_extending_a_finished_run_rebuilds_the_schedule(tmp_path, small_dir, scheduler):
+    out = tmp_path / "run"
+    common = ["--data-dir", small_dir, "--split", "digits", "--out", out, "--no-test", "--json",
+              "--set", f"scheduler={scheduler}", *TINY]
+    r = run(TRAIN, *common, "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(TRAIN, *common, "--epochs", "3", "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["epochs_run"] == 3
+    history = load_checkpoint(out / "last.pt")["history"]
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    # epochs 2 and 3 follow the schedule of a 3-epoch run (the learning rate is not stuck at its end)
+    fresh = tmp_path / "fresh"
+    r = run(TRAIN, *[a if a != out else fresh for a in common], "--epochs", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    fresh_history = load_checkpoint(fresh / "last.pt")["history"]
+    assert [m["lr"] for m in history[1:]] == pytest.approx([m["lr"] for m in fresh_history[1:]], rel=1e-6)
+
+
 # --- 8. the printed resume command is shell-quoted -------------------------------------------------
 
 @pytest.mark.parametrize("storage", ["/tmp/with space/results", "s3://bucket/my results"])
@@ -385,3 +412,114 @@ def test_a_name_with_spaces_is_a_plain_folder_name(tmp_path):
     args = parse_args(["--name", "my experiment", "--storage", str(tmp_path / "with space")])
     check_args(args, load_search_spec(_space(tmp_path / "cfg")))
     check_storage(args.storage, args.name)
+
+
+# --- 9. checkpoints of random or damaged bytes: CheckpointError, never another exception ----------
+
+@pytest.fixture(scope="module")
+def real_checkpoints(tmp_path_factory, digits_data):
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("ck")
+    train({"split": "digits", "epochs": 1, "batch_size": 64, "hist_every": 0, "width": 0.25, "scheduler": "onecycle"},
+          digits_data, out_dir=out)
+    return out / "best.pt", out / "last.pt"
+
+
+def _pickle_span(data: bytes) -> tuple[int, int]:
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    return start, start + info.compress_size
+
+
+def _damaged_files(good: bytes, rng: random.Random):
+    yield b"hello world, this is not a checkpoint\n"  # the issue's KeyError: 101
+    yield b"\x80"
+    yield b"PK\x03\x04"
+    yield b""
+    for _ in range(150):  # random bytes, some starting like a pickle or a zip
+        prefix = rng.choice([b"", b"\x80\x02", b"\x80\x04", b"PK\x03\x04", b"hello"])
+        yield prefix + rng.randbytes(rng.randint(0, 4000))
+    for cut in sorted({*range(0, len(good), max(1, len(good) // 100)), *(rng.randrange(len(good)) for _ in range(50))}):
+        yield good[:cut]  # truncated at many points
+    start, end = _pickle_span(good)
+    for i in range(400):  # byte flips: half inside the pickled structure, half anywhere
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(start, end) if i % 2 else rng.randrange(len(b))] = rng.randrange(256)
+        yield bytes(b)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["best.pt", "last.pt"])
+def test_fuzzed_checkpoints_give_checkpoint_error_only(real_checkpoints, tmp_path, which):
+    from training.predict import Predictor
+
+    good = real_checkpoints[which].read_bytes()
+    path = tmp_path / "fuzz.pt"
+    rng = random.Random(which)
+    outcomes = {"refused": 0, "loaded": 0}
+    for data in _damaged_files(good, rng):
+        path.write_bytes(data)
+        try:
+            ckpt = load_checkpoint(path)
+            Predictor.from_checkpoint(path)
+        except CheckpointError as e:
+            assert str(path) in str(e) or "checkpoint" in str(e)
+            outcomes["refused"] += 1
+            continue
+        # what loads is a checkpoint the code can use
+        assert isinstance(ckpt["model"], dict) and isinstance(ckpt["classes"], list)
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] > 300 and outcomes["loaded"] > 0, outcomes
+
+
+def test_predict_cli_on_a_text_file_named_pt(tmp_path):
+    ck = tmp_path / "model.pt"
+    ck.write_text("hello, I am a text file\n")
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 255).save(image)
+    line = one_line_error(run(PREDICT, ck, image, timeout=60))
+    assert str(ck) in line and "unreadable" in line
+
+
+def test_damaged_resume_state_is_a_checkpoint_error(real_checkpoints, digits_data, tmp_path):
+    from training.trainer import train
+
+    config = {"split": "digits", "epochs": 2, "batch_size": 64, "hist_every": 0, "width": 0.25,
+              "scheduler": "onecycle"}
+    ckpt = load_checkpoint(real_checkpoints[1])
+    for damage in (lambda c: c["optimizer"].update(param_groups=[]),
+                   lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+                   lambda c: c["rng"].pop("order"),
+                   lambda c: c.update(bad_epochs="many")):
+        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
+        bad["optimizer"], bad["rng"] = dict(ckpt["optimizer"]), dict(ckpt["rng"])
+        damage(bad)
+        with pytest.raises(CheckpointError, match="cannot resume"):
+            train(config, digits_data, resume=bad)
+    for key, value in (("history", "nope"), ("rng", None), ("epoch", -1), ("classes", [1, 2]),
+                       ("model", {"w": "not a tensor"}), ("optimizer", [])):
+        save_checkpoint(tmp_path / "bad.pt", {**ckpt, key: value})
+        with pytest.raises(CheckpointError, match="damaged"):
+            load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_damaged_newest_trial_checkpoint_falls_back(real_checkpoints, tmp_path):
+    """The search's resume path skips a checkpoint of garbage (it raised KeyError before) for the older one."""
+    from search.trainable import CHECKPOINT_FILE, _resume_state
+
+    for n, data in ((1, real_checkpoints[1].read_bytes()), (2, b"hello, garbage")):
+        (tmp_path / f"checkpoint_00000{n}").mkdir()
+        (tmp_path / f"checkpoint_00000{n}" / CHECKPOINT_FILE).write_bytes(data)
+    resume = _resume_state(None, tmp_path)
+    assert resume.path == tmp_path / "checkpoint_000001" / CHECKPOINT_FILE and resume.state["epoch"] == 1
+
+
+def test_shipped_configs_still_pass():
+    from search.space import load_search_spec
+
+    make_config(base=load_yaml(REPO / "configs" / "train.yaml"))
+    for path in (REPO / "configs" / "search").glob("*.yaml"):
+        load_search_spec(path)

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,17 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and check a checkpoint. Any file that is not a usable checkpoint (missing, truncated,
+    random bytes, damaged inside, pickled objects, the wrong structure) raises CheckpointError,
+    never another exception, so callers can fall back on an older file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about odd pickle protocols etc. in damaged files; the error says enough
+            warnings.simplefilter("ignore", UserWarning)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message suggests weights_only=False; we never do that, so show only the cause.
         cause = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(e), re.S)
@@ -67,11 +74,60 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} is unreadable (corrupt or not a checkpoint): {cause_text}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {e}") from None
+    except Exception as e:  # noqa: BLE001 - garbage makes the unpickler fail in any way (KeyError, IndexError, ...)
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (corrupt or not a checkpoint): {type(e).__name__}: {e}"[:500]
+        ) from None
     required = ("model", "config", "classes", "epoch")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
-        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        have = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not an emnist-tune checkpoint (needs {', '.join(required)}; has {have})")
+    problem = _structure_problem(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     return ckpt
+
+
+def _is_str_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def _structure_problem(ckpt: dict) -> str | None:
+    """What is wrong with the contents of a loaded checkpoint (None: nothing). A file damaged
+    inside its pickle can still load, as a structure no code expects; refuse it here."""
+    model = ckpt["model"]
+    if not _is_str_dict(model) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        return "'model' is not a mapping of parameter names to tensors"
+    if not _is_str_dict(ckpt["config"]):
+        return "'config' is not a mapping of config keys"
+    classes = ckpt["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of class names"
+    epoch = ckpt["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"'epoch' is not a count of epochs ({epoch!r})"
+    if "metrics" in ckpt and not _is_str_dict(ckpt["metrics"]):
+        return "'metrics' is not a mapping"
+    if "optimizer" in ckpt:  # a last.pt: what resuming reads must have its shape too
+        opt, rng = ckpt["optimizer"], ckpt.get("rng")
+        if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+                and isinstance(opt.get("param_groups"), list)):
+            return "'optimizer' is not an optimizer state"
+        if not all(isinstance(g, dict) for g in opt["param_groups"]):
+            return "'optimizer' has damaged parameter groups"
+        if ckpt.get("scheduler") is not None and not isinstance(ckpt["scheduler"], dict):
+            return "'scheduler' is not a scheduler state"
+        if not (isinstance(rng, dict) and all(isinstance(rng.get(k), torch.Tensor) for k in ("order", "aug", "torch"))):
+            return "'rng' is not a random-generator state"
+        history = ckpt.get("history")
+        if not isinstance(history, list) or not all(_is_str_dict(m) for m in history):
+            return "'history' is not a list of epoch results"
+        if not _is_str_dict(ckpt.get("best")):
+            return "'best' is not a mapping"
+        bad = ckpt.get("bad_epochs")
+        if isinstance(bad, bool) or not isinstance(bad, int):
+            return "'bad_epochs' is not a count"
+    return None
 
 
 def check_compatible(ckpt: dict, model_name: str, num_classes: int, where: str = "checkpoint") -> None:
@@ -96,7 +152,12 @@ def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", where:
     from models import build_model
     from training.config import make_config
 
-    config = make_config(ckpt["config"])
+    try:
+        config = make_config(ckpt["config"])
+    except ValueError as e:  # ConfigError: a damaged or foreign config
+        raise CheckpointError(f"{where} holds an unusable config: {e}") from None
+    if not ckpt["classes"]:
+        raise CheckpointError(f"{where} has no classes")
     model = build_model(config.model, len(ckpt["classes"]), **config.model_kwargs())
     load_state(model, ckpt, where)
     return model.to(device).eval()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -81,6 +82,24 @@ def make_scheduler(c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: 
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.pct_start)
         return sched, "step"
     return None, "none"
+
+
+def _fit_schedule(sched, c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """A resumed OneCycle schedule restored from a run planned for another length (`--resume
+    --epochs N` extends a finished run) would stop at the old total ("Tried to step N times"):
+    rebuild it for this run's length, at the step the run has reached. (The cosine schedule
+    reads the length from the config, and the step and plateau ones do not depend on it.)"""
+    if not isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
+        return sched
+    total, done = c.epochs * steps_per_epoch, sched.last_epoch
+    if sched.total_steps == total or done >= total:  # (done >= total: nothing is left to train)
+        return sched
+    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.pct_start)
+    fresh.last_epoch = done - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": positioning, not training
+        warnings.simplefilter("ignore", UserWarning)
+        fresh.step()  # -> step `done`, learning rate set for it
+    return fresh
 
 
 @torch.no_grad()
@@ -209,24 +228,30 @@ def train(
     best: dict[str, Any] = {"val_acc": -1.0, "epoch": 0}
     bad_epochs, start_epoch = 0, 1
     if resume is not None:
+        where = str(resume if not isinstance(resume, dict) else "resume")
         ckpt = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        check_compatible(ckpt, c.model, num_classes, where=str(resume if not isinstance(resume, dict) else "resume"))
-        load_state(model, ckpt)
+        check_compatible(ckpt, c.model, num_classes, where=where)
+        load_state(model, ckpt, where)
         if "optimizer" not in ckpt:
             raise CheckpointError("cannot resume: checkpoint has no optimizer state (use a last.pt)")
-        opt.load_state_dict(ckpt["optimizer"])
-        if sched is not None and ckpt.get("scheduler"):
-            sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], g_order, g_aug, device)
-        history, best, bad_epochs = list(ckpt["history"]), dict(ckpt["best"]), ckpt["bad_epochs"]
-        start_epoch = ckpt["epoch"] + 1
+        try:
+            opt.load_state_dict(ckpt["optimizer"])
+            if sched is not None and ckpt.get("scheduler"):
+                sched.load_state_dict(ckpt["scheduler"])
+                sched = _fit_schedule(sched, c, opt, steps)
+            _set_rng_state(ckpt["rng"], g_order, g_aug, device)
+            history, best, bad_epochs = list(ckpt["history"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
+            start_epoch = int(ckpt["epoch"]) + 1
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:  # a damaged or foreign state
+            raise CheckpointError(f"cannot resume from {where}: its training state does not fit this run "
+                                  f"({type(e).__name__}: {e})") from None
         if history and history[-1].get("early_stopped"):
             start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
 
     out = Path(out_dir) if out_dir is not None else None
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
     if resume is not None and ck is not None and (ck / "best.pt").is_file():
-        best["metrics"] = load_checkpoint(ck / "best.pt")["metrics"].get("val")
+        best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
     tb = None
     if out is not None and start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
