@@ -277,7 +277,7 @@ def parse_experiment_state(state: dict) -> dict[str, dict]:
             out[info["trial_id"]] = {"status": info.get("status"), "num_failures": meta.get("num_failures", 0),
                                      "error_file": meta.get("error_filename"), "config": info.get("config") or {},
                                      "last_result": meta.get("last_result") or {}}
-        except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError):
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError):
             continue
     return out
 
