@@ -692,6 +692,18 @@ def test_malformed_result_lines_are_skipped(app, copy_of_tiny, tiny):
         no_exception(at)
 
 
+def test_malformed_experiment_state_entry_is_skipped(copy_of_tiny, tiny):
+    """A number too long for int() in one trial's entry of the experiment state: that entry is
+    skipped (the trial is still read from its folder), the experiment still loads."""
+    exp_dir = copy_of_tiny / "tiny"
+    state_file = sorted(exp_dir.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    state["trial_data"][0][0] = '{"trial_id": "x", "status": ' + "9" * 5000 + "}"
+    state_file.write_text(json.dumps(state))
+    exp = load_experiment(exp_dir)
+    assert set(exp.trials["trial_id"]) == set(tiny.trials["trial_id"])
+
+
 def test_a_result_line_cut_in_the_middle_is_not_counted_as_malformed(tmp_path):
     path = tmp_path / "result.json"
     rows = [{"epoch": i, "training_iteration": i, "val_acc": 0.5} for i in range(1, 201)]
