@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -115,9 +116,9 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     if wall_seconds is not None:
         print(f"search wall-clock: {wall_seconds / 60:.1f} min")
     print(f"files: {exp_dir / 'summary.json'}, {exp_dir / 'trials.csv'}, {exp_dir / 'best.pt'}")
-    print(f"tensorboard --logdir {exp_dir}")
+    print(f"tensorboard --logdir {shlex.quote(str(exp_dir))} --host 127.0.0.1")
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():
-        print(f"streamlit run dashboard/app.py -- --results {exp_dir.parent}")
+        print(f"python -m dashboard --results {shlex.quote(str(exp_dir.parent))}")
     return 0
 
 
