@@ -24,7 +24,7 @@ def digits_predictor(digits_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pred_run")
     cfg = {"split": "digits", "epochs": 12, "batch_size": 32, "hist_every": 0, "lr": 3e-3, "scheduler": "onecycle"}
     result = train(cfg, digits_data, out_dir=out)
-    assert result["best_val_acc"] > 0.8
+    assert result.best_val_acc > 0.8
     return Predictor.from_checkpoint(out / "best.pt"), out / "best.pt"
 
 
@@ -109,7 +109,7 @@ def test_cli(digits_predictor, glyphs, tmp_path):
 def test_predictor_matches_raw_evaluation_on_real_test_images(real_run, real_data_dir):
     """EMNIST images must pass through the predictor's preprocessing essentially unchanged."""
     _, result = real_run
-    pred = Predictor.from_checkpoint(result["checkpoint"])
+    pred = Predictor.from_checkpoint(result.checkpoint)
     x, y, classes = load_test("bymerge", real_data_dir)
     rng = np.random.default_rng(0)
     idx = rng.choice(len(x), 3000, replace=False)

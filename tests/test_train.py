@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_learns_on_small_data(digits_data, tiny_config):
     result = train({**tiny_config, "epochs": 8}, digits_data)
-    losses = [m["train_loss"] for m in result["history"]]
+    losses = [m["train_loss"] for m in result.history]
     assert losses[-1] < 0.6 * losses[0]
-    assert result["best_val_acc"] > 0.6  # chance is 0.1
-    assert result["epochs_run"] == 8 and not result["diverged"]
-    m = result["history"][-1]
+    assert result.best_val_acc > 0.6  # chance is 0.1
+    assert result.epochs_run == 8 and not result.diverged
+    m = result.history[-1]
     assert set(m) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_sec"}
 
 
@@ -41,7 +41,7 @@ def test_overfits_one_batch(digits_data, tiny_config):
     cfg = {**tiny_config, "epochs": 60, "aug_strength": 0, "dropout": 0, "label_smoothing": 0,
            "weight_decay": 0, "optimizer": "adam", "lr": 3e-3}
     result = train(cfg, one)
-    last = result["history"][-1]
+    last = result.history[-1]
     assert last["train_acc"] == 1.0 and last["train_loss"] < 0.05
 
 
@@ -52,8 +52,8 @@ def test_every_optimizer_and_scheduler_runs(digits_data, tiny_config, optimizer,
     cfg = {**tiny_config, "optimizer": optimizer, "scheduler": scheduler, "epochs": 2, "step_size": 1,
            "warmup_epochs": 0.5, "lr": 0.05 if optimizer == "sgd" else 3e-3}
     result = train(cfg, small)
-    lrs = [m["lr"] for m in result["history"]]
-    assert result["epochs_run"] == 2 and all(lr > 0 or scheduler in ("onecycle", "cosine") for lr in lrs)
+    lrs = [m["lr"] for m in result.history]
+    assert result.epochs_run == 2 and all(lr > 0 or scheduler in ("onecycle", "cosine") for lr in lrs)
     if scheduler == "step":
         assert lrs[1] == pytest.approx(lrs[0] * 0.1)
 
@@ -62,14 +62,14 @@ def test_divergence_ends_cleanly(digits_data, tiny_config):
     reports = []
     result = train({**tiny_config, "optimizer": "sgd", "lr": 1e8, "momentum": 0.9, "epochs": 5}, digits_data,
                    reporter=lambda m, p: reports.append(m))
-    assert result["diverged"] and result["epochs_run"] == 1
+    assert result.diverged and result.epochs_run == 1
     assert reports[-1]["diverged"] is True and len(reports) == 1
 
 
 def test_early_stopping(digits_data, tiny_config):
     result = train({**tiny_config, "epochs": 40, "early_stop_patience": 2, "lr": 5e-3}, digits_data)
-    assert result["stopped_early"] and result["epochs_run"] < 40
-    assert result["epochs_run"] - result["best_epoch"] == 2
+    assert result.stopped_early and result.epochs_run < 40
+    assert result.epochs_run - result.best_epoch == 2
 
 
 def test_resuming_an_ended_run_trains_nothing_more(digits_data, tiny_config, tmp_path):
@@ -77,17 +77,17 @@ def test_resuming_an_ended_run_trains_nothing_more(digits_data, tiny_config, tmp
     trial finished hands it its final checkpoint)."""
     cfg = {**tiny_config, "epochs": 40, "early_stop_patience": 1, "lr": 5e-3}
     ended = train(cfg, digits_data, out_dir=tmp_path / "a")
-    assert ended["stopped_early"]
+    assert ended.stopped_early
     reports = []
     again = train(cfg, digits_data, out_dir=tmp_path / "a", resume=tmp_path / "a" / "last.pt",
                   reporter=lambda m, p: reports.append(m))
-    assert reports == [] and again["stopped_early"] and again["epochs_run"] == ended["epochs_run"]
-    assert again["best_val_acc"] == ended["best_val_acc"]
+    assert reports == [] and again.stopped_early and again.epochs_run == ended.epochs_run
+    assert again.best_val_acc == ended.best_val_acc
     done = train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path / "b")
     again = train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt",
                   reporter=lambda m, p: reports.append(m))
-    assert reports == [] and again["epochs_run"] == 1 and not again["stopped_early"]
-    assert again["best_val_acc"] == done["best_val_acc"]
+    assert reports == [] and again.epochs_run == 1 and not again.stopped_early
+    assert again.best_val_acc == done.best_val_acc
     # and its folder is left as it was (no new TensorBoard event file)
     assert len(list((tmp_path / "a").glob("events.out.tfevents.*"))) == 1
     assert len(list((tmp_path / "b").glob("events.out.tfevents.*"))) == 1
@@ -114,11 +114,11 @@ def test_checkpoint_round_trip(digits_data, tiny_config, tmp_path):
     result = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["config"]["model"] == "small_cnn" and best["classes"] == list("0123456789")
-    assert best["epoch"] == result["best_epoch"] and best["metrics"]["val_acc"] == result["best_val_acc"]
+    assert best["epoch"] == result.best_epoch and best["metrics"]["val_acc"] == result.best_val_acc
     assert len(best["metrics"]["val"]["per_class"]) == 10
     model = build_from_checkpoint(best)
     _, acc, _ = evaluate(model, digits_data.val_x, digits_data.val_y)
-    assert acc == pytest.approx(result["best_val_acc"], abs=1e-6)
+    assert acc == pytest.approx(result.best_val_acc, abs=1e-6)
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["epoch"] == 2 and "optimizer" in last and len(last["history"]) == 2
 
@@ -138,12 +138,12 @@ def test_resume_continues_exactly(digits_data, tiny_config, tmp_path):
     with pytest.raises(Stop):
         train(partial, digits_data, reporter=stop_after_two, out_dir=tmp_path / "b")
     resumed = train(partial, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
-    assert [m["epoch"] for m in resumed["history"]] == [1, 2, 3]
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
-    assert resumed["history"][-1]["val_acc"] == pytest.approx(straight["history"][-1]["val_acc"])
-    assert resumed["val"] == straight["val"]  # best-epoch metrics survive the restart
+    assert resumed.history[-1]["val_acc"] == pytest.approx(straight.history[-1]["val_acc"])
+    assert resumed.val == straight.val  # best-epoch metrics survive the restart
 
 
 def test_wrong_architecture_or_class_count_is_refused(digits_data, tiny_config, tmp_path):
@@ -253,4 +253,4 @@ def test_real_emnist_two_epochs_small_cnn(real_run):
     """The acceptance bar: 2 epochs of the small CNN on 20,000 real images reach >= 75 % val accuracy."""
     data, result = real_run
     assert len(data.train_x) == 20000
-    assert result["best_val_acc"] >= 0.75, result["history"]
+    assert result.best_val_acc >= 0.75, result.history

@@ -21,6 +21,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+CUDA_GRAPHS = ("auto", "off")
 # Sane bounds, checked before any work: a model beyond MAX_PARAMS (counted on PyTorch's "meta"
 # device, which allocates nothing) would not fit in memory, or not train in any useful time.
 MAX_PARAMS = 100_000_000
@@ -73,6 +74,7 @@ class TrainConfig:
     device: str = "auto"
     channels_last: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    cuda_graphs: str = "auto"  # auto = each training step one CUDA graph replay on CUDA (training/graphs.py); off
     eval_batch_size: int = 1024
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
 
@@ -135,6 +137,7 @@ def _check(c: TrainConfig) -> None:
     need(c.device in DEVICES or re.fullmatch(r"cuda:\d+", c.device) is not None,
          f"device must be one of {', '.join(DEVICES)} or cuda:N, got {c.device!r}")
     need(c.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
+    need(c.cuda_graphs in CUDA_GRAPHS, f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {c.cuda_graphs!r}")
     need(0 < c.val_fraction < 1, f"val_fraction must be in (0, 1), got {c.val_fraction}")
     need(c.lr > 0, f"lr must be > 0, got {c.lr}")
     need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")

@@ -128,28 +128,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     summary = {
-        "val_acc": result["best_val_acc"],
-        "best_epoch": result["best_epoch"],
-        "epochs_run": result["epochs_run"],
-        "diverged": result["diverged"],
-        "stopped_early": result["stopped_early"],
-        "checkpoint": result["checkpoint"],
+        "val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "diverged": result.diverged,
+        "stopped_early": result.stopped_early,
+        "checkpoint": result.checkpoint,
         "test_acc": None,
         "run_dir": str(out),
     }
-    if result["diverged"]:
+    if result.diverged:
         print("training diverged: try a lower learning rate")
-    print(f"best val accuracy {result['best_val_acc']:.4f} at epoch {result['best_epoch']}")
-    if result["checkpoint"] and not args.no_test:
+    print(f"best val accuracy {result.best_val_acc:.4f} at epoch {result.best_epoch}")
+    if result.checkpoint and not args.no_test:
         from training.evaluate import evaluate_checkpoint
 
-        test = evaluate_checkpoint(result["checkpoint"], args.data_dir, config.device)
+        test = evaluate_checkpoint(result.checkpoint, args.data_dir, config.device)
         summary["test_acc"] = test["accuracy"]
         summary["most_confused"] = test["most_confused"]
         print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images")
         print(f"most confused: {format_pairs(test['most_confused'])}")
     (out / "result.json").write_text(json.dumps(summary, indent=2))
-    print(f"checkpoint: {result['checkpoint']}")
+    print(f"checkpoint: {result.checkpoint}")
     print(f"tensorboard --logdir {out}")
     if args.json:
         print(json.dumps(summary))

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from training.augment import AugmentParams, augment
 from training.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_state, save_checkpoint
 from training.config import TrainConfig, make_config
 from training.data import EmnistData, normalize
+from training.graphs import GraphedStep, graphs_wanted, try_graphed_step
 from training.metrics import confusion_matrix, summarize
 
 # reporter(metrics_of_this_epoch, path_of_this_epoch's_checkpoint_or_None)
@@ -52,11 +54,13 @@ def make_optimizer(c: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # On CUDA the fused implementations: one kernel per parameter group instead of several per tensor.
+    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if c.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0)
+        return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov and c.momentum > 0, **fused)
     if c.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=c.lr)
-    return torch.optim.AdamW(groups, lr=c.lr)
+        return torch.optim.Adam(groups, lr=c.lr, **fused)
+    return torch.optim.AdamW(groups, lr=c.lr, **fused)
 
 
 def make_scheduler(c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -183,32 +187,67 @@ def _batches(n: int, batch_size: int) -> int:
     return max(1, n // batch_size)
 
 
-def train(
-    config: TrainConfig | dict,
-    data: EmnistData,
-    reporter: Reporter | None = None,
-    out_dir: str | Path | None = None,
-    resume: str | Path | dict | None = None,
-    progress: Progress | None = None,
-    checkpoint_dir: str | Path | None = None,
-) -> dict[str, Any]:
-    """Train one model; returns the run's summary (best/last metrics, history, checkpoint paths).
+@dataclass
+class TrainResult:
+    """What a run ended with (the model itself stays in its checkpoints)."""
 
-    out_dir gets TensorBoard events, `last.pt` (every epoch, for resuming) and `best.pt`
-    (best validation accuracy); checkpoint_dir, if given, takes the checkpoints instead.
-    `resume` continues from a `last.pt` (path or loaded dict).
-    """
-    c = config if isinstance(config, TrainConfig) else make_config(config)
+    best_val_acc: float
+    best_epoch: int
+    epochs_run: int
+    diverged: bool
+    stopped_early: bool
+    history: list[dict]
+    val: dict | None  # per-class metrics of the best epoch
+    checkpoint: str | None  # best.pt
+    last_checkpoint: str | None  # last.pt
+    device: str
+    graphed: bool  # trained with the CUDA-graphed step
+
+
+@dataclass
+class Run:
+    """The live state of one training run: what the parts of `train()` share."""
+
+    c: TrainConfig
+    data: EmnistData
+    device: torch.device
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    sched_when: str
+    aug: AugmentParams
+    g_order: torch.Generator  # batch order, on the CPU (the same order on every device)
+    g_aug: torch.Generator  # augmentation draws, on the device where the images are
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    batch_size: int
+    steps: int
+    channels_last: bool
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    bad_epochs: int = 0
+    start_epoch: int = 1
+    graphed: GraphedStep | None = None
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "config": self.c.to_dict(), "classes": list(self.data.classes),
+                "epoch": epoch, "split": self.data.split}
+
+
+def setup(c: TrainConfig, data: EmnistData) -> Run:
+    """Model, optimizer, schedule and the data resident on the training device."""
     if c.split != data.split:
         raise ValueError(f"config split {c.split!r} does not match the data's split {data.split!r}")
     device = resolve_device(c.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels once
     torch.manual_seed(c.seed)
-    num_classes = data.num_classes
-    model = build_model(c.model, num_classes, **c.model_kwargs()).to(device)
+    model = build_model(c.model, data.num_classes, **c.model_kwargs()).to(device)
     cl = c.channels_last and device.type != "mps"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-
     x_train, y_train = data.train_x.to(device), data.train_y.to(device)
     x_val, y_val = data.val_x.to(device), data.val_y.to(device)
     n = len(x_train)
@@ -218,141 +257,186 @@ def train(
     steps = _batches(n, bs)
     opt = make_optimizer(c, model)
     sched, sched_when = make_scheduler(c, opt, steps)
-    aug = AugmentParams.from_config(c)
-    # Two generators: batch order on the CPU (same order on every device), augmentation on
-    # the device (its random draws happen where the images are).
-    g_order = torch.Generator().manual_seed(c.seed)
-    g_aug = torch.Generator(device=device).manual_seed(c.seed + 1)
+    return Run(c, data, device, model, opt, sched, sched_when, AugmentParams.from_config(c),
+               torch.Generator().manual_seed(c.seed), torch.Generator(device=device).manual_seed(c.seed + 1),
+               x_train, y_train, x_val, y_val, bs, steps, cl)
 
-    history: list[dict] = []
-    best: dict[str, Any] = {"val_acc": -1.0, "epoch": 0}
-    bad_epochs, start_epoch = 0, 1
+
+def restore(run: Run, resume: str | Path | dict) -> None:
+    """Continue from a last.pt (path or loaded dict): weights, optimizer, schedule, generators, history."""
+    c = run.c
+    where = str(resume if not isinstance(resume, dict) else "resume")
+    ckpt = resume if isinstance(resume, dict) else load_checkpoint(resume)
+    check_compatible(ckpt, c.model, run.data.num_classes, where=where)
+    load_state(run.model, ckpt, where)
+    if "optimizer" not in ckpt:
+        raise CheckpointError("cannot resume: checkpoint has no optimizer state (use a last.pt)")
+    try:
+        run.opt.load_state_dict(ckpt["optimizer"])
+        if run.sched is not None and ckpt.get("scheduler"):
+            run.sched.load_state_dict(ckpt["scheduler"])
+            run.sched = _fit_schedule(run.sched, c, run.opt, run.steps)
+        _set_rng_state(ckpt["rng"], run.g_order, run.g_aug, run.device)
+        run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
+        run.bad_epochs, run.start_epoch = int(ckpt["bad_epochs"]), int(ckpt["epoch"]) + 1
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:  # a damaged or foreign state
+        raise CheckpointError(f"cannot resume from {where}: its training state does not fit this run "
+                              f"({type(e).__name__}: {e})") from None
+    if run.history and run.history[-1].get("early_stopped"):
+        run.start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
+
+
+def run_epoch(run: Run, epoch: int, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One pass over the training set: (summed loss, correct count) as device tensors, diverged.
+
+    On CUDA nothing in here waits for the GPU (each `.item()` or `if tensor` would stall the
+    launch queue): the divergence check reads the summed loss once, at the end of the epoch, unless
+    a progress display asks for it. On the CPU it is checked every few steps (that costs nothing
+    there) so a diverging run stops within the epoch."""
+    c, dev = run.c, run.device
+    run.model.train()
+    perm = torch.randperm(len(run.x_train), generator=run.g_order).to(dev, non_blocking=True)
+    loss_sum = torch.zeros((), device=dev)
+    correct = torch.zeros((), device=dev, dtype=torch.long)
+    check_every = DIVERGENCE_CHECK_EVERY if dev.type != "cuda" or progress is not None else 0
+    bs = run.batch_size
+    for step in range(run.steps):
+        idx = perm[step * bs : (step + 1) * bs]
+        if run.graphed is not None:
+            loss, hits = run.graphed.step(idx)
+            if c.grad_clip:
+                nn.utils.clip_grad_norm_(run.model.parameters(), c.grad_clip)
+            run.opt.step()
+        else:
+            yb = run.y_train[idx]
+            xb = augment(run.x_train[idx].unsqueeze(1).float().div_(255), run.aug, run.g_aug)
+            loss, logits = train_step(run.model, run.opt, normalize(xb), yb, c, run.channels_last)
+            hits = (logits.argmax(1) == yb).sum()
+        if run.sched_when == "step":
+            run.sched.step()
+        loss_sum += loss.detach()
+        correct += hits
+        if check_every and ((step + 1) % check_every == 0 or step == run.steps - 1):
+            if not torch.isfinite(loss_sum):
+                return loss_sum, correct, True
+            if progress is not None:
+                progress(epoch, step + 1, run.steps, loss_sum.item() / (step + 1))
+    return loss_sum, correct, not bool(torch.isfinite(loss_sum))
+
+
+def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improved: bool) -> Path:
+    """best.pt when the epoch improved, and last.pt (everything needed to resume) every epoch."""
+    metrics = {**m, "val": val_metrics}
+    if improved:
+        save_checkpoint(folder / "best.pt", {**run.state(epoch), "metrics": metrics})
+    return save_checkpoint(folder / "last.pt", {
+        **run.state(epoch),
+        "metrics": metrics,
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict() if run.sched is not None else None,
+        "rng": _rng_state(run.g_order, run.g_aug, run.device),
+        "history": run.history,
+        "best": {k: v for k, v in run.best.items() if k != "metrics"},
+        "bad_epochs": run.bad_epochs,
+    })
+
+
+def train(
+    config: TrainConfig | dict,
+    data: EmnistData,
+    reporter: Reporter | None = None,
+    out_dir: str | Path | None = None,
+    resume: str | Path | dict | None = None,
+    progress: Progress | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train one model; returns the run's summary (best/last metrics, history, checkpoint paths).
+
+    out_dir gets TensorBoard events, `last.pt` (every epoch, for resuming) and `best.pt`
+    (best validation accuracy); checkpoint_dir, if given, takes the checkpoints instead.
+    `resume` continues from a `last.pt` (path or loaded dict).
+    """
+    c = config if isinstance(config, TrainConfig) else make_config(config)
+    run = setup(c, data)
     if resume is not None:
-        where = str(resume if not isinstance(resume, dict) else "resume")
-        ckpt = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        check_compatible(ckpt, c.model, num_classes, where=where)
-        load_state(model, ckpt, where)
-        if "optimizer" not in ckpt:
-            raise CheckpointError("cannot resume: checkpoint has no optimizer state (use a last.pt)")
-        try:
-            opt.load_state_dict(ckpt["optimizer"])
-            if sched is not None and ckpt.get("scheduler"):
-                sched.load_state_dict(ckpt["scheduler"])
-                sched = _fit_schedule(sched, c, opt, steps)
-            _set_rng_state(ckpt["rng"], g_order, g_aug, device)
-            history, best, bad_epochs = list(ckpt["history"]), dict(ckpt["best"]), int(ckpt["bad_epochs"])
-            start_epoch = int(ckpt["epoch"]) + 1
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:  # a damaged or foreign state
-            raise CheckpointError(f"cannot resume from {where}: its training state does not fit this run "
-                                  f"({type(e).__name__}: {e})") from None
-        if history and history[-1].get("early_stopped"):
-            start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
-
+        restore(run, resume)
     out = Path(out_dir) if out_dir is not None else None
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
     if resume is not None and ck is not None and (ck / "best.pt").is_file():
-        best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
+        run.best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
+    if run.start_epoch <= c.epochs and graphs_wanted(c.cuda_graphs, run.device):
+        # (after restore: the capture starts from the restored generators and weights)
+        run.graphed = try_graphed_step(run.model, run.x_train, run.y_train, run.batch_size, run.aug, run.g_aug,
+                                       c.label_smoothing, use_bf16(run.device, c.precision), run.channels_last)
     tb = None
-    if out is not None and start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
+    if out is not None and run.start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
 
-        tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=start_epoch if resume is not None else None)
+        tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=run.start_epoch if resume is not None else None)
 
-    def state(epoch: int) -> dict[str, Any]:
-        return {"model": model.state_dict(), "config": c.to_dict(), "classes": list(data.classes),
-                "epoch": epoch, "split": data.split}
-
-    diverged, stopped_early = False, bool(history and history[-1].get("early_stopped"))
+    diverged, stopped_early = False, bool(run.history and run.history[-1].get("early_stopped"))
     last_path = None
     try:
-        for epoch in range(start_epoch, c.epochs + 1):
-            model.train()
+        for epoch in range(run.start_epoch, c.epochs + 1):
             t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=g_order).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            for step in range(steps):
-                idx = perm[step * bs : (step + 1) * bs]
-                xb = augment(x_train[idx].unsqueeze(1).float().div_(255), aug, g_aug)
-                yb = y_train[idx]
-                loss, logits = train_step(model, opt, normalize(xb), yb, c, cl)
-                if sched_when == "step":
-                    sched.step()
-                loss_sum += loss.detach()
-                correct += (logits.argmax(1) == yb).sum()
-                if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 or step == steps - 1:
-                    if not torch.isfinite(loss_sum):
-                        diverged = True
-                        break
-                    if progress is not None:
-                        progress(epoch, step + 1, steps, loss_sum.item() / (step + 1))
-            if device.type == "cuda":
+            loss_sum, correct, diverged = run_epoch(run, epoch, progress)
+            if run.device.type == "cuda":
                 torch.cuda.synchronize()
             train_seconds = time.perf_counter() - t0
-            lr = opt.param_groups[0]["lr"]
+            lr = run.opt.param_groups[0]["lr"]
             if diverged:
                 m = {"epoch": epoch, "train_loss": float("nan"), "train_acc": None, "val_loss": None,
                      "val_acc": None, "lr": lr, "epoch_seconds": time.perf_counter() - t0,
-                     "images_per_sec": None, "best_val_acc": max(best["val_acc"], 0.0), "diverged": True}
-                history.append(m)
+                     "images_per_sec": None, "best_val_acc": max(run.best["val_acc"], 0.0), "diverged": True}
+                run.history.append(m)
                 if tb:
                     tb.epoch(m)
                 if reporter:
                     reporter(m, None)
                 break
 
-            val_loss, val_acc, val_pred = evaluate(model, x_val, y_val, c.eval_batch_size, cl, c.precision)
+            val_loss, val_acc, val_pred = evaluate(run.model, run.x_val, run.y_val, c.eval_batch_size,
+                                                   run.channels_last, c.precision)
             m = {
                 "epoch": epoch,
-                "train_loss": loss_sum.item() / steps,
-                "train_acc": correct.item() / (steps * bs),
+                "train_loss": loss_sum.item() / run.steps,
+                "train_acc": correct.item() / (run.steps * run.batch_size),
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
-                "images_per_sec": steps * bs / train_seconds,
+                "images_per_sec": run.steps * run.batch_size / train_seconds,
                 "diverged": False,
             }
-            improved = val_acc > best["val_acc"]
+            improved = val_acc > run.best["val_acc"]
             if improved:
-                best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
-                bad_epochs = 0
+                run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
+                run.bad_epochs = 0
             else:
-                bad_epochs += 1
-            m["best_val_acc"] = best["val_acc"]
-            stop = bool(c.early_stop_patience and bad_epochs >= c.early_stop_patience)
+                run.bad_epochs += 1
+            m["best_val_acc"] = run.best["val_acc"]
+            stop = bool(c.early_stop_patience and run.bad_epochs >= c.early_stop_patience)
             m["early_stopped"] = stop  # patience ran out: this is the run's last epoch
-            history.append(m)
-            if sched_when == "epoch":
-                sched.step()
-            elif sched_when == "plateau":
-                sched.step(val_acc)
+            run.history.append(m)
+            if run.sched_when == "epoch":
+                run.sched.step()
+            elif run.sched_when == "plateau":
+                run.sched.step(val_acc)
 
             if tb:
                 tb.epoch(m)
                 if c.hist_every and (epoch % c.hist_every == 0 or epoch == 1):
-                    tb.histograms(model, epoch)
+                    tb.histograms(run.model, epoch)
             # Per-class metrics every epoch (a bincount): each checkpoint is self-describing.
-            val_metrics = summarize(y_val, val_pred, data.classes)
+            val_metrics = summarize(run.y_val, val_pred, data.classes)
             if improved:
-                best["metrics"] = val_metrics
+                run.best["metrics"] = val_metrics
                 if tb:
-                    wrong = (val_pred != y_val).nonzero().flatten()[:32]
-                    tb.best(epoch, confusion_matrix(y_val, val_pred, num_classes),
-                            x_val[wrong], y_val[wrong], val_pred[wrong])
-                if ck is not None:
-                    save_checkpoint(ck / "best.pt", {**state(epoch), "metrics": {**m, "val": val_metrics}})
+                    wrong = (val_pred != run.y_val).nonzero().flatten()[:32]
+                    tb.best(epoch, confusion_matrix(run.y_val, val_pred, data.num_classes),
+                            run.x_val[wrong], run.y_val[wrong], val_pred[wrong])
             if ck is not None:
-                last_path = save_checkpoint(ck / "last.pt", {
-                    **state(epoch),
-                    "metrics": {**m, "val": val_metrics},
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "rng": _rng_state(g_order, g_aug, device),
-                    "history": history,
-                    "best": {k: v for k, v in best.items() if k != "metrics"},
-                    "bad_epochs": bad_epochs,
-                })
+                last_path = save(run, ck, epoch, m, val_metrics, improved)
             if tb:
                 tb.flush()
             if reporter:
@@ -364,16 +448,17 @@ def train(
         if tb:
             tb.close()
 
-    return {
-        "best_val_acc": max(best["val_acc"], 0.0),
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "diverged": diverged,
-        "stopped_early": stopped_early,
-        "history": history,
-        "val": best.get("metrics"),
-        "checkpoint": str(ck / "best.pt") if ck is not None and best["epoch"] else None,
-        "last_checkpoint": str(last_path) if last_path else None,
-        "model": model,
-        "device": str(device),
-    }
+    best = run.best
+    return TrainResult(
+        best_val_acc=max(best["val_acc"], 0.0),
+        best_epoch=best["epoch"],
+        epochs_run=len(run.history),
+        diverged=diverged,
+        stopped_early=stopped_early,
+        history=run.history,
+        val=best.get("metrics"),
+        checkpoint=str(ck / "best.pt") if ck is not None and best["epoch"] else None,
+        last_checkpoint=str(last_path) if last_path else None,
+        device=str(run.device),
+        graphed=run.graphed is not None,
+    )
