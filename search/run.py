@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default=None)
     p.add_argument("--seed", type=int, default=None, help="seeds the Optuna sampler (default 0)")
     p.add_argument("--device", default=None, help="trial device (default auto: CUDA if present)")
+    p.add_argument("--mps", action="store_true",
+                   help="run the trials sharing a GPU through NVIDIA MPS (started for this search, stopped after)")
     return p.parse_args(argv)
 
 
@@ -194,12 +196,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    stop_mps = None
+    if args.mps:
+        from search.mps import MpsError, start_mps
+
+        try:  # before Ray starts, so that every trial process inherits the MPS pipe
+            stop_mps = start_mps()
+        except MpsError as e:
+            lock.release()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from search.tuner import run_search  # Ray is imported only from here on
 
     try:
         return run_search(args, spec, base, data, samples, name, exp_dir,
                           settings=None if args.resume else settings_of(args))
     finally:
+        if stop_mps is not None:
+            stop_mps()
         lock.release()
 
 
