@@ -254,3 +254,17 @@ def test_real_emnist_two_epochs_small_cnn(real_run):
     data, result = real_run
     assert len(data.train_x) == 20000
     assert result.best_val_acc >= 0.75, result.history
+
+
+def test_resume_keeps_this_machines_optimizer_implementation(digits_data, tiny_config, tmp_path):
+    """A last.pt written on a GPU (fused optimizer) resumes on a CPU, which trains with its own kind."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    train({**tiny_config, "epochs": 1}, digits_data, out_dir=tmp_path)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    for g in ckpt["optimizer"]["param_groups"]:
+        g["fused"], g["foreach"] = True, False  # as the CUDA run saves it
+    save_checkpoint(tmp_path / "gpu.pt", ckpt)
+    resumed = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path / "cpu", resume=tmp_path / "gpu.pt")
+    assert [m["epoch"] for m in resumed.history] == [1, 2] and not resumed.diverged
+    assert all(not g["fused"] for g in load_checkpoint(tmp_path / "cpu" / "last.pt")["optimizer"]["param_groups"])

@@ -272,7 +272,12 @@ def restore(run: Run, resume: str | Path | dict) -> None:
     if "optimizer" not in ckpt:
         raise CheckpointError("cannot resume: checkpoint has no optimizer state (use a last.pt)")
     try:
+        # The saved groups carry the implementation of the machine that wrote them (fused on CUDA);
+        # this run keeps its own, so a GPU run resumes on a CPU and the other way round.
+        kinds = [(g.get("fused"), g.get("foreach")) for g in run.opt.param_groups]
         run.opt.load_state_dict(ckpt["optimizer"])
+        for g, (fused, foreach) in zip(run.opt.param_groups, kinds, strict=True):
+            g["fused"], g["foreach"] = fused, foreach
         if run.sched is not None and ckpt.get("scheduler"):
             run.sched.load_state_dict(ckpt["scheduler"])
             run.sched = _fit_schedule(run.sched, c, run.opt, run.steps)
