@@ -4,13 +4,12 @@ write summary.json, trials.csv and best.pt, and print a short report."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 from pathlib import Path
 
 from search.results import SETTINGS_FILE, Experiment, is_uri, load_experiment
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
 
 TOP_N = 5
@@ -66,7 +65,8 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     exp = load_experiment(exp_dir)
     # The search is over: folders of trials a killed driver started but never recorded are not trials.
     trials = exp.trials[~exp.trials["trial_id"].isin(exp.orphans)]
-    _write_atomic(exp_dir / "trials.csv", trials.to_csv(index=False))
+    # whole or not at all: a driver killed while it writes them leaves no half file (--resume writes them again)
+    write_atomic(exp_dir / "trials.csv", lambda f: f.write(trials.to_csv(index=False).encode()))
     best_id = exp.best_trial
     if best_id is None:
         print("no trial produced a validation result; see the trials' error.txt files")
@@ -95,7 +95,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         "search_wall_seconds": wall_seconds,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _write_atomic(exp_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(exp_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
 
     print(f"\n=== {exp_dir.name}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in summary['trials'].items())})")
     top = trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc", ascending=False).head(TOP_N)
@@ -120,14 +120,6 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():
         print(f"python -m dashboard --results {shlex.quote(str(exp_dir.parent))}")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Whole or not at all: a driver killed while it writes leaves the previous file (or none);
-    --resume then writes the summary again."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _short(v) -> str:

@@ -13,8 +13,9 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -32,22 +33,28 @@ def _umask() -> int:
     return mask
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write atomically: a crash or full disk mid-write leaves the previous file intact."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`: a crash or
+    full disk mid-write leaves the previous file intact (or none), never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; checkpoints are ordinary files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write atomically: a crash or full disk mid-write leaves the previous file intact."""
+    return write_atomic(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
