@@ -110,3 +110,17 @@ def tiny_experiment(digits_dir, tmp_path_factory) -> Path:
                        env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return root
+
+
+@pytest.fixture
+def loopback_server(monkeypatch):
+    """For the dashboard page tests (their modules use it for every test). AppTest runs app.py in this
+    process, where the server address is whatever config the current folder has; the page serves only
+    on loopback (tests/test_dashboard_server.py tests the refusal)."""
+    from streamlit import config
+
+    monkeypatch.delenv("EMNIST_DASHBOARD_ALLOW_REMOTE", raising=False)
+    old = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", old)

@@ -25,6 +25,9 @@ from training.checkpoint import load_checkpoint
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 
+# every test here: the page serves on loopback (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("loopback_server")
+
 
 # ---------------------------------------------------------------- fixtures and helpers
 
@@ -322,19 +325,6 @@ def test_checkpoint_tables_on_missing_metrics():
 
 
 # ---------------------------------------------------------------- the page (AppTest)
-
-
-@pytest.fixture(autouse=True)
-def loopback_server(monkeypatch):
-    """AppTest runs app.py in this process, where the server address is whatever config the current
-    folder has; the page serves only on loopback (tests/test_dashboard_server.py tests the refusal)."""
-    from streamlit import config
-
-    monkeypatch.delenv("EMNIST_DASHBOARD_ALLOW_REMOTE", raising=False)
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield
-    config.set_option("server.address", old)
 
 
 @pytest.fixture

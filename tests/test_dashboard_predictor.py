@@ -24,6 +24,9 @@ from tests.conftest import render_char
 from training.checkpoint import CheckpointError
 from training.predict import Predictor
 
+# every test here: the page serves on loopback (see tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("loopback_server")
+
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboard" / "app.py")
 
@@ -298,19 +301,6 @@ def test_model_view_and_figure():
 
 
 # --- The page through AppTest ---------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def loopback_server(monkeypatch):
-    """AppTest runs app.py in this process, where the server address is whatever config the current
-    folder has; the page serves only on loopback (tests/test_dashboard_server.py tests the refusal)."""
-    from streamlit import config
-
-    monkeypatch.delenv("EMNIST_DASHBOARD_ALLOW_REMOTE", raising=False)
-    old = config.get_option("server.address")
-    config.set_option("server.address", "127.0.0.1")
-    yield
-    config.set_option("server.address", old)
 
 
 def _app(monkeypatch, root: Path) -> AppTest:

@@ -573,7 +573,6 @@ def test_one_driver_per_experiment(digits_dir, tmp_path):
     samples = 2
     exp_dir, args = _search_args(digits_dir, tmp_path, "shared", samples, 2)
     a, b = _start(args), _start(args)
-    procs = {a.pid: a, b.pid: b}
     assert _wait_for(lambda: a.poll() is not None or b.poll() is not None, timeout=120, every=0.1)
     loser = a if a.poll() is not None else b
     winner = b if loser is a else a
@@ -598,7 +597,6 @@ def test_one_driver_per_experiment(digits_dir, tmp_path):
     # the lock is released with its driver: a later driver may take the experiment
     r = run_search(*args, "--resume", timeout=300, env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert set(procs) == {a.pid, b.pid}
 
 
 def pd_read_csv(path: Path):
