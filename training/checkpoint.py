@@ -115,6 +115,17 @@ def _structure_problem(ckpt: dict) -> str | None:
         return f"'epoch' is not a count of epochs ({epoch!r})"
     if "metrics" in ckpt and not _is_str_dict(ckpt["metrics"]):
         return "'metrics' is not a mapping"
+    if "members" in ckpt:  # an ensemble (training/ensemble.py): each member is a small checkpoint
+        members = ckpt["members"]
+        if not isinstance(members, list) or not members:
+            return "'members' is not a list of ensemble members"
+        for i, m in enumerate(members):
+            if not _is_str_dict(m) or not all(k in m for k in ("model", "config", "epoch")):
+                return f"ensemble member {i} is not a checkpoint (needs model, config, epoch)"
+            if not _is_str_dict(m["model"]) or not all(isinstance(v, torch.Tensor) for v in m["model"].values()):
+                return f"ensemble member {i}: 'model' is not a mapping of parameter names to tensors"
+            if not _is_str_dict(m["config"]):
+                return f"ensemble member {i}: 'config' is not a mapping of config keys"
     if "optimizer" in ckpt:  # a last.pt: what resuming reads must have its shape too
         opt, rng = ckpt["optimizer"], ckpt.get("rng")
         if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
@@ -155,16 +166,27 @@ def load_state(model: nn.Module, ckpt: dict, where: str = "checkpoint") -> None:
 
 
 def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", where: str = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode."""
+    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode; for an
+    ensemble file (training/ensemble.py) the members averaged in probability space."""
+    if not ckpt["classes"]:
+        raise CheckpointError(f"{where} has no classes")
+    if "members" in ckpt:
+        from training.ensemble import Ensemble
+
+        members = [_build_one(m, len(ckpt["classes"]), f"{where} (member {i})")
+                   for i, m in enumerate(ckpt["members"])]
+        return Ensemble(members).to(device).eval()
+    return _build_one(ckpt, len(ckpt["classes"]), where).to(device).eval()
+
+
+def _build_one(ckpt: dict, num_classes: int, where: str) -> nn.Module:
     from models import build_model
     from training.config import make_config
 
     try:
         config = make_config(ckpt["config"])
+        model = build_model(config.model, num_classes, **config.model_kwargs())
     except ValueError as e:  # ConfigError: a damaged or foreign config
         raise CheckpointError(f"{where} holds an unusable config: {e}") from None
-    if not ckpt["classes"]:
-        raise CheckpointError(f"{where} has no classes")
-    model = build_model(config.model, len(ckpt["classes"]), **config.model_kwargs())
     load_state(model, ckpt, where)
-    return model.to(device).eval()
+    return model
