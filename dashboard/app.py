@@ -1,4 +1,5 @@
-"""emnist-tune dashboard: compare a search's trials, and predict characters with any trial.
+"""emnist-tune dashboard: compare a search's trials, see the model it delivered, and predict characters
+with it or any trial.
 
     python -m dashboard [--results results/]        (or: emnist-dashboard, make dashboard)
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import streamlit as st  # noqa: E402
 
-from dashboard import explorer, predictor, safety  # noqa: E402
+from dashboard import explorer, final, predictor, safety  # noqa: E402
 from dashboard.common import experiment_names, results_root  # noqa: E402
 
 st.set_page_config(page_title="emnist-tune", page_icon="✍️", layout="wide")
@@ -24,7 +25,7 @@ safety.enforce()  # stops here on a server that listens beyond this machine with
 
 root = results_root()
 st.sidebar.title("emnist-tune")
-page = st.sidebar.radio("Page", ["Trial explorer", "Predictor"], key="page")
+page = st.sidebar.radio("Page", ["Trial explorer", "Final model", "Predictor"], key="page")
 names = experiment_names(root)
 if not names:
     st.info(f"No experiments under the results root `{root}` yet. Run a search first: "
@@ -34,5 +35,7 @@ name = st.sidebar.selectbox("Experiment", names, key="experiment")
 
 if page == "Trial explorer":
     explorer.render(root, name)
+elif page == "Final model":
+    final.render(root, name)
 else:
     predictor.render(root, name)

@@ -88,6 +88,17 @@ def read_tail(path: Path, max_bytes: int = 64 * 1024) -> str:
         return f.read(max_bytes).decode("utf-8", errors="replace")
 
 
+def section(what: str, fn, *args) -> None:
+    """Run one part of a page; a failure there (damaged or unexpected data on disk) is a message,
+    the other parts still render."""
+    import streamlit as st
+
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001
+        st.error(f"The {what} could not be shown: {type(e).__name__}: {e}")
+
+
 _MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()<>#+-.!|~$"})
 
 

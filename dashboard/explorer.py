@@ -16,6 +16,7 @@ import streamlit as st
 
 from dashboard import figures
 from dashboard.common import UnsafePath, md_text, open_experiment, read_tail, safe_checkpoint, safe_child, safe_file
+from dashboard.common import section as _section
 from search.results import OUTSIDE, Experiment
 
 AUTO_REFRESH_SECONDS = 15
@@ -108,14 +109,6 @@ def _body(root: Path, name: str) -> None:
     _section("hyperparameter figures", _hyperparameters, trials)
     _section("learning curves", _curves, exp)
     _section("trial details", _trial_details, root, exp)
-
-
-def _section(what: str, fn, *args) -> None:
-    """Run one part of the page; a failure there is a message, the other parts still render."""
-    try:
-        fn(*args)
-    except Exception as e:  # noqa: BLE001
-        st.error(f"The {what} could not be shown: {type(e).__name__}: {e}")
 
 
 def _reading_notes(exp: Experiment) -> None:
