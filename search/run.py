@@ -22,6 +22,7 @@ import os  # noqa: E402
 import shlex  # noqa: E402
 import time  # noqa: E402
 
+from search.final import FinalError, FinalSettings, add_final_args  # noqa: E402
 from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
 from search.results import SETTINGS_FILE, is_uri  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="trial device (default auto: CUDA if present)")
     p.add_argument("--mps", action="store_true",
                    help="run the trials sharing a GPU through NVIDIA MPS (started for this search, stopped after)")
+    p.add_argument("--no-final", action="store_true",
+                   help="stop after the search: no refit, ensemble or test report (search/final.py can run it later)")
+    add_final_args(p)
     return p.parse_args(argv)
 
 
@@ -90,12 +94,17 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def settings_of(args: argparse.Namespace) -> dict:
-    """The settings to save with a new experiment (written by search.tuner just before it starts)."""
+DATA_KEYS = ("split", "val_fraction", "seed", "train_limit", "val_limit")
+
+
+def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """The settings to save with a new experiment (written by search.tuner just before it starts);
+    `data` is how the training split was divided (the final stage reads the same validation images)."""
     config = Path(args.config).resolve()
     return {"config": str(config), "config_sha256": _sha256(config), "samples": args.samples,
             "max_epochs": args.max_epochs, "split": args.split, "seed": args.seed, "device": args.device,
-            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None}
+            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+            "data": {k: base[k] for k in DATA_KEYS} if base else None}
 
 
 def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = 0 if args.seed is None else args.seed
         spec = load_search_spec(args.config)
         check_args(args, spec)
+        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.device or "auto",
+                              args.gpus_per_trial, args.cpus_per_trial, args.concurrency, args.address)
+        final.check()
         if args.max_epochs is not None:
             spec.max_epochs = args.max_epochs
         overrides = {k: v for k, v in (("split", args.split), ("device", args.device)) if v is not None}
@@ -209,8 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     from search.tuner import run_search  # Ray is imported only from here on
 
     try:
-        return run_search(args, spec, base, data, samples, name, exp_dir,
-                          settings=None if args.resume else settings_of(args))
+        code = run_search(args, spec, base, data, samples, name, exp_dir,
+                          settings=None if args.resume else settings_of(args, base))
+        if code != 0 or args.no_final:
+            return code
+        from search.final import run_final
+
+        try:
+            return run_final(exp_dir, data, final, args.data_dir)
+        except FinalError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     finally:
         if stop_mps is not None:
             stop_mps()

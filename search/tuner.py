@@ -99,7 +99,7 @@ def _fmt(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _trial_name(trial) -> str:
+def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
@@ -138,20 +138,37 @@ def resources(args: argparse.Namespace) -> tuple[float, float, int]:
     return cpt, gpt, concurrency
 
 
-def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
+def run_config_for(name: str, storage: str, callbacks: list,
+                   checkpoint_config: tune.CheckpointConfig) -> tune.RunConfig:
+    """The run settings every Tune experiment of this project shares (search and refit)."""
     return tune.RunConfig(
         name=name,
         storage_path=storage if is_uri(storage) else os.path.abspath(storage),
-        # Best two checkpoints per trial by validation accuracy (Ray also keeps the latest).
-        checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
-        ),
+        checkpoint_config=checkpoint_config,
         failure_config=tune.FailureConfig(max_failures=2),  # transient errors: retry from the checkpoint
         # Trial working dirs (our TensorBoard events) are uploaded to storage, also from other nodes.
         sync_config=tune.SyncConfig(sync_artifacts=True),
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
         verbose=0,
     )
+
+
+def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
+    # Best two checkpoints per trial by validation accuracy (Ray also keeps the latest).
+    return run_config_for(name, storage, callbacks, tune.CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE))
+
+
+def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tuner:
+    """Tuner.restore, continuing unfinished and errored trials, with this session's callbacks.
+    Ray restores the run config saved by the first session, callbacks included (which print to a
+    terminal that may be gone); Tuner.restore has no argument for them, so they are replaced on the
+    private `_local_tuner._run_config` (checked against Ray 2.60; absent with a ray:// client)."""
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    local = getattr(tuner, "_local_tuner", None)
+    if local is not None:
+        local._run_config.callbacks = run_config.callbacks
+    return tuner
 
 
 def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed: int,
@@ -176,8 +193,8 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
             # then retries the trial on the cached (dead) actor until max_failures is spent, so there
             # each trial gets a fresh actor (tests/test_cluster.py::test_worker_node_killed_mid_search).
             reuse_actors=reuse_actors,
-            trial_name_creator=_trial_name,
-            trial_dirname_creator=_trial_name,
+            trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name,
         ),
         run_config=run_config,
     )
@@ -199,10 +216,7 @@ def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: in
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
             if not is_uri(exp_dir):
                 set_aside_unknown_trials(Path(exp_dir))
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-            local = getattr(tuner, "_local_tuner", None)  # None with a ray:// client
-            if local is not None:  # the restored run config has the old session's callbacks
-                local._run_config.callbacks = run_config.callbacks
+            tuner = restore_tuner(exp_dir, trainable, run_config)
         else:
             tuner = make_tuner(trainable, spec, samples, concurrency, args.seed, run_config,
                                reuse_actors=not args.address)

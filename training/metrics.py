@@ -58,3 +58,15 @@ def summarize(y_true: torch.Tensor, y_pred: torch.Tensor, classes: list[str], k:
 
 def format_pairs(pairs: list[dict]) -> str:
     return ", ".join(f"{p['a']}<->{p['b']} ({p['count']}: {p['a_as_b']}+{p['b_as_a']})" for p in pairs)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % (z = 1.96) Wilson score interval of an accuracy of `correct` out of `n`: unlike the
+    normal approximation it stays inside [0, 1] and is sound near 0 and 1 and for small n."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

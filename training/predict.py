@@ -1,6 +1,9 @@
 """Predict characters in arbitrary images with a trained checkpoint.
 
-    python training/predict.py CHECKPOINT IMAGE [IMAGE ...] [--k 5] [--json]
+    python training/predict.py MODEL IMAGE [IMAGE ...] [--k 5] [--json]
+
+MODEL is a checkpoint file or a folder: an experiment folder gives its delivered model
+(final/model.pt, see search/final.py), else its best.pt; a training run's folder its best.pt.
 
 `Predictor` is shared by this CLI, the dashboard and the search's final report, so an
 image is always prepared the same way (training/preprocess.py: EMNIST's own recipe).
@@ -40,12 +43,32 @@ class Prediction:
         return {"top": [{"char": c, "prob": p} for c, p in self.top], "message": self.message}
 
 
+# What a folder stands for, first match wins: an experiment's delivered model, then its (or a
+# training run's) best checkpoint.
+DEFAULT_MODELS = ("final/model.pt", "best.pt")
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The model file a path names: itself, or for a folder the first of DEFAULT_MODELS in it."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in DEFAULT_MODELS:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} holds no model: looked for {', '.join(DEFAULT_MODELS)} "
+                          "(a search writes them when it ends; search/final.py makes final/model.pt)")
+
+
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], config: dict, device: torch.device):
         self.model, self.classes, self.config, self.device = model.eval(), list(classes), config, device
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> Predictor:
+        """From a checkpoint file, or a folder (see resolve_model): an ensemble file gives the
+        members averaged in probability space."""
+        path = resolve_model(path)
         ckpt = load_checkpoint(path)
         dev = resolve_device(device)
         return cls(build_from_checkpoint(ckpt, dev, where=str(path)), ckpt["classes"], ckpt["config"], dev)
@@ -84,7 +107,7 @@ class Predictor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Top-k characters for image files, with a trained checkpoint.")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="checkpoint file, or an experiment folder (its final model)")
     p.add_argument("images", type=Path, nargs="+")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--device", default="cpu")

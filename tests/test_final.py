@@ -1,0 +1,218 @@
+"""The final stage (search/final.py): ensemble chosen on validation, refit on the whole training
+split as real Ray Tune trials, the delivered model file, the test report, and its resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from search.final import FinalError, FinalSettings, choose_k, run_final, whole_training_split
+from search.results import ray_statuses, read_json_lines, trial_dirs
+from tests.test_search import REPO, RUN, write_space
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.data import load_test
+from training.ensemble import Ensemble, save_model
+from training.metrics import wilson_interval
+from training.predict import Predictor
+
+FINAL = [sys.executable, str(REPO / "search" / "final.py")]
+ENV = {**os.environ, "RAY_ADDRESS": "local"}
+
+
+def _run(cmd, **kw):
+    return subprocess.run([*cmd], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def final_run(digits_dir, tmp_path_factory):
+    """A 4-trial search without its final stage; then `search/final.py` with two refit seeds per
+    chosen config, SIGKILLed once its first refit trial has a checkpoint, and run again."""
+    tmp = tmp_path_factory.mktemp("final")
+    space = write_space(tmp, samples=4, max_epochs=3, grace=3,
+                        space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n  width: {uniform: [0.5, 1.5]}\n")
+    storage = tmp / "results"
+    r = _run([*RUN, "--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", "exp",
+              "--concurrency", "2"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp = storage / "exp"
+    assert not (exp / "final").exists()  # --no-final (tests.test_search.RUN)
+    args = ["--name", "exp", "--storage", storage, "--refit-seeds", "2", "--concurrency", "1"]
+    proc = subprocess.Popen([*FINAL, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=ENV)
+    end = time.time() + 300
+    refit = exp / "final" / "refit"
+    while time.time() < end and proc.poll() is None and not list(refit.glob("trial_*/checkpoint_*")):
+        time.sleep(0.2)
+    killed = proc.poll() is None
+    proc.kill()
+    first, _ = proc.communicate(timeout=60)
+    r = _run([*FINAL, *map(str, args)])
+    return exp, killed, first, r
+
+
+def test_interrupted_final_stage_resumes_and_delivers(final_run):
+    exp, killed, first, r = final_run
+    assert killed, "the final stage ended before it could be killed mid-refit:\n" + first[-2000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "continuing the interrupted refit" in r.stdout
+    plan = json.loads((exp / "final" / "plan.json").read_text())
+    k = plan["selection"]["chosen_k"]
+    assert len(plan["members"]) == 2 * k
+    refits = trial_dirs(exp / "final" / "refit")
+    statuses = ray_statuses(exp / "final" / "refit")
+    assert len(refits) == len(statuses) == 2 * k  # the killed driver left no extra trial
+    assert {s["status"] for s in statuses.values()} == {"TERMINATED"}
+    for d in refits:  # every planned epoch once, also in the trial that was killed mid-way
+        epochs = [row["epoch"] for row in read_json_lines(d / "result.json")]
+        member = json.loads((d / "params.json").read_text())["member"]
+        assert epochs == list(range(1, member["epochs"] + 1)), (d.name, epochs)
+        assert member["train"]["early_stop_patience"] == 0
+
+
+def test_refit_plan_follows_the_selection(final_run, digits_data):
+    exp, *_ = final_run
+    plan = json.loads((exp / "final" / "plan.json").read_text())
+    sel = plan["selection"]
+    by_k = {int(k): v for k, v in sel["val_acc_by_k"].items()}
+    assert sel["chosen_k"] == min(k for k, v in by_k.items() if v == max(by_k.values()))
+    assert sel["ensemble_pays"] == (by_k[sel["chosen_k"]] > by_k[1])
+    cands = plan["candidates"]
+    assert [c["val_acc"] for c in cands] == sorted((c["val_acc"] for c in cands), reverse=True)
+    chosen = {c["trial_id"]: c for c in cands[: sel["chosen_k"]]}
+    assert {m["source_trial"] for m in plan["members"]} == set(chosen)
+    for m in plan["members"]:
+        src = chosen[m["source_trial"]]
+        assert m["epochs"] == src["epoch"]  # --refit-epochs best: the epoch that was best in the trial
+        assert m["train"]["seed"] == src["config"]["seed"] + m["seed_index"]
+        assert {**m["train"], "seed": 0, "epochs": 0, "early_stop_patience": 0} == \
+            {**src["config"], "seed": 0, "epochs": 0, "early_stop_patience": 0}
+
+
+def test_delivered_model_and_report(final_run, digits_dir):
+    exp, *_ = final_run
+    summary = json.loads((exp / "summary.json").read_text())
+    final = summary["final"]
+    assert summary["best_trial"] == final["test"]["single"]["trial_id"]
+    path = exp / "final" / "model.pt"
+    assert final["model"] == str(path)
+    ckpt = torch.load(path, weights_only=True)  # plain tensors and containers only
+    members = ckpt["members"]
+    assert len(members) == final["refit"]["finished"] == len(final["refit"]["members"])
+    # the delivered model is what Predictor loads from the experiment folder, and its test figure is real
+    predictor = Predictor.from_checkpoint(exp)
+    assert isinstance(predictor.model, Ensemble) and len(predictor.model.members) == len(members)
+    x, y, classes = load_test("digits", digits_dir)
+    acc = int((predictor.probabilities(x).argmax(1) == y).sum()) / len(y)
+    assert final["test"]["refit"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+    for key in ("single", "refit"):
+        r = final["test"][key]
+        assert r["n"] == len(y) and r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        assert len(r["per_class"]) == len(classes) and r["most_confused"]
+    assert [t["trial_id"] for t in final["test_trials"]] == [c["trial_id"] for c in final["selection"]["candidates"]]
+    report = (exp / "final" / "report.md").read_text()
+    for needle in ("best single trial", "delivered (refit)", "95 % interval", "Selection on the validation split",
+                   f"{final['test']['refit']['accuracy']:.4f}", "confused_pairs.png", "| class | precision"):
+        assert needle in report, needle
+    from PIL import Image
+
+    with Image.open(exp / "final" / "confused_pairs.png") as im:
+        assert im.width > 200 and im.height >= 28
+
+
+def test_final_stage_settings_are_kept(final_run, digits_data, capsys):
+    exp, *_ = final_run
+    with pytest.raises(FinalError, match="--refit-seeds 2"):
+        run_final(exp, digits_data, FinalSettings(refit_seeds=1))
+    from search.final import main
+
+    for args, message in ((["--name", "nope"], "no experiment at"), (["--name", "exp", "--ensemble-k", "0"],
+                                                                     "--ensemble-k must be")):
+        assert main([*args, "--storage", str(exp.parent)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_choose_k_needs_a_real_gain():
+    y = torch.tensor([0, 1, 2, 0])
+    eye = torch.eye(3)
+    a = eye[[0, 1, 1, 0]] * 0.6 + 0.1  # 3/4 right
+    b = eye[[0, 2, 2, 0]] * 0.9 + 0.03  # 3/4 right, other mistake; a+b: still 3/4
+    c = eye[[1, 1, 2, 0]] * 0.9 + 0.03  # with a and b: the third image goes right
+    k, by_k = choose_k([a, b, c], y)
+    assert by_k == {1: 0.75, 2: 0.75, 3: 1.0} and k == 3
+    k, by_k = choose_k([a, b], y)  # a tie is no gain: the single model is kept
+    assert k == 1
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(90, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.8256, 0.9448)  # textbook values
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_whole_training_split(digits_data):
+    full = whole_training_split(digits_data)
+    assert len(full.train_x) == len(digits_data.train_x) + len(digits_data.val_x)
+    assert torch.equal(full.train_x[len(digits_data.train_x):], digits_data.val_x)
+
+
+def _members(n: int) -> list[dict]:
+    from models import build_model
+
+    out = []
+    for seed, name in zip(range(n), ("small_cnn", "mobile_cnn", "small_cnn"), strict=False):
+        torch.manual_seed(seed)
+        out.append({"model": build_model(name, 10).state_dict(), "config": {"model": name, "split": "digits"},
+                    "epoch": 1})
+    return out
+
+
+def test_ensemble_file_round_trip(tmp_path):
+    path = save_model(tmp_path / "m.pt", _members(2), list("0123456789"), "digits", {"delivered": "test"})
+    model = Predictor.from_checkpoint(path).model
+    x = torch.randn(5, 1, 28, 28)
+    want = torch.stack([m(x).softmax(1) for m in model.members]).mean(0)
+    assert torch.allclose(model(x).softmax(1), want, atol=1e-6)
+    single = save_model(tmp_path / "s.pt", _members(1), list("0123456789"), "digits")
+    assert "members" not in torch.load(single, weights_only=True)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_ensemble_file_refuses_pickled_and_damaged_members(tmp_path):
+    members = _members(2)
+    path = save_model(tmp_path / "m.pt", members, list("0123456789"), "digits")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["members"][1]["config"] = Payload()
+    torch.save(ckpt, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(tmp_path / "evil.pt")
+    for damage, message in (([], "not a list of ensemble members"), ([{"model": {}}], "member 0 is not a checkpoint"),
+                            ([{**members[0], "model": {"w": 1}}], "member 0: 'model'")):
+        torch.save({**torch.load(path, weights_only=True), "members": damage}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(tmp_path / "bad.pt")
+    other = {**members[1], "config": {"model": "vgg", "split": "digits"}}  # weights of another architecture
+    save_model(tmp_path / "mixed.pt", [members[0], other], list("0123456789"), "digits")
+    with pytest.raises(CheckpointError, match=r"member 1\) does not fit"):
+        Predictor.from_checkpoint(tmp_path / "mixed.pt")
+
+
+def test_predictor_folder_defaults(tmp_path):
+    from training.predict import resolve_model
+
+    with pytest.raises(CheckpointError, match="holds no model"):
+        resolve_model(tmp_path)
+    save_model(tmp_path / "best.pt", _members(1), list("0123456789"), "digits")
+    assert resolve_model(tmp_path) == tmp_path / "best.pt"
+    save_model(tmp_path / "final" / "model.pt", _members(2), list("0123456789"), "digits")
+    assert resolve_model(tmp_path) == tmp_path / "final" / "model.pt"
+    assert resolve_model(tmp_path / "best.pt") == tmp_path / "best.pt"
