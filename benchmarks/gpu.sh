@@ -63,7 +63,7 @@ if want searchbench; then
 fi
 
 if want search; then
-  step "python search/run.py --samples $SAMPLES (target: <= 5 min, best val_acc >= 0.905)"
+  step "python search/run.py --samples $SAMPLES (targets: search <= 5 min, best val_acc >= 0.905; delivered model >= 0.910 test)"
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 > "$OUT/gpu-util.txt" 2>/dev/null &
   SMI=$!
   rm -rf /tmp/gpu-search
@@ -92,6 +92,13 @@ found = re.search(r"data: \S+, (\d+) train", Path(sys.argv[3]).read_text())
 if found:
     rate = epochs * int(found.group(1)) / float(sys.argv[4])
     print(f"summed trial throughput: {rate:,.0f} img/s (trial-epochs x training images / wall-clock; target >= 160k)")
+import json  # noqa: E402
+
+summary = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
+if summary.get("search_wall_seconds"):
+    print(f"search alone (before its final stage): {summary['search_wall_seconds']:.0f} s")
+for key, r in (summary.get("final") or {}).get("test", {}).items():  # target: the delivered model >= 0.910
+    print(f"final stage, {key}: test acc {r['accuracy']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] ({r['label']})")
 waits = [h["recorded_wait_s"].dropna().sum() for h in exp.histories.values() if "recorded_wait_s" in h]
 if waits:
     print(f"trial start-up waiting for the experiment snapshot: {sum(waits):.1f} s in all, {max(waits):.1f} s at most")
