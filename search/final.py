@@ -322,7 +322,9 @@ def write_report(path: Path, name: str, final: dict) -> Path:
              f"## Test accuracy ({next(iter(t.values()))['n'] if t else 0} test images, 95 % Wilson interval)", "",
              "| model | what | test accuracy | 95 % interval |", "| --- | --- | --- | --- |",
              _row("best single trial", t.get("single")), _row("ensemble of search checkpoints", t.get("ensemble")),
-             _row("delivered (refit)", t.get("refit")), "",
+             _row("refit (delivered)", t.get("refit")), "",
+             *([] if t.get("refit") else [f"No refit finished: delivered {final['delivered']}, test accuracy "
+                                          f"{final['delivered_test']['accuracy']:.4f}.", ""]),
              "The test split was read once, for this table. Everything was chosen on the validation split:", "",
              "## Selection on the validation split", "",
              f"{sel['n_val']} validation images; an ensemble is kept only where it beats the best single model.", "",
@@ -337,7 +339,7 @@ def write_report(path: Path, name: str, final: dict) -> Path:
               "| --- | --- | --- | --- |"]
     lines += [f"| {r['trial_id']} | {r['val_acc']:.4f} | {r['accuracy']:.4f} | "
               f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] |" for r in final["test_trials"]]
-    main = t.get("refit") or t.get("single")
+    main = final.get("delivered_test")
     if main:
         lines += ["", f"## Most confused pairs ({main['label']})", "", f"![confused pairs]({PAIRS_IMAGE})", "",
                   "| pair | mistakes | a read as b | b read as a |", "| --- | --- | --- | --- |",
@@ -363,16 +365,22 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
     classes, split = None, cands[0].config["split"]
     ckpt0 = load_checkpoint(cands[0].checkpoint)
     classes = list(ckpt0["classes"])
-    delivered = "none: no refit finished"
+    chosen = cands[: sel["chosen_k"]]
     if done:
         sources = sorted({m.pop("_source") for m in done})
         seeds = plan["settings"]["refit_seeds"]
         delivered = (f"refit ensemble of {len(done)} ({len(sources)} config(s) x {seeds} seed(s))" if len(done) > 1
                      else "refit of the best config")
-        save_model(model_path, done, classes, split, {"delivered": delivered, "experiment": exp_dir.name,
-                                                      "source_trials": sources, "whole_training_split": True})
+        members = done
     else:
-        model_path.unlink(missing_ok=True)
+        # No refit finished (every one diverged or failed): the search's own checkpoints are still a
+        # model, the one validation chose; deliver that rather than nothing.
+        sources = [c.trial_id for c in chosen]
+        delivered = (f"ensemble of {len(chosen)} search checkpoints" if len(chosen) > 1
+                     else f"best single trial {chosen[0].trial_id}") + " (no refit finished)"
+        members = [load_checkpoint(c.checkpoint) for c in chosen]
+    save_model(model_path, members, classes, split, {"delivered": delivered, "experiment": exp_dir.name,
+                                                     "source_trials": sources, "whole_training_split": bool(done)})
 
     x, y, test_classes = load_test(split, data_dir)  # the only read of the test split
     if test_classes != classes:
@@ -385,20 +393,18 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
         test["ensemble"] = _test_result(
             f"top-{k} search checkpoints averaged" + ("" if sel["ensemble_pays"] else " (not chosen on validation)"),
             torch.stack(cand_probs[:k]).mean(0), y, classes, members=[c.trial_id for c in cands[:k]])
-    pairs_for = None
+    # the delivered file itself is evaluated: what a user loads is what the report measures
+    probs = _probs(build_from_checkpoint(load_checkpoint(model_path), dev, where=str(model_path)), x, dev)
+    delivered_test = _test_result(delivered, probs, y, classes)
     if done:
-        probs = _probs(build_from_checkpoint(load_checkpoint(model_path), dev, where=str(model_path)), x, dev)
-        test["refit"] = _test_result(delivered, probs, y, classes)
-        pairs_for = (probs.argmax(1), test["refit"]["most_confused"])
-    else:
-        pairs_for = (cand_probs[0].argmax(1), test["single"]["most_confused"])
-    confused_pairs_image(final_dir / PAIRS_IMAGE, x, y, pairs_for[0], classes, pairs_for[1])
+        test["refit"] = delivered_test
+    confused_pairs_image(final_dir / PAIRS_IMAGE, x, y, probs.argmax(1), classes, delivered_test["most_confused"])
     test_trials = []
     for c, p in zip(cands, cand_probs, strict=True):
         r = _test_result(c.trial_id, p, y, classes)
         test_trials.append({"trial_id": c.trial_id, "val_acc": c.val_acc, "accuracy": r["accuracy"],
                             "ci95": r["ci95"], "f1": {row["class"]: row["f1"] for row in r["per_class"]}})
-    return {"model": str(model_path) if done else None, "delivered": delivered, "selection": sel,
+    return {"model": str(model_path), "delivered": delivered, "delivered_test": delivered_test, "selection": sel,
             "refit": {"epochs_mode": plan["settings"]["refit_epochs"], "seeds": plan["settings"]["refit_seeds"],
                       "members": [{k: m[k] for k in ("source_trial", "seed_index", "epochs")} for m in plan["members"]],
                       "finished": len(done)},
@@ -444,7 +450,10 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
               f"python search/final.py --name {exp_dir.name} --storage {exp_dir.parent}", flush=True)
         return 130
     print(f"refit done [{time.time() - t0:.0f}s]", flush=True)
-    final = deliver_and_report(exp_dir, final_dir, plan, data_dir, dev)
+    try:
+        final = deliver_and_report(exp_dir, final_dir, plan, data_dir, dev)
+    except CheckpointError as e:  # a planned member's checkpoint deleted or damaged since the plan was made
+        raise FinalError(f"{e}; remove {final_dir} to plan the final stage afresh") from None
     summary_path = exp_dir / "summary.json"
     summary = read_json(summary_path) or {}
     summary["final"] = final
@@ -452,7 +461,7 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
     write_report(final_dir / REPORT_FILE, exp_dir.name, final)
     print_final(final)
     print(f"files: {final_dir / MODEL_FILE}, {final_dir / REPORT_FILE}, {final_dir / PAIRS_IMAGE}")
-    return 0 if final["model"] else 1
+    return 0
 
 
 def print_final(final: dict) -> None:
@@ -462,6 +471,8 @@ def print_final(final: dict) -> None:
         if r:
             lo, hi = r["ci95"]
             print(f"  {r['accuracy']:.4f}  [{lo:.4f}, {hi:.4f}]  {key:8s}  {r['label']}")
+    if "refit" not in final["test"]:
+        print(f"  delivered: {final['delivered']}")
     for p in final["problems"]:
         print(f"  problem: {p}")
 

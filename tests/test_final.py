@@ -116,13 +116,30 @@ def test_delivered_model_and_report(final_run, digits_dir):
         assert len(r["per_class"]) == len(classes) and r["most_confused"]
     assert [t["trial_id"] for t in final["test_trials"]] == [c["trial_id"] for c in final["selection"]["candidates"]]
     report = (exp / "final" / "report.md").read_text()
-    for needle in ("best single trial", "delivered (refit)", "95 % interval", "Selection on the validation split",
+    for needle in ("best single trial", "refit (delivered)", "95 % interval", "Selection on the validation split",
                    f"{final['test']['refit']['accuracy']:.4f}", "confused_pairs.png", "| class | precision"):
         assert needle in report, needle
     from PIL import Image
 
     with Image.open(exp / "final" / "confused_pairs.png") as im:
         assert im.width > 200 and im.height >= 28
+
+
+def test_no_finished_refit_delivers_the_search_model(final_run, digits_dir, tmp_path):
+    """Every refit failed (here: none ran): the model validation chose from the search is delivered."""
+    from search.final import deliver_and_report
+
+    exp, *_ = final_run
+    plan = json.loads((exp / "final" / "plan.json").read_text())
+    final = deliver_and_report(exp, tmp_path, plan, digits_dir, torch.device("cpu"))
+    assert "no refit finished" in final["delivered"] and "refit" not in final["test"]
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    chosen = plan["candidates"][: plan["selection"]["chosen_k"]]
+    assert len(ckpt.get("members", [ckpt])) == len(chosen)
+    if len(chosen) == 1:
+        source = load_checkpoint(chosen[0]["checkpoint"])["model"]
+        assert all(torch.equal(v, source[k]) for k, v in ckpt["model"].items())
+        assert final["delivered_test"]["accuracy"] == final["test"]["single"]["accuracy"]
 
 
 def test_final_stage_settings_are_kept(final_run, digits_data, capsys):
