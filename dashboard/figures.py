@@ -524,15 +524,17 @@ def delivered_key(final: Mapping | None) -> str | None:
     return None
 
 
+def _ci_text(ci: tuple[float, float] | None) -> str:
+    return f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "–"
+
+
 def final_results_table(final: Mapping | None) -> pd.DataFrame:
     """model, what it is, test accuracy, its 95 % CI, test images, delivered: one row per final model."""
     delivered = delivered_key(final)
-    rows = [{"model": r["key"], "what": r["label"], "test acc": r["accuracy"],
-             "ci95 low": r["ci"][0] if r["ci"] else None, "ci95 high": r["ci"][1] if r["ci"] else None,
+    rows = [{"model": r["key"], "what": r["label"], "test acc": r["accuracy"], "95 % CI": _ci_text(r["ci"]),
              "test images": r["n"], "delivered": r["key"] == delivered} for r in final_results(final)]
-    df = pd.DataFrame(rows, columns=["model", "what", "test acc", "ci95 low", "ci95 high", "test images", "delivered"])
-    for c in ("test acc", "ci95 low", "ci95 high"):
-        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df = pd.DataFrame(rows, columns=["model", "what", "test acc", "95 % CI", "test images", "delivered"])
+    df["test acc"] = pd.to_numeric(df["test acc"], errors="coerce")
     df["test images"] = pd.to_numeric(df["test images"], errors="coerce").astype("Int64")
     return df
 
@@ -552,6 +554,7 @@ def final_accuracy_figure(final: Mapping | None) -> go.Figure:
     fig = go.Figure(go.Scatter(
         x=names, y=acc, mode="markers+text", text=[f"{a:.4f}" for a in acc], textposition="middle right",
         marker={"size": 14, "color": [DELIVERED_COLOR if r["key"] == delivered else FINAL_COLOR for r in results]},
+        cliponaxis=False,  # the last point's value stays readable
         error_y={"type": "data", "symmetric": False, "array": [h - a for h, a in zip(hi, acc, strict=True)],
                  "arrayminus": [a - low for a, low in zip(acc, lo, strict=True)], "thickness": 2, "width": 10},
         customdata=[[r["label"], low, h, r["n"] if r["n"] is not None else "?"] for r, low, h in
@@ -560,7 +563,7 @@ def final_accuracy_figure(final: Mapping | None) -> go.Figure:
                       "<br>%{customdata[3]} test images<extra></extra>",
     ))
     pad = max(0.002, (max(hi) - min(lo)) * 0.3)
-    fig.update_layout(title=title, height=380, showlegend=False,
+    fig.update_layout(title=title, height=380, showlegend=False, margin={"r": 70},
                       xaxis={"type": "category", "title": {"text": "model"}},
                       yaxis={"title": {"text": "test accuracy"}, "tickformat": ".3f",
                              "range": [max(0.0, min(lo) - pad), min(1.0, max(hi) + pad)]})
@@ -664,7 +667,7 @@ def f1_heatmap(matrix: pd.DataFrame, title: str = "Per-class F1 on the test spli
         texttemplate="%{z:.2f}" if text else None, xgap=1, ygap=1,
         hovertemplate="%{y}<br>class %{x}: F1 %{z:.3f}<extra></extra>",
     ))
-    fig.update_layout(title=title, height=max(260, 110 + 30 * len(matrix.index)),
+    fig.update_layout(title=title, height=160 + 40 * len(matrix.index),
                       xaxis={"title": {"text": "class"}, "type": "category", "side": "bottom"},
                       yaxis={"type": "category", "autorange": "reversed"}, margin={"l": 10})
     return fig
@@ -673,15 +676,10 @@ def f1_heatmap(matrix: pd.DataFrame, title: str = "Per-class F1 on the test spli
 def top_trials_table(final: Mapping | None) -> pd.DataFrame:
     """trial, val acc, test acc and its 95 % CI of the top trials' own best checkpoints."""
     trials = _mapping(final).get("test_trials")
-    rows = []
-    for t in trials if isinstance(trials, list) else []:
-        if not isinstance(t, Mapping):
-            continue
-        ci = as_interval(t.get("ci95"))
-        rows.append({"trial": short_text(t.get("trial_id", "?"), 24), "val acc": as_number(t.get("val_acc")),
-                     "test acc": as_number(t.get("accuracy")), "ci95 low": ci[0] if ci else None,
-                     "ci95 high": ci[1] if ci else None})
-    df = pd.DataFrame(rows, columns=["trial", "val acc", "test acc", "ci95 low", "ci95 high"])
-    for c in df.columns[1:]:
+    rows = [{"trial": short_text(t.get("trial_id", "?"), 24), "val acc": as_number(t.get("val_acc")),
+             "test acc": as_number(t.get("accuracy")), "95 % CI": _ci_text(as_interval(t.get("ci95")))}
+            for t in (trials if isinstance(trials, list) else []) if isinstance(t, Mapping)]
+    df = pd.DataFrame(rows, columns=["trial", "val acc", "test acc", "95 % CI"])
+    for c in ("val acc", "test acc"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df

@@ -199,22 +199,30 @@ def _delivered(state: FinalState) -> None:
     acc = result["accuracy"] if result else None
     ci = result["ci"] if result else None
     n = result["n"] if result else None
-    cells = [("Delivered", words or "not stated"), ("Test accuracy", f"{acc:.4f}" if acc is not None else "–"),
+    st.markdown(f"**final/model.pt** is the {md_text(words) if words else 'model summary.json does not name'}"
+                + (f" ({result['key']})" if result else "") + ".")
+    cells = [("Test accuracy", f"{acc:.4f}" if acc is not None else "–"),
              ("95 % CI", f"{ci[0]:.4f} – {ci[1]:.4f}" if ci else "–"),
              ("Test images", f"{n:,}" if n is not None else "–")]
-    for col, (label, value) in zip(st.columns([3, 2, 3, 2]), cells, strict=True):
+    for col, (label, value) in zip(st.columns([2, 3, 2, 3]), cells, strict=False):
         col.metric(label, value)
-    if result is None:
+    problems = final.get("problems")
+    problems = [md_text(p, 300) for p in problems if p] if isinstance(problems, list) else []
+    if problems:
+        st.warning("The final stage reported problems:\n" + "\n".join(f"- {p}" for p in problems[:20]))
+    if result is None and state.model is None:
+        st.warning("No model was delivered" + (f" ({md_text(words)})" if words else "") + ".")
+    elif result is None:
         st.warning("summary.json does not say which of the tested models final/model.pt is"
                    + (f" (it says {md_text(words)!r})" if words else "") + ", or has no test result for it.")
     elif acc is None:
         st.warning(f"summary.json has no usable test accuracy for the delivered model ({result['key']}).")
     if state.model is not None:
-        size = state.model.stat().st_size / 2**20
+        size = state.model.stat().st_size / 2**20  # (a file the reader just found; gone now: a section error)
         st.caption(f"`final/model.pt` ({size:.1f} MB): the Predictor page offers it first. Every number on "
                    "this page is from the test split, evaluated once at the end, except the selection below "
                    "(validation split).")
-    else:
+    elif result is not None:
         st.warning("final/model.pt is missing (deleted, not synced, or outside the results root).")
 
 
@@ -233,9 +241,7 @@ def _test_results(state: FinalState) -> None:
     with right:
         st.dataframe(figures.final_results_table(final), hide_index=True, key="final_results", column_config={
             "test acc": st.column_config.NumberColumn("test acc", format="%.4f"),
-            "ci95 low": st.column_config.NumberColumn("95 % CI low", format="%.4f"),
-            "ci95 high": st.column_config.NumberColumn("95 % CI high", format="%.4f"),
-            "delivered": st.column_config.CheckboxColumn("delivered (final/model.pt)"),
+            "delivered": st.column_config.CheckboxColumn("delivered", help="final/model.pt"),
         })
         members = [r for r in figures.final_results(final) if r["members"]]
         for r in members:
@@ -244,7 +250,7 @@ def _test_results(state: FinalState) -> None:
         if not trials.empty:
             st.markdown("**The top trials' own best checkpoints**")
             st.dataframe(trials, hide_index=True, key="final_top_trials", column_config={
-                c: st.column_config.NumberColumn(c, format="%.4f") for c in trials.columns[1:]})
+                c: st.column_config.NumberColumn(c, format="%.4f") for c in ("val acc", "test acc")})
 
 
 def _selection(state: FinalState, name: str) -> None:
@@ -276,17 +282,21 @@ def _selection(state: FinalState, name: str) -> None:
 
 
 def _refit_info(refit) -> None:
+    """The refit's settings and one row per refitted model. Its fields are shown as they come (plain
+    text), so a summary written by another version of the final stage still reads."""
     if not isinstance(refit, dict):
         return
-    epochs, seeds = figures.as_count(refit.get("epochs")), figures.as_count(refit.get("seeds"))
+    epochs = refit.get("epochs", refit.get("epochs_mode"))
+    seeds = figures.as_count(refit.get("seeds"))
     members = refit.get("members")
     members = [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
-    st.markdown(f"**Refit**: {epochs if epochs is not None else '?'} epochs, "
-                f"{seeds if seeds is not None else '?'} seed(s) per trial, {len(members)} model(s)")
+    finished = figures.as_count(refit.get("finished"))
+    st.markdown(f"**Refit** on the whole training split: epochs {md_text(epochs if epochs is not None else '?', 30)}, "
+                f"{seeds if seeds is not None else '?'} seed(s) per config, {len(members)} model(s) planned"
+                + (f", {finished} finished" if finished is not None else ""))
     if members:
-        rows = [{"source trial": figures.short_text(m.get("trial_id", "?"), 40),
-                 "seed": figures.as_count(m.get("seed")),
-                 "refit trial": figures.short_text(m.get("refit_trial", "?"), 40)} for m in members]
+        rows = [{figures.short_text(k, 30): figures.short_text(v, 40) for k, v in m.items()
+                 if isinstance(v, str | int | float | bool) or v is None} for m in members[:50]]
         st.dataframe(rows, hide_index=True, key="final_refit_members")
 
 

@@ -144,6 +144,8 @@ def test_final_figures_and_tables():
 
 @pytest.mark.parametrize("delivered, present, expected", [
     ("refit", ("single", "refit"), "refit"),
+    ("refit of the best config", ("single", "ensemble", "refit"), "refit"),
+    ("none: no refit finished", ("single", "ensemble"), None),
     ("ensemble of 3", ("single", "ensemble"), "ensemble"),
     ("best single trial a1b2c3", ("single",), "single"),
     ("refit ensemble of 3", ("single",), None),  # the delivered model was not tested
@@ -178,7 +180,8 @@ def test_page_all_three_models(monkeypatch, tmp_path):
     assert not at.error, _texts(at.error)
     assert [h.value for h in at.header] == ["Final model · exp"]
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Delivered"] == "refit ensemble of 3" and metrics["Test accuracy"] == "0.9082"
+    assert "**final/model.pt** is the refit ensemble of 3 (refit)." in _texts(at.markdown)
+    assert metrics["Test accuracy"] == "0.9082"
     assert metrics["95 % CI"] == "0.8982 – 0.9182" and metrics["Test images"] == "2,000"
     assert metrics["Chosen k"] == "3" and metrics["Ensemble pays"] == "yes"
     results = _table(at, "delivered")
@@ -198,13 +201,19 @@ def test_page_all_three_models(monkeypatch, tmp_path):
 def test_page_only_some_models(monkeypatch, tmp_path):
     final = final_entry()
     final["delivered"] = "best single trial a1b2c3"
-    del final["test"]["ensemble"], final["test"]["refit"], final["refit"]
+    del final["test"]["ensemble"], final["test"]["refit"]
     final["selection"].update(chosen_k=1, ensemble_pays=False)
+    # the refit's record as search/final.py writes it today, and a refit that failed
+    final["refit"] = {"epochs_mode": "best", "seeds": 1, "finished": 0,
+                      "members": [{"source_trial": "a1b2c3", "seed_index": 0, "epochs": 7}]}
+    final["problems"] = ["refit r0 (from trial a1b2c3, seed +0): diverged"]
     at = _app(monkeypatch, make_experiment(tmp_path / "results", final, files=False))
     assert not at.error, _texts(at.error)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Test accuracy"] == "0.9052" and metrics["Ensemble pays"] == "no"
     assert _table(at, "delivered")["delivered"].tolist() == [True]
+    assert _table(at, "source_trial")["epochs"].tolist() == ["7"]
+    assert "reported problems" in _texts(at.warning) and "diverged" in _texts(at.warning)
     captions = _texts(at.caption)
     assert "Not in this run: no ensemble" in captions and "no refit" in captions
     assert "confused_pairs.png is not there" in captions and "report.md is not there" in captions
@@ -241,8 +250,10 @@ def test_page_malformed_final_never_crashes(monkeypatch, tmp_path):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, _texts(at.error)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Delivered"] == "not stated" and metrics["Test accuracy"] == "–"
-    assert "does not say which" in _texts(at.warning)
+    assert metrics["Test accuracy"] == "–" and "No model was delivered" in _texts(at.warning)
+    (root / "exp" / "final" / "model.pt").write_bytes(b"whatever")  # a model, but which one is unknown
+    at.run()
+    assert not at.exception and "does not say which" in _texts(at.warning)
     assert "no record of the selection" in _texts(at.info)
     assert "no per-class results" in _texts(at.info)
 
