@@ -1,16 +1,18 @@
-"""Predictor page: give any trial's model a character (an uploaded image or a drawing), see the
-28x28 image the model actually sees and its top-5 characters, and compare trials on the same input.
+"""Predictor page: give the search's final model (final/model.pt, offered first when there is one) or
+any trial's model a character (an uploaded image or a drawing), see the 28x28 image the model
+actually sees and its top-5 characters, and compare models on the same input.
 
 The page is a thin shell around pure functions (`read_upload`, `read_canvas`, `predict_input`,
 `predict_upload`, `trial_options`) so every bad-input path is unit-tested without a browser.
 Nothing here raises into Streamlit for bad input: every failure becomes a message in the page.
 
-Security: checkpoints are only ever taken from the experiment's own listing and re-checked with
-`safe_checkpoint` (never a user-typed path); uploads are decoded by `training.preprocess.load_image`
-(pixel-count limit checked before decoding, truncated/corrupt files rejected); checkpoints are
-read weights-only. Uploads are limited to safety.MAX_UPLOAD_MB (the widget, the server option that
-safety.enforce sets, and a size check here); bind address and error details are safety.py's. This
-page sets no server option, uses no raw HTML and never prints tracebacks.
+Security: checkpoints are only ever taken from the experiment's own listing (or final/model.pt at
+its fixed place under the experiment) and re-checked with `safe_checkpoint` (never a user-typed
+path); uploads are decoded by `training.preprocess.load_image` (pixel-count limit checked before
+decoding, truncated/corrupt files rejected); checkpoints are read weights-only. Uploads are limited
+to safety.MAX_UPLOAD_MB (the widget, the server option that safety.enforce sets, and a size check
+here); bind address and error details are safety.py's. This page sets no server option, uses no
+raw HTML and never prints tracebacks.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
+from dashboard import figures
+from dashboard import final as final_stage
 from dashboard.common import UnsafePath, md_text, open_experiment, safe_checkpoint
 from dashboard.safety import MAX_UPLOAD_MB
 from search.results import Experiment
@@ -57,10 +61,18 @@ class TrialOption:
     val_acc: float | None
     checkpoint: Path | None = None  # best checkpoint of the trial, when it has one
     reason: str = ""  # why the trial cannot be used (no checkpoint)
+    title: str = ""  # the final model's name on the page ("final model (refit ensemble of 3)"); trials: none
+    test_acc: float | None = None
 
     def label(self, best: str | None = None) -> str:
+        if self.title:
+            return self.title + ("" if self.test_acc is None else f" · test acc {self.test_acc:.3f}")
         acc = "no val acc" if self.val_acc is None else f"val acc {self.val_acc:.3f}"
         return f"{self.trial_id} · {acc} · {self.status}" + (" · best" if self.trial_id == best else "")
+
+
+# The final model's entry among the trial ids: no trial id has a "/" (trial folders are named after them).
+FINAL_ID = "final/model.pt"
 
 
 def _unavailable_reason(status: str) -> str:
@@ -97,6 +109,27 @@ def trial_options(exp: Experiment) -> tuple[list[TrialOption], list[TrialOption]
     # Best trial first, then by validation accuracy (trials without one last), then by id.
     available.sort(key=lambda o: (o.trial_id != best, o.val_acc is None, -(o.val_acc or 0.0), o.trial_id))
     return available, unavailable
+
+
+def final_option(root: Path, name: str) -> tuple[TrialOption | None, str]:
+    """(the delivered model, final/model.pt, as the first choice; "") when it exists and loads,
+    (None, "") when there is none, (None, why it cannot be used) when it does not load. Its name
+    comes from summary.json ("refit ensemble of 3"); the file is always final/model.pt under the
+    experiment, never a path named in summary.json."""
+    state = final_stage.read_final(root, name)
+    if state.model is None:
+        return None, ""
+    words = final_stage.delivered_words(state.final)
+    key = figures.delivered_key(state.final)
+    test_acc = next((r["accuracy"] for r in figures.final_results(state.final) if r["key"] == key), None)
+    option = TrialOption(FINAL_ID, "final", None, checkpoint=state.model, test_acc=test_acc,
+                         title=f"final model ({words})" if words else "final model")
+    try:
+        load_predictor(root, state.model)
+    except (CheckpointError, UnsafePath, RuntimeError, ValueError, KeyError, OSError) as e:
+        return None, (f"The final model (final/model.pt) cannot be used: {_short(str(e), root)}. "
+                      "The trials are offered instead.")
+    return option, ""
 
 
 @st.cache_resource(max_entries=16, show_spinner="Loading the model…")
@@ -303,6 +336,11 @@ def render(root: Path, name: str) -> None:
         st.warning(f"{len(exp.refused)} trial folder(s) lead outside the results root and were not read: "
                    + ", ".join(md_text(t) for t in sorted(exp.refused)[:10]) + ("…" if len(exp.refused) > 10 else ""))
     available, unavailable = trial_options(exp)
+    final, final_problem = final_option(root, name)
+    if final_problem:
+        st.warning(final_problem, icon="⚠️")
+    if final is not None:
+        available = [final, *available]  # what the search delivered comes first, then the best trial
     best = exp.best_trial
     if not available:
         _error(f"No trial of experiment {_code(name)} has a checkpoint yet, so there is no model to predict with.")
@@ -313,7 +351,8 @@ def render(root: Path, name: str) -> None:
     ids = list(by_id)
     trial_id = st.selectbox("Trial", ids, index=0, key=f"predictor_trial:{name}",
                             format_func=lambda t: by_id[t].label(best),
-                            help="Only trials with a saved checkpoint can predict; the best trial comes first.")
+                            help="The search's final model comes first (when it has one), then the best trial; only "
+                                 "trials with a saved checkpoint can predict.")
     _unavailable_list(unavailable)
 
     left, right = st.columns([1, 2], gap="large")
@@ -392,7 +431,8 @@ def _load_or_report(root: Path, option: TrialOption) -> Predictor | None:
     try:
         return load_predictor(root, option.checkpoint)
     except (CheckpointError, UnsafePath, RuntimeError, ValueError, KeyError, OSError) as e:
-        _error(f"Trial {_code(option.trial_id)} cannot be used: its checkpoint could not be loaded "
+        what = "The final model" if option.title else f"Trial {_code(option.trial_id)}"
+        _error(f"{what} cannot be used: its checkpoint could not be loaded "
                f"({_short(str(e), root)}). Pick another trial.")
         return None
 
@@ -423,7 +463,10 @@ def _compare(root: Path, options: list[TrialOption], inp: PageInput, best: str |
     for col, option in zip(cols, options, strict=True):
         with col:
             acc = "" if option.val_acc is None else f" · val {option.val_acc:.3f}"
-            st.markdown(f"**{_code(option.trial_id)}**{acc}" + (" · best" if option.trial_id == best else ""))
+            if option.test_acc is not None:
+                acc = f" · test {option.test_acc:.3f}"
+            title = md_text(option.title, 60) if option.title else _code(option.trial_id)
+            st.markdown(f"**{title}**{acc}" + (" · best" if option.trial_id == best else ""))
             predictor = _load_or_report(root, option)
             if predictor is None:
                 continue

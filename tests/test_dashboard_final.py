@@ -1,10 +1,13 @@
 """Final model page (dashboard/final.py) and the final model in the predictor: the figures built from
 summary.json's "final" entry, and the pages through AppTest over synthetic experiment folders (a
-summary.json with the schema search/final.py writes). No search runs here."""
+summary.json with the schema search/final.py writes, a real final/model.pt made by
+training.ensemble.save_model). No search runs here except the shared tiny one for the predictor."""
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,10 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import figures
 from dashboard import final as final_page
-from dashboard.common import ENV_RESULTS
+from dashboard import predictor as page
+from dashboard.common import ENV_RESULTS, open_experiment
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.ensemble import save_model
 
 pytestmark = pytest.mark.usefixtures("loopback_server")
 
@@ -282,3 +288,61 @@ def test_read_png_refuses_what_is_not_a_small_png(tmp_path):
     assert "megapixels" in final_page.read_png(tmp_path / "big.png")[1]
     Image.new("L", (10, 10)).save(tmp_path / "img.jpg")
     assert "not a PNG" in final_page.read_png(tmp_path / "img.jpg")[1]
+
+
+# ---------------------------------------------------------------- the predictor offers the final model first
+
+
+@pytest.fixture
+def with_final(tiny_experiment, tmp_path) -> Path:
+    """A copy of the tiny experiment whose final/model.pt is an ensemble of its two best trials
+    (training.ensemble.save_model), described in summary.json as the refit ensemble of 2."""
+    root = tmp_path / "results"
+    shutil.copytree(tiny_experiment / "tiny", root / "tiny", ignore=shutil.ignore_patterns("final"))
+    exp = open_experiment(root, "tiny")
+    best = exp.trials.sort_values("best_val_acc", ascending=False)["trial_id"].tolist()[:2]
+    members = [load_checkpoint(exp.best_checkpoint(t)) for t in best]
+    (root / "tiny" / "final").mkdir()
+    save_model(root / "tiny" / "final" / "model.pt", members, members[0]["classes"], "digits")
+    final = final_entry()
+    final["delivered"] = "refit ensemble of 2"
+    summary_path = root / "tiny" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary_path.write_text(json.dumps({**summary, "final": final}))
+    return root
+
+
+def test_predictor_offers_the_final_model_first(monkeypatch, with_final):
+    from tests.test_dashboard_predictor import _glyph_png
+
+    at = _app(monkeypatch, with_final, "Predictor")
+    assert not at.error and not at.warning
+    exp = open_experiment(with_final, "tiny")
+    trial = at.selectbox(key="predictor_trial:tiny")
+    assert trial.options[0] == "final model (refit ensemble of 2) · test acc 0.908"
+    assert trial.options[1].startswith(exp.best_trial) and trial.options[1].endswith("· best")
+    assert trial.value == page.FINAL_ID and len(trial.options) == len(exp.trials) + 1
+    assert at.multiselect(key="predictor_compare:tiny").value[:2] == [page.FINAL_ID, exp.best_trial]
+    # It predicts with the ensemble: the same top-5 as loading final/model.pt directly.
+    data = _glyph_png("4", seed=2)
+    direct = page.Predictor.from_checkpoint(with_final / "tiny" / "final" / "model.pt").predict(
+        page.read_upload(data).image)[0].top[0]
+    at.file_uploader(key="predictor_upload").set_value(("four.png", data, "image/png")).run()
+    assert not at.exception and not at.error
+    assert f"### Prediction: `{direct[0]}` ({direct[1]:.1%})" in _texts(at.markdown)
+    shown = _texts(at.markdown).replace("\\", "")  # md_text escapes the brackets
+    assert any(t.startswith("**final model (refit ensemble of 2)** · test 0.908") for t in shown.splitlines())
+
+
+def test_predictor_final_model_that_does_not_load(monkeypatch, with_final):
+    path = with_final / "tiny" / "final" / "model.pt"
+    ckpt = load_checkpoint(path)
+    bad = copy.copy(ckpt)
+    bad["members"] = [{**m, "config": {**m["config"], "model": "no_such_model"}} for m in ckpt["members"]]
+    save_checkpoint(path, bad)
+    at = _app(monkeypatch, with_final, "Predictor")
+    assert "final model (final/model.pt) cannot be used" in _texts(at.warning)
+    assert str(with_final) not in _texts(at.warning)  # no server paths
+    exp = open_experiment(with_final, "tiny")
+    assert at.selectbox(key="predictor_trial:tiny").value == exp.best_trial
+    assert not at.error

@@ -101,11 +101,24 @@ def best_predictor(tiny_experiment, exp) -> Predictor:
     return page.load_predictor(tiny_experiment, exp.best_checkpoint())
 
 
+# The tests here are about the trials: they run on copies without the final stage's folder (the
+# final model, offered first when there is one, is tests/test_dashboard_final.py's).
+NO_FINAL = shutil.ignore_patterns("final")
+
+
+@pytest.fixture(scope="module")
+def trials_root(tiny_experiment, tmp_path_factory) -> Path:
+    """The tiny experiment without its final model, shared by the tests that do not change it."""
+    root = tmp_path_factory.mktemp("trials") / "results"
+    shutil.copytree(tiny_experiment / "tiny", root / "tiny", ignore=NO_FINAL)
+    return root
+
+
 @pytest.fixture
 def exp_copy(tiny_experiment, tmp_path) -> Path:
     """A private copy of the tiny experiment to break (the session fixture is shared)."""
     root = tmp_path / "results"
-    shutil.copytree(tiny_experiment / "tiny", root / "tiny")
+    shutil.copytree(tiny_experiment / "tiny", root / "tiny", ignore=NO_FINAL)
     return root
 
 
@@ -322,8 +335,8 @@ def _upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> App
     return at
 
 
-def test_page_defaults_to_best_trial(monkeypatch, tiny_experiment, exp):
-    at = _app(monkeypatch, tiny_experiment)
+def test_page_defaults_to_best_trial(monkeypatch, trials_root, exp):
+    at = _app(monkeypatch, trials_root)
     assert [h.value for h in at.header] == ["Predictor"]
     trial = at.selectbox(key="predictor_trial:tiny")
     assert trial.value == exp.best_trial and len(trial.options) == len(exp.trials)
@@ -331,8 +344,8 @@ def test_page_defaults_to_best_trial(monkeypatch, tiny_experiment, exp):
     assert not at.error and not at.get("plotly_chart")
 
 
-def test_page_predicts_an_upload_and_compares_trials(monkeypatch, tiny_experiment, best_predictor):
-    at = _app(monkeypatch, tiny_experiment)
+def test_page_predicts_an_upload_and_compares_trials(monkeypatch, trials_root, best_predictor):
+    at = _app(monkeypatch, trials_root)
     data = _glyph_png("1", seed=3)
     expected = page.predict_upload(best_predictor, data)[0].top[0]
     _upload(at, "one.png", data)
@@ -353,8 +366,8 @@ def test_page_predicts_an_upload_and_compares_trials(monkeypatch, tiny_experimen
     assert len(at.get("plotly_chart")) == 2
 
 
-def test_page_bad_uploads_show_messages_and_the_app_keeps_working(monkeypatch, tiny_experiment):
-    at = _app(monkeypatch, tiny_experiment)
+def test_page_bad_uploads_show_messages_and_the_app_keeps_working(monkeypatch, trials_root):
+    at = _app(monkeypatch, trials_root)
     good = _glyph_png("8", seed=1)
     bad = [
         ("notes.png", b"just some text\n" * 50, "not an image"),
@@ -371,8 +384,8 @@ def test_page_bad_uploads_show_messages_and_the_app_keeps_working(monkeypatch, t
     assert not at.error and any(t.startswith("### Prediction:") for t in _texts(at.markdown))
 
 
-def test_page_notes_for_animated_gif(monkeypatch, tiny_experiment):
-    at = _app(monkeypatch, tiny_experiment)
+def test_page_notes_for_animated_gif(monkeypatch, trials_root):
+    at = _app(monkeypatch, trials_root)
     g = _glyph("6")
     _upload(at, "anim.gif", gif_bytes([g, np.zeros_like(g)]), "image/gif")
     assert not at.error
@@ -433,26 +446,27 @@ def test_page_empty_results_root(monkeypatch, tmp_path):
     assert any("No experiments" in t for t in _texts(at.info))
 
 
-def test_page_keeps_the_server_defaults(monkeypatch, tiny_experiment):
+def test_page_keeps_the_server_defaults(monkeypatch, trials_root):
     """The upload limit is 5 MB (the widget's and the server's: dashboard/safety.py), only image types
     are offered, and the page has no way around the safe defaults (raw HTML, option changes, tracebacks)."""
     from streamlit import config
 
-    at = _app(monkeypatch, tiny_experiment)
+    at = _app(monkeypatch, trials_root)
     uploader = at.file_uploader(key="predictor_upload")
     assert uploader.proto.max_upload_size_mb == MAX_UPLOAD_MB == config.get_option("server.maxUploadSize") == 5
     assert sorted(t.lstrip(".") for t in uploader.proto.type) == sorted(page.UPLOAD_TYPES)
-    source = (REPO / "dashboard" / "predictor.py").read_text()
-    for forbidden in ("unsafe_allow_html", "set_option", "st.exception", "st.html",
-                      "components.v1.html", "traceback.", "exc_info=e"):
-        assert forbidden not in source, forbidden
+    for module in ("predictor.py", "final.py"):
+        source = (REPO / "dashboard" / module).read_text()
+        for forbidden in ("unsafe_allow_html", "set_option", "st.exception", "st.html",
+                          "components.v1.html", "traceback.", "exc_info=e"):
+            assert forbidden not in source, (module, forbidden)
     toml = (REPO / ".streamlit" / "config.toml").read_text()
     assert 'address = "127.0.0.1"' in toml and "maxUploadSize = 5" in toml and 'showErrorDetails = "none"' in toml
 
 
-def test_page_refuses_an_upload_over_the_limit(monkeypatch, tiny_experiment):
+def test_page_refuses_an_upload_over_the_limit(monkeypatch, trials_root):
     """Also when the server took it (a server started with a larger limit than the widget's)."""
-    at = _app(monkeypatch, tiny_experiment)
+    at = _app(monkeypatch, trials_root)
     big = _glyph_png("3") + b"\0" * (MAX_UPLOAD_MB * 2**20)
     _upload(at, "big.png", big)
     errors = _texts(at.error)
@@ -481,8 +495,8 @@ def test_page_trial_folder_outside_the_root_is_not_offered(monkeypatch, exp_copy
 def test_page_switching_experiments(monkeypatch, tiny_experiment, tmp_path):
     """Each experiment gets its own trial choice and comparison defaults (no stale trial ids)."""
     root = tmp_path / "results"
-    shutil.copytree(tiny_experiment / "tiny", root / "tiny")
-    shutil.copytree(tiny_experiment / "tiny", root / "other")
+    shutil.copytree(tiny_experiment / "tiny", root / "tiny", ignore=NO_FINAL)
+    shutil.copytree(tiny_experiment / "tiny", root / "other", ignore=NO_FINAL)
     at = _app(monkeypatch, root)
     for name in ("tiny", "other", "tiny"):
         at.sidebar.selectbox(key="experiment").set_value(name).run()
