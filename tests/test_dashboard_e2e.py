@@ -1,5 +1,6 @@
 """End to end: the real dashboard, started as the README says (`python -m dashboard --results DIR`,
-here from a folder other than the repository), in a real headless Chromium; and a plain
+here from a folder other than the repository), in a real headless Chromium (trial explorer, final
+model, predictor); and a plain
 `streamlit run /path/to/dashboard/app.py --server.address 0.0.0.0`, whose page refuses to serve.
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and the PyPI
@@ -7,12 +8,14 @@ Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and
 a small real search runs first (configs/search/smoke.yaml, 2 trials, ~1 min) and the uploaded image
 is a real EMNIST test character; without it, a generated glyph and the tiny experiment are used.
 
-UPDATE_SCREENSHOT=1 also copies the screenshot to docs/dashboard.png.
+The search's final stage (search/final.py) must have run: the Final model page is checked against
+its summary.json. UPDATE_SCREENSHOT=1 also copies the screenshots to docs/.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -27,6 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dashboard import figures
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, open_experiment
 from dashboard.safety import ALLOW_REMOTE_ENV
@@ -60,13 +64,29 @@ def _real_experiment(data_dir: Path, root: Path) -> Path:
     return root
 
 
+def _page_model(root: Path, name: str):
+    """The model the Predictor page starts with: the search's final model when it delivered one, else
+    the best trial's checkpoint."""
+    final, problem = page.final_option(root, name)
+    assert not problem, problem
+    return page.load_predictor(root, final.checkpoint if final else open_experiment(root, name).best_checkpoint())
+
+
+def _delivered_accuracy(root: Path, name: str) -> str:
+    """The delivered model's test accuracy as the Final model page writes it, from summary.json."""
+    final = json.loads((root / name / "summary.json").read_text()).get("final")
+    assert isinstance(final, dict), f"{name}'s summary.json has no \"final\": the search needs its final stage"
+    key = figures.delivered_key(final)
+    result = next(r for r in figures.final_results(final) if r["key"] == key)
+    return f"{result['accuracy']:.4f}"
+
+
 def _real_character(root: Path, data_dir: Path) -> tuple[bytes, str, float]:
-    """A real EMNIST test image that the best checkpoint classifies right with high confidence
+    """A real EMNIST test image that the page's default model classifies right with high confidence
     (checked through the page's own upload path)."""
     from training.data import load_test
 
-    exp = open_experiment(root, "real")
-    predictor = page.load_predictor(root, exp.best_checkpoint())
+    predictor = _page_model(root, "real")
     x, y, classes = load_test("bymerge", data_dir)
     x, y = x[:3000], y[:3000]
     probs = predictor.probabilities(x)
@@ -77,13 +97,13 @@ def _real_character(root: Path, data_dir: Path) -> tuple[bytes, str, float]:
         got, _ = page.predict_upload(predictor, data)
         if got is not None and got.top[0][0] == classes[int(y[i])] and got.top[0][1] >= 0.9:
             return data, classes[int(y[i])], got.top[0][1]
-    pytest.fail(f"no real test image is classified right with >= 90 % by the best trial {exp.best_trial}")
+    pytest.fail("no real test image is classified right with >= 90 % by the page's default model")
 
 
 def _generated_character(root: Path) -> tuple[bytes, str, float]:
-    """The generated digit glyph the tiny experiment's best trial is most confident about (and right)."""
-    exp = open_experiment(root, "tiny")
-    predictor = page.load_predictor(root, exp.best_checkpoint())
+    """The generated digit glyph the page's default model (final model, else best trial) of the tiny
+    experiment is most confident about (and right)."""
+    predictor = _page_model(root, "tiny")
     rng = np.random.default_rng(11)
     best = None
     for d in "0123456789" * 3:
@@ -92,7 +112,7 @@ def _generated_character(root: Path) -> tuple[bytes, str, float]:
         got, _ = page.predict_upload(predictor, data)
         if got is not None and got.top[0][0] == d and (best is None or got.top[0][1] > best[2]):
             best = (data, d, got.top[0][1])
-    assert best is not None, "the tiny experiment's best trial gets no generated digit right"
+    assert best is not None, "the tiny experiment's default model gets no generated digit right"
     return best
 
 
@@ -180,6 +200,7 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
     upload = tmp_path / f"character-{label}.png"
     upload.write_bytes(image)
     trial_ids = [str(t) for t in open_experiment(root, name).trials["trial_id"]]
+    accuracy = _delivered_accuracy(root, name)
 
     elsewhere = tmp_path / "elsewhere"  # not the repository: no .streamlit/config.toml here
     elsewhere.mkdir()
@@ -199,6 +220,16 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
                 pw.locator(".js-plotly-plot").first.wait_for()
                 pw.wait_for_timeout(800)  # let the charts draw
                 pw.screenshot(path=str(tmp_path / "explorer.png"), full_page=False)
+
+                # Final model page: its heading and the delivered model's test accuracy.
+                pw.locator('[data-testid="stSidebar"]').get_by_text("Final model", exact=True).click()
+                pw.locator("h2", has_text=f"Final model · {name}").wait_for()
+                _wait_idle(pw)
+                pw.locator('[data-testid="stMetricValue"]', has_text=accuracy).first.wait_for()
+                pw.locator(".js-plotly-plot").first.wait_for()
+                assert pw.locator('[data-testid="stException"]').count() == 0
+                pw.wait_for_timeout(800)  # let the charts draw
+                pw.screenshot(path=str(tmp_path / "final.png"), full_page=False)
 
                 # Predictor page: the best trial is preselected; upload the character.
                 pw.locator('[data-testid="stSidebar"]').get_by_text("Predictor", exact=True).click()
@@ -253,6 +284,7 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
         shutil.copyfile(tmp_path / "explorer.png", REPO / "docs" / "explorer.png")
+        shutil.copyfile(tmp_path / "final.png", REPO / "docs" / "final.png")
 
 
 @pytest.mark.slow
