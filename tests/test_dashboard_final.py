@@ -226,6 +226,21 @@ def test_page_only_some_models(monkeypatch, tmp_path):
     assert len(at.get("plotly_chart")) == 3
 
 
+def test_page_many_classes_can_show_only_the_hardest(monkeypatch, tmp_path):
+    """bymerge has 47 classes: the heatmap can be narrowed to the 15 with the lowest mean F1."""
+    classes = CLASSES + [chr(c) for c in range(ord("A"), ord("A") + 37)]
+    per_class = [{"class": c, "f1": f} for c, f in zip(classes, np.linspace(0.5, 1.0, len(classes)), strict=True)]
+    final = final_entry()
+    final["test"] = {"refit": {"accuracy": 0.9, "per_class": per_class}}
+    final["test_trials"] = []
+    at = _app(monkeypatch, make_experiment(tmp_path / "results", final, files=False))
+    heat = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
+    assert len(heat["x"]) == 47 and "texttemplate" not in heat  # too many classes to write F1 in the cells
+    radio = at.radio(key="final_f1_classes:exp")
+    radio.set_value(radio.options[1]).run()
+    assert json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]["x"] == classes[:15]
+
+
 def test_page_without_final_shows_the_command(monkeypatch, tmp_path):
     root = make_experiment(tmp_path / "results", None, files=False)
     at = _app(monkeypatch, root)
