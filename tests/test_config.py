@@ -28,6 +28,8 @@ def test_defaults_and_overrides():
         ({"aug_rotate": -1}, "aug_rotate must be >= 0"),
         ({"nesterov": "maybe"}, "nesterov must be true or false"),
         ({"model": 3}, "model must be a string"),
+        ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\)"),
+        ({"ema_decay": -0.1}, "ema_decay must be in"),
     ],
 )
 def test_bad_values_are_clear(overrides, message):

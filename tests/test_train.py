@@ -268,3 +268,78 @@ def test_resume_keeps_this_machines_optimizer_implementation(digits_data, tiny_c
     resumed = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path / "cpu", resume=tmp_path / "gpu.pt")
     assert [m["epoch"] for m in resumed.history] == [1, 2] and not resumed.diverged
     assert all(not g["fused"] for g in load_checkpoint(tmp_path / "cpu" / "last.pt")["optimizer"]["param_groups"])
+
+
+def test_weight_average_unit():
+    """WeightAverage: a lerp of every floating tensor (BatchNorm statistics included) with a decay that
+    ramps up as (1 + t) / (10 + t), integer buffers copied, and the trained model left untouched."""
+    from torch import nn
+
+    from training.trainer import WeightAverage
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = WeightAverage(model, 0.99)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.add_(1)
+    ema.update()  # step 1: decay min(0.99, 2 / 11)
+    d = 2 / 11
+    for k, v in ema.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, d * before[k] + (1 - d) * (before[k] + 1)), k
+        else:
+            assert v == model.state_dict()[k], k  # num_batches_tracked is copied
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    ema.steps = 10**6
+    ema.update()  # long past the ramp: the configured decay
+    w = ema.model[0].weight.clone()
+    ema.update()
+    assert torch.allclose(ema.model[0].weight, 0.99 * w + 0.01 * model[0].weight)
+
+
+def test_weight_average_is_what_is_validated_and_delivered(digits_data, tiny_config, tmp_path):
+    """ema_decay > 0 trains exactly as without (the same raw weights), but validation measures the
+    average, and best.pt/last.pt hold it as their model; last.pt also keeps the raw weights."""
+    small = dataclasses.replace(digits_data, train_x=digits_data.train_x[:192], train_y=digits_data.train_y[:192])
+    cfg = {**tiny_config, "epochs": 2, "scheduler": "onecycle"}
+    plain = train(cfg, small, out_dir=tmp_path / "plain")
+    averaged = train({**cfg, "ema_decay": 0.9}, small, out_dir=tmp_path / "ema")
+    p_last, e_last = load_checkpoint(tmp_path / "plain" / "last.pt"), load_checkpoint(tmp_path / "ema" / "last.pt")
+    assert "train_model" not in p_last and e_last["ema_steps"] == 2 * (192 // 32)
+    for k, v in p_last["model"].items():
+        assert torch.allclose(v.float(), e_last["train_model"][k].float(), atol=1e-6), k  # training unchanged
+    w = "0.weight"
+    assert not torch.allclose(e_last["model"][w], e_last["train_model"][w])  # the average differs
+    best = load_checkpoint(tmp_path / "ema" / "best.pt")
+    assert "train_model" not in best and best["epoch"] == averaged.best_epoch
+    _, acc, _ = evaluate(build_from_checkpoint(best), small.val_x, small.val_y)
+    assert acc == pytest.approx(best["metrics"]["val_acc"], abs=1e-6)
+    assert acc == pytest.approx(averaged.best_val_acc, abs=1e-6)
+    raw = build_from_checkpoint({**e_last, "model": e_last["train_model"]})
+    _, raw_acc, _ = evaluate(raw, small.val_x, small.val_y)
+    assert raw_acc == pytest.approx(plain.history[-1]["val_acc"], abs=1e-6)
+
+
+def test_resume_with_weight_average_continues_exactly(digits_data, tiny_config, tmp_path):
+    small = dataclasses.replace(digits_data, train_x=digits_data.train_x[:192], train_y=digits_data.train_y[:192])
+    cfg = {**tiny_config, "epochs": 3, "scheduler": "onecycle", "ema_decay": 0.9}
+    straight = train(cfg, small, out_dir=tmp_path / "a")
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(m, _):
+        if m["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, small, reporter=stop_after_two, out_dir=tmp_path / "b")
+    resumed = train(cfg, small, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a["ema_steps"] == b["ema_steps"] == 3 * (192 // 32)
+    for part in ("model", "train_model"):
+        for k in a[part]:
+            assert torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-5), (part, k)
+    assert [m["val_acc"] for m in resumed.history] == pytest.approx([m["val_acc"] for m in straight.history])

@@ -52,6 +52,7 @@ class TrainConfig:
     epochs: int = 10
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # 0 = off
+    ema_decay: float = 0.0  # weight average: EMA of weights and BN statistics, per step (e.g. 0.999); 0 = off
     # schedule
     scheduler: str = "onecycle"
     step_size: int = 3  # step: epochs between decays
@@ -150,6 +151,7 @@ def _check(c: TrainConfig) -> None:
     need(0 <= c.seed <= MAX_SEED, f"seed must be in [0, 2**63), got {c.seed}")
     need(0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    need(0 <= c.ema_decay < 1, f"ema_decay must be in [0, 1) (0 = off), got {c.ema_decay}")
     need(0 <= c.aug_erase <= 1, f"aug_erase is a probability, got {c.aug_erase}")
     need(0 < c.pct_start < 1, f"pct_start must be in (0, 1), got {c.pct_start}")
     need(0 < c.gamma <= 1 and 0 < c.plateau_factor < 1, "gamma must be in (0, 1], plateau_factor in (0, 1)")

@@ -9,6 +9,7 @@ small CNNs fast, and what lets several trials share one GPU.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -166,6 +167,41 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, y
     return loss, logits
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights *and* buffers (so BatchNorm's running
+    statistics match the averaged weights), updated after every optimizer step.
+
+    The decay ramps up as min(decay, (1 + t) / (10 + t)) over the first steps t (as TensorFlow's
+    and timm's EMA do): a short run's average then never remembers the random initialisation.
+    The update is one `torch._foreach_lerp_` over all floating tensors, outside any CUDA graph
+    (the graphed step's parameters keep their addresses, so the pairs stay valid)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.steps = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+        self._avg = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._copy = [(a, b) for a, b in pairs if not a.is_floating_point()]  # e.g. num_batches_tracked
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        if self._avg:
+            torch._foreach_lerp_([a for a, _ in self._avg], [b for _, b in self._avg], 1.0 - decay)
+        for a, b in self._copy:
+            a.copy_(b)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Start the average over from the model's current weights."""
+        self.steps = 0
+        for a, b in self._avg + self._copy:
+            a.copy_(b)
+
+
 def _rng_state(g_order: torch.Generator, g_aug: torch.Generator, device: torch.device) -> dict:
     # Dropout draws from the global generator: saving it too makes a resumed run identical.
     state = {"order": g_order.get_state(), "aug": g_aug.get_state().cpu(), "torch": torch.get_rng_state()}
@@ -230,9 +266,15 @@ class Run:
     bad_epochs: int = 0
     start_epoch: int = 1
     graphed: GraphedStep | None = None
+    ema: WeightAverage | None = None  # ema_decay > 0: the weight average, what is evaluated and delivered
+
+    @property
+    def delivered(self) -> nn.Module:
+        """The model validation measures and checkpoints deliver: the weight average when on."""
+        return self.ema.model if self.ema is not None else self.model
 
     def state(self, epoch: int) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "config": self.c.to_dict(), "classes": list(self.data.classes),
+        return {"model": self.delivered.state_dict(), "config": self.c.to_dict(), "classes": list(self.data.classes),
                 "epoch": epoch, "split": self.data.split}
 
 
@@ -259,7 +301,8 @@ def setup(c: TrainConfig, data: EmnistData) -> Run:
     sched, sched_when = make_scheduler(c, opt, steps)
     return Run(c, data, device, model, opt, sched, sched_when, AugmentParams.from_config(c),
                torch.Generator().manual_seed(c.seed), torch.Generator(device=device).manual_seed(c.seed + 1),
-               x_train, y_train, x_val, y_val, bs, steps, cl)
+               x_train, y_train, x_val, y_val, bs, steps, cl,
+               ema=WeightAverage(model, c.ema_decay) if c.ema_decay > 0 else None)
 
 
 def restore(run: Run, resume: str | Path | dict) -> None:
@@ -268,7 +311,14 @@ def restore(run: Run, resume: str | Path | dict) -> None:
     where = str(resume if not isinstance(resume, dict) else "resume")
     ckpt = resume if isinstance(resume, dict) else load_checkpoint(resume)
     check_compatible(ckpt, c.model, run.data.num_classes, where=where)
-    load_state(run.model, ckpt, where)
+    # With a weight average, "model" holds the average and "train_model" the weights being trained.
+    load_state(run.model, {"model": ckpt["train_model"]} if "train_model" in ckpt else ckpt, where)
+    if run.ema is not None:
+        if "train_model" in ckpt:
+            load_state(run.ema.model, ckpt, where)
+            run.ema.steps = int(ckpt.get("ema_steps", 0))
+        else:  # the run so far kept no average: it starts here
+            run.ema.reset()
     if "optimizer" not in ckpt:
         raise CheckpointError("cannot resume: checkpoint has no optimizer state (use a last.pt)")
     try:
@@ -317,6 +367,8 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None) -> tuple[t
             xb = augment(run.x_train[idx].unsqueeze(1).float().div_(255), run.aug, run.g_aug)
             loss, logits = train_step(run.model, run.opt, normalize(xb), yb, c, run.channels_last)
             hits = (logits.argmax(1) == yb).sum()
+        if run.ema is not None:
+            run.ema.update()
         if run.sched_when == "step":
             run.sched.step()
         loss_sum += loss.detach()
@@ -343,6 +395,7 @@ def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improve
         "history": run.history,
         "best": {k: v for k, v in run.best.items() if k != "metrics"},
         "bad_epochs": run.bad_epochs,
+        **({"train_model": run.model.state_dict(), "ema_steps": run.ema.steps} if run.ema is not None else {}),
     })
 
 
@@ -400,7 +453,7 @@ def train(
                     reporter(m, None)
                 break
 
-            val_loss, val_acc, val_pred = evaluate(run.model, run.x_val, run.y_val, c.eval_batch_size,
+            val_loss, val_acc, val_pred = evaluate(run.delivered, run.x_val, run.y_val, c.eval_batch_size,
                                                    run.channels_last, c.precision)
             m = {
                 "epoch": epoch,
