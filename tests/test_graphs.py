@@ -26,7 +26,8 @@ def _run(digits_data, tiny_config, graphs: str, **extra):
 
 @cuda
 @pytest.mark.parametrize("extra", [{}, {"optimizer": "sgd", "scheduler": "onecycle"},
-                                   {"model": "resnet", "grad_clip": 1.0, "scheduler": "cosine"}])
+                                   {"model": "resnet", "grad_clip": 1.0, "scheduler": "cosine"},
+                                   {"ema_decay": 0.99, "scheduler": "onecycle"}])
 def test_graphed_training_matches_eager(digits_data, tiny_config, extra):
     """Same seed: the same loss curve within bf16 noise, and the same kind of model at the end."""
     eager = _run(digits_data, tiny_config, "off", **extra)

@@ -93,3 +93,26 @@ def test_shipped_search_spaces_are_valid():
     for path in (DEFAULT_SEARCH, DEFAULT_SEARCH.parent / "smoke.yaml"):
         spec = load_search_spec(path)
         make_config(default_point(spec), base=spec.trial_base())
+
+
+def test_default_space_largest_models_stay_fast():
+    """The widest/deepest corner of the shipped space stays a model a trial trains quickly: a few
+    million parameters and about a GFLOP per 28x28 image at most (today's largest, resnet at width
+    2.5 with 2 blocks, is ~1.0 GFLOP, 4.4M parameters)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import build_model
+    from search.run import DEFAULT_SEARCH
+    from training.config import count_parameters
+
+    spec = load_search_spec(DEFAULT_SEARCH)
+    widest = spec.space["width"]["uniform"][1]
+    for model, sub in spec.space["model"]["choice"].items():
+        extra = {k: v["int"][1] for k, v in (sub or {}).items()}  # depth / blocks at their maximum
+        c = make_config({**spec.trial_base(), "model": model, "width": widest, **extra})
+        assert count_parameters(c) <= 5e6, (model, extra)
+        net = build_model(model, 47, **c.model_kwargs()).eval()
+        with FlopCounterMode(display=False) as flops, torch.no_grad():
+            net(torch.zeros(1, 1, 28, 28))
+        assert flops.get_total_flops() <= 1.1e9, (model, extra, flops.get_total_flops())
