@@ -118,3 +118,29 @@ def test_predictor_matches_raw_evaluation_on_real_test_images(real_run, real_dat
     got = _top1(pred, list(x.numpy()))
     via_predictor = np.mean([g == classes[t] for g, t in zip(got, y.tolist(), strict=True)])
     assert abs(via_predictor - raw_acc) <= 0.02, (via_predictor, raw_acc)
+
+
+def as_a_user_would(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """An EMNIST test image the way a user draws or uploads one: dark ink on a white page, several
+    times larger (smoothly resampled), somewhere off-centre on a bigger canvas."""
+    scale = int(rng.integers(3, 7))
+    glyph = Image.fromarray(255 - image).resize((28 * scale, 28 * scale), Image.BICUBIC)
+    page = Image.new("L", (28 * scale + int(rng.integers(40, 200)), 28 * scale + int(rng.integers(40, 200))), 255)
+    left, top = rng.integers(0, page.width - glyph.width), rng.integers(0, page.height - glyph.height)
+    page.paste(glyph, (int(left), int(top)))
+    return page
+
+
+def test_user_style_images_stay_close_to_raw_test_accuracy(real_run, real_data_dir):
+    """Dark ink on white, larger, off-centre: the predictor's preparation brings such images back to
+    what the model learnt from, within 2 points of its accuracy on the raw test images."""
+    _, result = real_run
+    pred = Predictor.from_checkpoint(result.checkpoint)
+    x, y, classes = load_test("bymerge", real_data_dir)
+    rng = np.random.default_rng(1)
+    idx = rng.choice(len(x), 1500, replace=False)
+    x, y = x[idx], y[idx]
+    _, raw_acc, _ = evaluate(pred.model, x, y, precision="fp32")
+    got = _top1(pred, [as_a_user_would(im, rng) for im in x.numpy()])
+    user_acc = np.mean([g == classes[t] for g, t in zip(got, y.tolist(), strict=True)])
+    assert abs(user_acc - raw_acc) <= 0.02, (user_acc, raw_acc)
