@@ -82,3 +82,32 @@ def test_no_flip_on_asymmetric_glyph():
 
     stem, foot = centre(out[:, 0, :14]), centre(out[:, 0, 19:])
     assert (foot > stem).all()
+
+
+def test_tta_views_shift_and_rotate():
+    from training.augment import TTA_VIEWS, shift_rotate
+
+    x = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    x[:, 10:12, 10:12] = 255
+    assert shift_rotate(x, 0, 0, 0) is x and TTA_VIEWS[0] == (0, 0, 0)
+    right = shift_rotate(x, 1, 0, 0)
+    assert right.dtype == torch.uint8 and torch.equal(right[:, 10:12, 11:13], x[:, 10:12, 10:12])
+    down = shift_rotate(x, 0, 1, 0)
+    assert torch.equal(down[:, 11:13, 10:12], x[:, 10:12, 10:12]) and int(down.sum()) == int(x.sum())
+    turned = shift_rotate(x, 0, 0, 8)
+    assert not torch.equal(turned, x) and abs(int(turned.sum()) - int(x.sum())) < 0.05 * int(x.sum())
+
+
+def test_predict_probs_with_tta():
+    from models import build_model
+    from training.trainer import predict_logits, predict_probs
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10).eval()
+    x = (torch.rand(5, 28, 28) * 255).to(torch.uint8)
+    plain = predict_probs(model, x, precision="fp32")
+    assert torch.allclose(plain, predict_logits(model, x, 1024, precision="fp32").softmax(1))
+    tta = predict_probs(model, x, precision="fp32", tta=7)
+    assert tta.shape == (5, 10) and torch.allclose(tta.sum(1), torch.ones(5)) and not torch.allclose(tta, plain)
+    with pytest.raises(ValueError, match="tta must be in"):
+        predict_probs(model, x, tta=8)

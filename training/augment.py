@@ -84,3 +84,28 @@ def augment(x: torch.Tensor, p: AugmentParams, generator: torch.Generator) -> to
         )
         out = out.masked_fill((box & on.view(b, 1, 1)).unsqueeze(1), 0.0)
     return out
+
+
+# Test-time augmentation: the identity, one-pixel shifts, then small rotations (dx px, dy px, degrees).
+# `training.trainer.predict_probs(..., tta=k)` averages the softmax over the first k views.
+TTA_VIEWS = ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 8), (0, 0, -8))
+
+
+def shift_rotate(x: torch.Tensor, dx: float, dy: float, degrees: float, chunk: int = 4096) -> torch.Tensor:
+    """uint8 images (N, H, W) with their content moved by (dx, dy) pixels (right, down) and rotated
+    by `degrees`, bilinear, background 0; back as uint8. The identity returns `x` itself."""
+    if (dx, dy, degrees) == (0, 0, 0):
+        return x
+    n, h, w = x.shape
+    a = math.radians(degrees)
+    # affine_grid maps output to input coordinates: content moved by +dx is sampled at -dx
+    theta = torch.tensor([[math.cos(a), -math.sin(a), -2 * dx / w], [math.sin(a), math.cos(a), -2 * dy / h]],
+                         device=x.device)
+    out = []
+    for i in range(0, n, chunk):
+        xb = x[i : i + chunk].unsqueeze(1).float()
+        grid = F.affine_grid(theta.expand(len(xb), 2, 3), list(xb.shape), align_corners=False)
+        out.append(F.grid_sample(xb, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    if not out:
+        return x
+    return torch.cat(out).squeeze(1).round_().clamp_(0, 255).to(torch.uint8)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from training.augment import AugmentParams, augment
+from training.augment import TTA_VIEWS, AugmentParams, augment, shift_rotate
 from training.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_state, save_checkpoint
 from training.config import TrainConfig, make_config
 from training.data import EmnistData, normalize
@@ -121,6 +121,21 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_
         with _autocast(dev, precision):
             out.append(model(xb).float())
     return torch.cat(out) if out else torch.empty(0, 0, device=dev)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, channels_last: bool = False,
+                  precision: str = "auto", tta: int = 1) -> torch.Tensor:
+    """Class probabilities for uint8 images (N, 28, 28) on the model's device. tta > 1: test-time
+    augmentation, the softmax averaged over the first `tta` views of `augment.TTA_VIEWS` (the
+    identity, one-pixel shifts, +-8 degree rotations); tta costs that many forward passes."""
+    if not 1 <= tta <= len(TTA_VIEWS):
+        raise ValueError(f"tta must be in [1, {len(TTA_VIEWS)}], got {tta}")
+    total = None
+    for view in TTA_VIEWS[:tta]:
+        p = predict_logits(model, shift_rotate(x, *view), batch_size, channels_last, precision).softmax(1)
+        total = p if total is None else total.add_(p)
+    return total.div_(tta)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
