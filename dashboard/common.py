@@ -4,7 +4,7 @@ Security: the dashboard never opens a path typed by a user. Experiments are pick
 folders found under the results root, and every name is resolved and checked to stay inside
 the root (also through symlinks) before anything is read. Inside an experiment, every trial
 folder and file (params.json, result.json, checkpoints, error.txt) gets the same check
-(`search.results.is_inside`, the one helper): one that leads outside the root is not opened.
+(`search.layout.is_inside`, the one helper): one that leads outside the root is not opened.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
-from search.results import Experiment, is_inside, list_experiments, load_experiment
+from search.layout import is_inside
+from search.results import Experiment, list_experiments, load_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_RESULTS = "EMNIST_TUNE_RESULTS"

@@ -516,8 +516,11 @@ def delivered_key(final: Mapping | None) -> str | None:
     """Which of final["test"]'s models is final/model.pt. summary.json says it in words ("refit",
     "refit ensemble of 3", ...): a refit is a refit (one model or several), otherwise an ensemble
     or the single best trial. None when the words match no model that was tested."""
-    text = str(_mapping(final).get("delivered") or "").lower()
     present = {r["key"] for r in final_results(final)}
+    kind = _mapping(final).get("delivered_kind")  # written by search/final.py; the words are the fallback
+    if isinstance(kind, str) and kind in present:
+        return kind
+    text = str(_mapping(final).get("delivered") or "").lower()
     for key, words in (("refit", ("refit",)), ("ensemble", ("ensemble",)), ("single", ("single", "trial"))):
         if key in present and any(w in text for w in words):
             return key

@@ -32,12 +32,13 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
-from search.results import SETTINGS_FILE, is_uri, load_experiment, ray_statuses, read_json, trial_dirs  # noqa: E402
+from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, is_uri, ray_statuses, read_json, trial_dirs  # noqa: E402
+from search.resources import Resources  # noqa: E402
+from search.results import load_experiment  # noqa: E402
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 from training.data import EmnistData  # noqa: E402
@@ -48,7 +49,6 @@ PLAN_FILE = "plan.json"
 REPORT_FILE = "report.md"
 PAIRS_IMAGE = "confused_pairs.png"
 REFIT_NAME = "refit"
-CHECKPOINT_FILE = "checkpoint.pt"  # (search.trainable writes it inside every Ray checkpoint)
 EPOCHS_MODES = ("best", "full")
 
 
@@ -58,9 +58,7 @@ class FinalSettings:
     refit_seeds: int = 1
     refit_epochs: str = "best"  # best: the epoch that was best in the trial; full: the trial's budget
     device: str = "auto"  # for selection and the test evaluation (refit trials use their config's)
-    gpus_per_trial: float | None = None
-    cpus_per_trial: float = 1.0
-    concurrency: int | None = None
+    res: Resources = field(default_factory=Resources)  # per refit trial, as for the search's trials
     address: str | None = None
 
     def check(self) -> None:
@@ -212,9 +210,7 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
     if own_ray:
         init_ray(settings.address)
     try:
-        cpt, gpt, concurrency = resources(SimpleNamespace(
-            gpus_per_trial=settings.gpus_per_trial, cpus_per_trial=settings.cpus_per_trial,
-            concurrency=settings.concurrency))
+        cpt, gpt, concurrency = resources(settings.res)
         trainable = tune.with_resources(tune.with_parameters(_refit_trial, data=whole_training_split(data)),
                                         {"cpu": cpt, "gpu": gpt})
         # The newest checkpoint is the model (no epoch is picked on held-out data); it is also what a
@@ -404,7 +400,9 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
         r = _test_result(c.trial_id, p, y, classes)
         test_trials.append({"trial_id": c.trial_id, "val_acc": c.val_acc, "accuracy": r["accuracy"],
                             "ci95": r["ci95"], "f1": {row["class"]: row["f1"] for row in r["per_class"]}})
-    return {"model": str(model_path), "delivered": delivered, "delivered_test": delivered_test, "selection": sel,
+    kind = "refit" if done else ("ensemble" if len(chosen) > 1 else "single")  # which of `test` model.pt is
+    return {"model": str(model_path), "delivered": delivered, "delivered_kind": kind, "delivered_test": delivered_test,
+            "selection": sel,
             "refit": {"epochs_mode": plan["settings"]["refit_epochs"], "seeds": plan["settings"]["refit_seeds"],
                       "members": [{k: m[k] for k in ("source_trial", "seed_index", "epochs")} for m in plan["members"]],
                       "finished": len(done)},
@@ -522,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--address", default=None, help="Ray cluster to run the refit on")
     a = p.parse_args(argv)
-    settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.device, a.gpus_per_trial,
-                             a.cpus_per_trial, a.concurrency, a.address)
+    settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.device,
+                             Resources(a.gpus_per_trial, a.cpus_per_trial, a.concurrency), a.address)
     exp_dir = Path(a.storage) / a.name
     try:
         settings.check()

@@ -23,8 +23,9 @@ import shlex  # noqa: E402
 import time  # noqa: E402
 
 from search.final import FinalError, FinalSettings, add_final_args  # noqa: E402
+from search.layout import SETTINGS_FILE, is_uri  # noqa: E402
 from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
-from search.results import SETTINGS_FILE, is_uri  # noqa: E402
+from search.resources import Resources  # noqa: E402
 from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
 from search.storage import check_storage  # noqa: E402
 from training.config import ConfigError, check_device, make_config  # noqa: E402
@@ -151,6 +152,28 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
     return shlex.join(cmd)
 
 
+def end_of_search(args: argparse.Namespace, name: str, exp_dir: str, spec: SearchSpec, data, outcome,
+                  final: FinalSettings) -> int:
+    """What follows the trials: the resume command when interrupted, else the summary (test split
+    of the best trial) and the final stage (refit, ensemble, delivered model)."""
+    from search.final import run_final
+    from search.summary import finish_experiment
+
+    if not outcome.complete:
+        print(f"\nsearch interrupted with {outcome.done} of {outcome.samples} trials done; nothing finished is lost. "
+              f"Continue with:\n  {resume_command(args, name)}")
+        return 130
+    code = finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=outcome.wall_seconds,
+                             max_epochs=spec.max_epochs)
+    if code != 0 or args.no_final:
+        return code
+    try:
+        return run_final(exp_dir, data, final, args.data_dir)
+    except FinalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def experiment_dir(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}" if is_uri(storage) else str(Path(storage).resolve() / name)
 
@@ -165,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = 0 if args.seed is None else args.seed
         spec = load_search_spec(args.config)
         check_args(args, spec)
-        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.device or "auto",
-                              args.gpus_per_trial, args.cpus_per_trial, args.concurrency, args.address)
+        res = Resources(args.gpus_per_trial, args.cpus_per_trial, args.concurrency)
+        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.device or "auto", res,
+                              args.address)
         final.check()
         if args.max_epochs is not None:
             spec.max_epochs = args.max_epochs
@@ -221,17 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     from search.tuner import run_search  # Ray is imported only from here on
 
     try:
-        code = run_search(args, spec, base, data, samples, name, exp_dir,
-                          settings=None if args.resume else settings_of(args, base))
-        if code != 0 or args.no_final:
-            return code
-        from search.final import run_final
-
-        try:
-            return run_final(exp_dir, data, final, args.data_dir)
-        except FinalError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        outcome = run_search(spec, data, exp_dir, name, args.storage, samples, seed=args.seed, res=res,
+                             address=args.address, resume=args.resume,
+                             settings=None if args.resume else settings_of(args, base))
+        return end_of_search(args, name, exp_dir, spec, data, outcome, final)
     finally:
         if stop_mps is not None:
             stop_mps()

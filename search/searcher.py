@@ -18,7 +18,8 @@ import optuna
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from search.results import ray_statuses
+from search import ray_private
+from search.layout import ray_statuses
 from search.space import ReplayTrial
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,11 @@ class ResumableOptunaSearch(OptunaSearch):
             # The sampler's random state is as old as the study was: left alone, it would draw the
             # very values it drew for the trials above (while TPE still samples at random) and
             # suggest their configurations again.
-            self._ot_study.sampler.reseed_rng()
+            ray_private.optuna_study(self).sampler.reseed_rng()
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._ot_trials:  # results of a trial the study never asked for: only its end counts
+        # results of a trial the study never asked for: only its end counts
+        if trial_id in ray_private.optuna_trials(self):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -51,15 +53,15 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def _complete(self, trial_id: str, result: dict | None, config: dict, error: bool = False) -> bool:
         """Tell the study that `trial_id` ended; True if it did not know yet."""
-        if trial_id in self._completed_trials:
+        if trial_id in ray_private.completed_trials(self):
             return False
-        if trial_id in self._ot_trials:
+        if trial_id in ray_private.optuna_trials(self):
             super().on_trial_complete(trial_id, result=result, error=error)
             return True
         value = (result or {}).get(self.metric)
         replay = ReplayTrial(config)
         try:
-            self._space(replay)
+            ray_private.define_by_run(self)(replay)
         except KeyError as e:
             log.warning("trial %s ended but cannot be added to the Optuna study: %s", trial_id, e)
             return False
@@ -67,9 +69,9 @@ class ResumableOptunaSearch(OptunaSearch):
             state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
         else:
             state = optuna.trial.TrialState.COMPLETE
-        self._ot_study.add_trial(optuna.trial.create_trial(
+        ray_private.optuna_study(self).add_trial(optuna.trial.create_trial(
             params=replay.params, distributions=replay.distributions, value=value, state=state))
-        self._completed_trials.add(trial_id)
+        ray_private.completed_trials(self).add(trial_id)
         return True
 
 
@@ -78,7 +80,7 @@ class ForwardingLimiter(ConcurrencyLimiter):
     restored from yet another file), so that the searcher hears of every trial that ends."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self.live_trials or not self._limit_concurrency:
+        if trial_id in self.live_trials or not ray_private.limits_concurrency(self):
             super().on_trial_complete(trial_id, result=result, error=error)
         else:
             self.searcher.on_trial_complete(trial_id, result=result, error=error)

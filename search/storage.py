@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from search.results import is_uri
+from search.layout import is_uri
 from training.config import ConfigError
 
 STORAGE_TIMEOUT_S = float(os.environ.get("EMNIST_TUNE_STORAGE_TIMEOUT_S", "30"))

@@ -8,7 +8,8 @@ import shlex
 import time
 from pathlib import Path
 
-from search.results import SETTINGS_FILE, Experiment, is_uri, load_experiment
+from search.layout import SETTINGS_FILE, is_uri
+from search.results import Experiment, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Our trials write their own TensorBoard events; Ray's automatic TBX logger would duplicate
@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means silent:
 # Checkpointing every epoch with num_to_keep=2 snapshots the experiment often; that is intended.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 # The experiment state (what --resume restores) every second, not every 10+ s: a new trial waits
-# for the snapshot that names it before it writes anything (search.trainable._wait_until_recorded).
+# for the snapshot that names it before it writes anything (search.repairs.wait_until_recorded).
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
 import ray  # noqa: E402
@@ -24,7 +24,9 @@ from ray import tune  # noqa: E402
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from search.results import SETTINGS_FILE, is_uri  # noqa: E402
+from search import ray_private, repairs  # noqa: E402
+from search.layout import SETTINGS_FILE, is_uri, ray_statuses  # noqa: E402
+from search.resources import Resources  # noqa: E402
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch  # noqa: E402
 from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
 from search.trainable import train_trial  # noqa: E402
@@ -46,7 +48,7 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.done_epochs += 1
-        if result.get("resume_warning"):  # see search.trainable._resume_state
+        if result.get("resume_warning"):  # see search.repairs.resume_state
             start = result.get("resumed_from_epoch") or 0
             how = f"resumed from epoch {start}" if start else "restarted from scratch"
             print(f"  trial {trial.trial_id}: newest checkpoint unusable, {how} "
@@ -121,21 +123,12 @@ def init_ray(address: str | None) -> None:
         ray.init(address="local", **kwargs)
 
 
-def resources(args: argparse.Namespace) -> tuple[float, float, int]:
+def resources(res: Resources) -> tuple[float, float, int]:
     """(cpus per trial, gpus per trial, concurrency) that fit this machine or cluster."""
-    cluster = ray.cluster_resources()
-    gpus_total, cpus_total = cluster.get("GPU", 0), cluster.get("CPU", 1)
-    gpt = args.gpus_per_trial
-    if gpt is None:
-        gpt = 0.25 if gpus_total > 0 else 0.0  # small CNNs: four trials share a GPU
-    cpt = args.cpus_per_trial
-    if gpt > 0 and gpus_total < gpt:
-        raise SystemExit(f"error: --gpus-per-trial {gpt} but the Ray cluster has {gpus_total} GPUs")
-    fit = int(cpus_total // cpt)
-    if gpt > 0:
-        fit = min(fit, int(gpus_total // gpt))
-    concurrency = args.concurrency or max(1, fit)
-    return cpt, gpt, concurrency
+    try:
+        return res.fit(ray.cluster_resources())
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def run_config_for(name: str, storage: str, callbacks: list,
@@ -162,12 +155,9 @@ def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
 def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tuner:
     """Tuner.restore, continuing unfinished and errored trials, with this session's callbacks.
     Ray restores the run config saved by the first session, callbacks included (which print to a
-    terminal that may be gone); Tuner.restore has no argument for them, so they are replaced on the
-    private `_local_tuner._run_config` (checked against Ray 2.60; absent with a ray:// client)."""
+    terminal that may be gone) and has no argument for them (search/ray_private.py)."""
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    local = getattr(tuner, "_local_tuner", None)
-    if local is not None:
-        local._run_config.callbacks = run_config.callbacks
+    ray_private.replace_callbacks(tuner, run_config.callbacks)
     return tuner
 
 
@@ -200,78 +190,57 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
     )
 
 
-def run_search(args, spec: SearchSpec, base: dict, data: EmnistData, samples: int, name: str, exp_dir: str,
-               settings: dict | None = None) -> int:
-    """Run (or with args.resume continue) the search; `settings` are saved with a new experiment
-    so that --resume needs only its name (see search.run.apply_saved_settings)."""
-    init_ray(args.address)
+@dataclass
+class SearchOutcome:
+    samples: int
+    done: int  # trials that ended (finished, stopped, diverged or errored)
+    wall_seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.samples
+
+
+def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, storage: str, samples: int, *,
+               seed: int = 0, res: Resources | None = None, address: str | None = None, resume: bool = False,
+               settings: dict | None = None) -> SearchOutcome:
+    """Run (or with resume continue) the search. `settings` are saved with a new experiment so that
+    --resume needs only its name (search.run.apply_saved_settings). Ray runs only inside this call."""
+    init_ray(address)
     try:
-        cpt, gpt, concurrency = resources(args)
+        cpt, gpt, concurrency = resources(res or Resources())
         trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), {"cpu": cpt, "gpu": gpt})
         print(f"experiment {name}: {samples} trials, up to {spec.max_epochs} epochs each, {concurrency} at once "
               f"({cpt:g} CPU{f' + {gpt:g} GPU' if gpt else ''} per trial)")
         print(f"data: {data.split}, {len(data.train_x)} train / {len(data.val_x)} val images; results in {exp_dir}")
-        run_config = make_run_config(name, args.storage, [Progress(samples, spec.max_epochs)])
-        if args.resume:
+        run_config = make_run_config(name, storage, [Progress(samples, spec.max_epochs)])
+        if resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
             if not is_uri(exp_dir):
-                set_aside_unknown_trials(Path(exp_dir))
+                repairs.set_aside_unknown_trials(Path(exp_dir))
             tuner = restore_tuner(exp_dir, trainable, run_config)
         else:
-            tuner = make_tuner(trainable, spec, samples, concurrency, args.seed, run_config,
-                               reuse_actors=not args.address)
+            tuner = make_tuner(trainable, spec, samples, concurrency, seed, run_config, reuse_actors=not address)
         if settings is not None and not is_uri(exp_dir):
             Path(exp_dir).mkdir(parents=True, exist_ok=True)
             (Path(exp_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
         start = time.time()
-        grid = tuner.fit()
+        tuner.fit()
         wall = time.time() - start
     finally:
         ray.shutdown()
+    # Counted from the experiment state Ray saved, not from the Trial objects in memory: on Ctrl+C,
+    # Ray saves the state and then stops the running trials, which marks them TERMINATED in memory;
+    # an interrupted last trial must not count as done, or the search would end as if complete.
+    if is_uri(exp_dir):
+        import pyarrow.fs
 
-    from search.run import resume_command
-    from search.summary import finish_experiment
-
-    trials = grid._experiment_analysis.trials  # Trial objects, with their final Ray status
-    done = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-    if not is_uri(exp_dir):
-        # On Ctrl+C, Ray saves the experiment state and then stops the running trials, which marks
-        # them TERMINATED in memory. The saved state has their true status (RUNNING): an interrupted
-        # last trial must not count as done, or the search would end as if complete.
-        from search.results import ray_statuses
-
+        fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir)
+        saved = ray_statuses(path, fs=fs)
+    else:
         saved = ray_statuses(Path(exp_dir))
-        done = [t for t in done if saved.get(t.trial_id, {}).get("status") in ("TERMINATED", "ERROR")]
-    if len(done) < samples:
-        print(f"\nsearch interrupted with {len(done)} of {samples} trials done; nothing finished is lost. "
-              f"Continue with:\n  {resume_command(args, name)}")
-        return 130
-    return finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=wall, max_epochs=spec.max_epochs)
-
-
-def set_aside_unknown_trials(exp_dir: Path) -> None:
-    """Trial folders that the experiment state Ray restores from does not name are no trials of
-    this experiment: left by a driver of an earlier version killed before it recorded them (a
-    trial now writes nothing before it is recorded, see search.trainable._wait_until_recorded).
-    Ray would never continue them, so they would stay as phantom trials beside the real ones: an
-    empty one is removed, one with files is moved to <exp>/orphaned/ (nothing is deleted)."""
-    import shutil
-
-    from search.results import ray_statuses, trial_dirs
-
-    known = ray_statuses(exp_dir)
-    if not known:
-        return
-    for d in trial_dirs(exp_dir):
-        if d.name.removeprefix("trial_") in known:
-            continue
-        if not any(d.iterdir()):
-            d.rmdir()
-            continue
-        (exp_dir / "orphaned").mkdir(exist_ok=True)
-        shutil.move(str(d), str(exp_dir / "orphaned" / d.name))
-        print(f"  {d.name} is not in the experiment state (left by a killed driver of an earlier version): "
-              f"moved to {exp_dir / 'orphaned'}; its configuration may be tried again", flush=True)
+    done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in saved.values())
+    return SearchOutcome(samples, done, wall)
 
 
 def _sampler(seed: int):

@@ -20,7 +20,8 @@ import pytest
 
 from dashboard import figures
 from dashboard.common import open_experiment
-from search.results import MAX_HISTORY_ROWS, load_experiment, read_result_rows
+from search.layout import read_result_rows
+from search.results import MAX_HISTORY_ROWS, load_experiment
 from training.checkpoint import load_checkpoint
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")

@@ -164,6 +164,15 @@ def test_delivered_key(delivered, present, expected):
     assert figures.delivered_key(final) == expected
 
 
+def test_delivered_kind_wins_over_the_words():
+    final = final_entry()
+    final["delivered"], final["delivered_kind"] = "best single trial a1b2c3 (no refit finished)", "single"
+    assert figures.delivered_key(final) == "single"
+    final["delivered_kind"] = "refit"  # not among the tested models: the words decide
+    final["test"].pop("refit")
+    assert figures.delivered_key(final) == "single"
+
+
 @pytest.mark.parametrize("final", [
     None, [], "x", {"test": "junk"}, {"test": {"single": 3, "refit": {"accuracy": "hi"}}},
     {"selection": {"val_acc_by_k": {"one": "x", "2": None}}, "test_trials": [1, {"f1": 2}]},

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from search.results import load_experiment, ray_statuses
+from search.layout import ray_statuses
+from search.results import load_experiment
 from tests.test_search import REPO, RUN, run_search, write_space
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.trainer import train
@@ -391,50 +392,50 @@ def test_resume_picks_the_newest_readable_checkpoint(digits_data, tiny_config, t
     the files in its folder. Real tune.Checkpoint objects; no Ray cluster needed."""
     from ray import tune
 
-    from search.trainable import _resume_state, _unlogged_epochs
+    from search.repairs import resume_state, unlogged_epochs
 
     trial = _trial_checkpoints(tmp_path, digits_data, tiny_config)
     handed = tune.Checkpoint.from_directory(trial / "checkpoint_000002")  # epoch 3
     # Ray's state lags the disk (interrupted right after epoch 4 was written): take epoch 4, or the
     # trial would train epoch 4 again, and a finished trial would be run once more.
-    r = _resume_state(handed, trial)
+    r = resume_state(handed, trial)
     assert r.state["epoch"] == 4 and r.path == trial / "checkpoint_000003" / "checkpoint.pt" and r.note == {}
     # epoch 4 is reported from the checkpoint unless result.json has it already
-    assert [m["epoch"] for m in _unlogged_epochs(r, handed, trial)] == [4]
+    assert [m["epoch"] for m in unlogged_epochs(r, handed, trial)] == [4]
     lines = [json.dumps({"epoch": e, "val_acc": 0.5}) for e in (1, 2, 3)]
     (trial / "result.json").write_text("\n".join(lines) + "\n")
-    assert [m["epoch"] for m in _unlogged_epochs(r, handed, trial)] == [4]
+    assert [m["epoch"] for m in unlogged_epochs(r, handed, trial)] == [4]
     (trial / "result.json").write_text("\n".join([*lines, json.dumps({"epoch": 4}), '{"epoch": 5, "va']))
-    assert _unlogged_epochs(r, handed, trial) == []  # (a line cut short by a kill is skipped)
+    assert unlogged_epochs(r, handed, trial) == []  # (a line cut short by a kill is skipped)
     # Ray hands back none (the trial's first checkpoint was not recorded): the newest in the folder,
     # and all its epochs are reported, logged or not: Ray then starts the trial's result.json afresh
     # (CI once lost epoch 1 of such a trial when it was taken as logged)
-    r = _resume_state(None, trial)
+    r = resume_state(None, trial)
     assert r.state["epoch"] == 4 and r.note == {}
-    assert [m["epoch"] for m in _unlogged_epochs(r, None, trial)] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in unlogged_epochs(r, None, trial)] == [1, 2, 3, 4]
     (trial / "result.json").write_text("\n".join(lines) + "\n")  # epochs 1-3 logged, as Ray leaves it
     # a fresh trial: its folder is empty
     (tmp_path / "fresh").mkdir()
-    assert _resume_state(None, tmp_path / "fresh") == (None, None, {})
+    assert resume_state(None, tmp_path / "fresh") == (None, None, {})
     # cloud storage (no folder): only the handed checkpoint
-    assert _resume_state(handed, None).state["epoch"] == 3
+    assert resume_state(handed, None).state["epoch"] == 3
     # the newer file is damaged: the handed one, silently, and nothing to replay
     _truncate(trial / "checkpoint_000003" / "checkpoint.pt")
-    r = _resume_state(handed, trial)
-    assert r.state["epoch"] == 3 and r.note == {} and _unlogged_epochs(r, handed, trial) == []
+    r = resume_state(handed, trial)
+    assert r.state["epoch"] == 3 and r.note == {} and unlogged_epochs(r, handed, trial) == []
     # the handed one is damaged too: the newest older readable one, and a note for the driver
     _truncate(trial / "checkpoint_000002" / "checkpoint.pt")
-    r = _resume_state(handed, trial)
+    r = resume_state(handed, trial)
     assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
-    assert "checkpoint_000002" in r.note["resume_warning"] and _unlogged_epochs(r, handed, trial) == []
+    assert "checkpoint_000002" in r.note["resume_warning"] and unlogged_epochs(r, handed, trial) == []
     # deleted instead of damaged: same
     shutil.rmtree(trial / "checkpoint_000002")
-    r = _resume_state(handed, trial)
+    r = resume_state(handed, trial)
     assert r.state["epoch"] == 2 and r.note["resumed_from_epoch"] == 2
     # nothing readable: start over
     for f in trial.glob("checkpoint_*/checkpoint.pt"):
         _truncate(f)
-    r = _resume_state(handed, trial)
+    r = resume_state(handed, trial)
     assert r.state is None and r.note["resumed_from_epoch"] == 0 and r.note["resume_warning"]
 
 
@@ -686,7 +687,7 @@ def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
 def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):
     """Folders an older version's killed driver left behind (files but no trial in the experiment
     state) are moved to orphaned/ on --resume, not shown as phantom trials; empty ones go."""
-    from search.tuner import set_aside_unknown_trials
+    from search.repairs import set_aside_unknown_trials
 
     exp = tmp_path / "exp"
     info = json.dumps({"trial_id": "aaaa_00000", "status": "TERMINATED", "config": {}})

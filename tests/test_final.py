@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from search.final import FinalError, FinalSettings, choose_k, run_final, whole_training_split
-from search.results import ray_statuses, read_json_lines, trial_dirs
+from search.layout import ray_statuses, read_json_lines, trial_dirs
 from tests.test_search import REPO, RUN, write_space
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import load_test

@@ -508,12 +508,13 @@ def test_damaged_resume_state_is_a_checkpoint_error(real_checkpoints, digits_dat
 
 def test_damaged_newest_trial_checkpoint_falls_back(real_checkpoints, tmp_path):
     """The search's resume path skips a checkpoint of garbage (it raised KeyError before) for the older one."""
-    from search.trainable import CHECKPOINT_FILE, _resume_state
+    from search.layout import CHECKPOINT_FILE
+    from search.repairs import resume_state
 
     for n, data in ((1, real_checkpoints[1].read_bytes()), (2, b"hello, garbage")):
         (tmp_path / f"checkpoint_00000{n}").mkdir()
         (tmp_path / f"checkpoint_00000{n}" / CHECKPOINT_FILE).write_bytes(data)
-    resume = _resume_state(None, tmp_path)
+    resume = resume_state(None, tmp_path)
     assert resume.path == tmp_path / "checkpoint_000001" / CHECKPOINT_FILE and resume.state["epoch"] == 1
 
 

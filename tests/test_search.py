@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from search.results import load_experiment, ray_statuses
+from search.layout import ray_statuses
+from search.results import load_experiment
 from training.checkpoint import load_checkpoint
 from training.predict import Predictor
 

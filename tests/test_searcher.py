@@ -8,7 +8,7 @@ import json
 import optuna
 import pytest
 
-from search.results import ray_statuses
+from search.layout import ray_statuses
 from search.searcher import ResumableOptunaSearch
 from search.space import DefineByRun, load_search_spec
 from tests.test_space import GOOD, _write
