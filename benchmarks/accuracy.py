@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from training.augment import TTA_VIEWS, shift_rotate  # noqa: E402
 from training.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
-from training.config import load_yaml, make_config  # noqa: E402
+from training.config import load_yaml, make_config, parse_set  # noqa: E402
 from training.data import load_dataset, load_test  # noqa: E402
 from training.trainer import predict_logits, train  # noqa: E402
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elastic", type=float, default=1.0)
     p.add_argument("--variants", default="baseline,ema,erase,elastic",
                    help="comma-separated: baseline, ema, erase, elastic, all (ema+erase+elastic)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="training-config overrides for every variant (e.g. scheduler=none)")
     p.add_argument("--tta", type=int, default=1, help="1: also measure test-time augmentation on the baseline")
     p.add_argument("--json", default=None, help="also write the rows here (updated after every run)")
     args = p.parse_args(argv)
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     changes = {"baseline": {}, "ema": {"ema_decay": args.ema_decay}, "erase": {"aug_erase": args.erase},
                "elastic": {"aug_elastic": args.elastic},
                "all": {"ema_decay": args.ema_decay, "aug_erase": args.erase, "aug_elastic": args.elastic}}
+    common.update(parse_set(args.set))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in changes]
     if bad:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test, _ = load_test(args.split, args.data_dir)
     print(f"data: {args.split}, {len(data.train_x)} train, {len(data.val_x)} val, {len(x_test)} test images "
           f"(read in {time.perf_counter() - t0:.0f} s); {args.model} width {args.width}, {args.epochs} epochs, "
-          f"{args.seeds} seed(s), {args.threads} thread(s)", flush=True)
+          f"{args.seeds} seed(s), {args.threads} thread(s); overrides {parse_set(args.set) or 'none'}", flush=True)
 
     rows: dict[str, list[dict]] = {}
 
