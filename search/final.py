@@ -50,6 +50,8 @@ REPORT_FILE = "report.md"
 PAIRS_IMAGE = "confused_pairs.png"
 REFIT_NAME = "refit"
 EPOCHS_MODES = ("best", "full")
+TTA_MODES = ("auto", "off")
+TTA_VIEWS = 7  # identity, 4 one-pixel shifts, +-8 degrees (training/augment.TTA_VIEWS)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class FinalSettings:
     ensemble_k: int = 3  # the largest ensemble considered (1 = never an ensemble)
     refit_seeds: int = 1
     refit_epochs: str = "best"  # best: the epoch that was best in the trial; full: the trial's budget
+    tta: str = "auto"  # auto: test-time augmentation where it pays on validation; off
     device: str = "auto"  # for selection and the test evaluation (refit trials use their config's)
     res: Resources = field(default_factory=Resources)  # per refit trial, as for the search's trials
     address: str | None = None
@@ -66,12 +69,15 @@ class FinalSettings:
             raise ConfigError(f"--ensemble-k must be between 1 and 20, got {self.ensemble_k}")
         if not 1 <= self.refit_seeds <= 20:
             raise ConfigError(f"--refit-seeds must be between 1 and 20, got {self.refit_seeds}")
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         if self.refit_epochs not in EPOCHS_MODES:
             raise ConfigError(f"--refit-epochs must be one of {', '.join(EPOCHS_MODES)}, got {self.refit_epochs!r}")
 
     def planned(self) -> dict:
         """What a plan is made with: a resumed final stage must be asked the same."""
-        return {"ensemble_k": self.ensemble_k, "refit_seeds": self.refit_seeds, "refit_epochs": self.refit_epochs}
+        return {"ensemble_k": self.ensemble_k, "refit_seeds": self.refit_seeds, "refit_epochs": self.refit_epochs,
+                "tta": self.tta}
 
 
 class FinalError(RuntimeError):
@@ -122,8 +128,14 @@ def _probs(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.
     return predict_logits(model.to(dev), x.to(dev), batch_size=1024, precision="fp32").softmax(1).cpu()
 
 
-def _checkpoint_probs(paths: list[str], x: torch.Tensor, dev: torch.device) -> list[torch.Tensor]:
-    return [_probs(build_from_checkpoint(load_checkpoint(p), dev, where=p), x, dev) for p in paths]
+def _checkpoint_probs(paths: list[str], x: torch.Tensor, dev: torch.device, tta: int = 1) -> list[torch.Tensor]:
+    from training.ensemble import TestTimeAugment
+
+    out = []
+    for p in paths:
+        model = build_from_checkpoint(load_checkpoint(p), dev, where=p)
+        out.append(_probs(TestTimeAugment(model, tta) if tta > 1 else model, x, dev))
+    return out
 
 
 def choose_k(probs: list[torch.Tensor], y: torch.Tensor) -> tuple[int, dict[int, float]]:
@@ -137,11 +149,20 @@ def choose_k(probs: list[torch.Tensor], y: torch.Tensor) -> tuple[int, dict[int,
     return min(by_k, key=lambda k: (-by_k[k], k)), by_k
 
 
-def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device) -> dict:
-    """The ensemble size, chosen on the validation split (never the test split)."""
-    chosen, by_k = choose_k(_checkpoint_probs([c.checkpoint for c in cands], data.val_x, dev), data.val_y)
+def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device, tta: str = "auto") -> dict:
+    """The ensemble size, then whether test-time augmentation pays for it, both chosen on the
+    validation split (never the test split)."""
+    probs = _checkpoint_probs([c.checkpoint for c in cands], data.val_x, dev)
+    chosen, by_k = choose_k(probs, data.val_y)
+    without = by_k[chosen]
+    views, with_tta = 1, None
+    if tta == "auto":  # the chosen model's prediction averaged over TTA_VIEWS views of each image
+        tta_probs = _checkpoint_probs([c.checkpoint for c in cands[:chosen]], data.val_x, dev, TTA_VIEWS)
+        with_tta = float((torch.stack(tta_probs).mean(0).argmax(1) == data.val_y).float().mean())
+        views = TTA_VIEWS if with_tta > without else 1  # it must gain, not tie
     return {"metric": "val_acc", "n_val": len(data.val_y), "val_acc_by_k": {str(k): v for k, v in by_k.items()},
             "chosen_k": chosen, "ensemble_pays": chosen > 1,
+            "tta": {"views": TTA_VIEWS, "val_acc": with_tta, "val_acc_without": without, "used": views > 1},
             "candidates": [{"trial_id": c.trial_id, "val_acc": c.val_acc, "epoch": c.epoch} for c in cands]}
 
 
@@ -310,6 +331,14 @@ def _row(name: str, r: dict | None) -> str:
     return f"| {name} | {r['label']} | {r['accuracy']:.4f} | [{lo:.4f}, {hi:.4f}] |"
 
 
+def _tta_sentence(tta: dict | None) -> str:
+    if not tta or tta.get("val_acc") is None:
+        return "Test-time augmentation: not tried (--tta off). "
+    return (f"Test-time augmentation ({tta['views']} views of each image, averaged): val accuracy "
+            f"{tta['val_acc']:.4f} against {tta['val_acc_without']:.4f} without, so "
+            f"{'used' if tta['used'] else 'not used'}. ")
+
+
 def write_report(path: Path, name: str, final: dict) -> Path:
     t = final["test"]
     sel = final["selection"]
@@ -327,6 +356,7 @@ def write_report(path: Path, name: str, final: dict) -> Path:
              "| k (top trials averaged) | val accuracy |", "| --- | --- |",
              *[f"| {k} | {v:.4f} |" for k, v in sel["val_acc_by_k"].items()], "",
              f"Chosen: k = {sel['chosen_k']} ({'ensemble' if sel['ensemble_pays'] else 'single model'}). "
+             + _tta_sentence(sel.get("tta")) +
              f"Refit: {final['refit']['seeds']} seed(s) per config, "
              f"on train + validation, epochs: {final['refit']['epochs_mode']}.", ""]
     if final.get("problems"):
@@ -375,8 +405,12 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
         delivered = (f"ensemble of {len(chosen)} search checkpoints" if len(chosen) > 1
                      else f"best single trial {chosen[0].trial_id}") + " (no refit finished)"
         members = [load_checkpoint(c.checkpoint) for c in chosen]
+    tta = (sel.get("tta") or {}).get("used")
+    if tta:
+        delivered += f", with {TTA_VIEWS}-view test-time augmentation"
     save_model(model_path, members, classes, split, {"delivered": delivered, "experiment": exp_dir.name,
-                                                     "source_trials": sources, "whole_training_split": bool(done)})
+                                                     "source_trials": sources, "whole_training_split": bool(done)},
+               tta=TTA_VIEWS if tta else 1)
 
     x, y, test_classes = load_test(split, data_dir)  # the only read of the test split
     if test_classes != classes:
@@ -433,11 +467,14 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
         cands = candidates(load_experiment(exp_dir), settings.ensemble_k)
         if not cands:
             raise FinalError(f"no trial of {exp_dir.name} has a readable checkpoint with a validation result")
-        selection = select_ensemble(cands, data, dev)
+        selection = select_ensemble(cands, data, dev, settings.tta)
         byk = ", ".join(f"k={k}: {v:.4f}" for k, v in selection["val_acc_by_k"].items())
+        tta = selection["tta"]
+        tta_text = (f"; {tta['views']}-view test-time augmentation {tta['val_acc']:.4f} -> "
+                    f"{'used' if tta['used'] else 'not used'}" if tta["val_acc"] is not None else "")
         print(f"\nfinal stage: ensemble selection on {selection['n_val']} validation images ({byk}) -> "
-              f"{'ensemble of ' + str(selection['chosen_k']) if selection['ensemble_pays'] else 'single model'} "
-              f"[{time.time() - t0:.0f}s]", flush=True)
+              f"{'ensemble of ' + str(selection['chosen_k']) if selection['ensemble_pays'] else 'single model'}"
+              f"{tta_text} [{time.time() - t0:.0f}s]", flush=True)
         plan = {"settings": settings.planned(), "candidates": [asdict(c) for c in cands], "selection": selection,
                 "members": plan_refit(cands, selection, settings)}
         # Written before any refit trial starts: a resumed final stage refits exactly these.
@@ -502,6 +539,9 @@ def add_final_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-seeds", type=int, default=1, help="refits per chosen config, each with its own seed")
     p.add_argument("--refit-epochs", choices=EPOCHS_MODES, default="best",
                    help="refit for the epochs that were best in the trial, or the full budget")
+    p.add_argument("--tta", choices=TTA_MODES, default="auto",
+                   help=f"auto: average the delivered model over {TTA_VIEWS} shifted/rotated views of each image "
+                        "where that pays on validation")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--address", default=None, help="Ray cluster to run the refit on")
     a = p.parse_args(argv)
-    settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.device,
+    settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.tta, a.device,
                              Resources(a.gpus_per_trial, a.cpus_per_trial, a.concurrency), a.address)
     exp_dir = Path(a.storage) / a.name
     try:

@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_search_spec(args.config)
         check_args(args, spec)
         res = Resources(args.gpus_per_trial, args.cpus_per_trial, args.concurrency)
-        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.device or "auto", res,
-                              args.address)
+        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.tta, args.device or "auto",
+                              res, args.address)
         final.check()
         if args.max_epochs is not None:
             spec.max_epochs = args.max_epochs

@@ -27,7 +27,7 @@ from training.predict import Predictor
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 ENSEMBLE = ("resnet", "small_cnn")  # two different architectures
-NAMES = [*list_models(), "ensemble"]
+NAMES = [*list_models(), "ensemble", "tta"]  # tta: small_cnn with 7-view test-time augmentation
 
 
 def _make_checkpoint(name: str, data) -> dict:
@@ -61,6 +61,7 @@ def exported(digits_data, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
         files[name] = save_checkpoint(root / name / "best.pt", ckpt)
     files["ensemble"] = save_model(root / "final" / "model.pt", [ckpts[n] for n in ENSEMBLE],
                                    digits_data.classes, "digits", {"members": list(ENSEMBLE)})
+    files["tta"] = save_model(root / "tta" / "model.pt", [ckpts["small_cnn"]], digits_data.classes, "digits", tta=7)
     out = {}
     for name, ckpt in files.items():
         onnx_path = root / "out" / "not-yet-there" / f"{name}.onnx"  # missing folders are created

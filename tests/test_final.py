@@ -17,7 +17,7 @@ from search.layout import ray_statuses, read_json_lines, trial_dirs
 from tests.test_search import REPO, RUN, write_space
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import load_test
-from training.ensemble import Ensemble, save_model
+from training.ensemble import Ensemble, TestTimeAugment, save_model
 from training.metrics import wilson_interval
 from training.predict import Predictor
 
@@ -82,6 +82,9 @@ def test_refit_plan_follows_the_selection(final_run, digits_data):
     by_k = {int(k): v for k, v in sel["val_acc_by_k"].items()}
     assert sel["chosen_k"] == min(k for k, v in by_k.items() if v == max(by_k.values()))
     assert sel["ensemble_pays"] == (by_k[sel["chosen_k"]] > by_k[1])
+    tta = sel["tta"]  # test-time augmentation: used only where it beats the chosen model on validation
+    assert tta["val_acc_without"] == by_k[sel["chosen_k"]] and tta["used"] == (tta["val_acc"] > by_k[sel["chosen_k"]])
+    assert load_checkpoint(exp / "final" / "model.pt").get("tta", 1) == (7 if tta["used"] else 1)
     cands = plan["candidates"]
     assert [c["val_acc"] for c in cands] == sorted((c["val_acc"] for c in cands), reverse=True)
     chosen = {c["trial_id"]: c for c in cands[: sel["chosen_k"]]}
@@ -106,7 +109,8 @@ def test_delivered_model_and_report(final_run, digits_dir):
     assert len(members) == final["refit"]["finished"] == len(final["refit"]["members"])
     # the delivered model is what Predictor loads from the experiment folder, and its test figure is real
     predictor = Predictor.from_checkpoint(exp)
-    assert isinstance(predictor.model, Ensemble) and len(predictor.model.members) == len(members)
+    model = predictor.model.model if isinstance(predictor.model, TestTimeAugment) else predictor.model
+    assert isinstance(model, Ensemble) and len(model.members) == len(members)
     x, y, classes = load_test("digits", digits_dir)
     acc = int((predictor.probabilities(x).argmax(1) == y).sum()) / len(y)
     assert final["test"]["refit"]["accuracy"] == pytest.approx(acc, abs=1e-9)
@@ -221,6 +225,22 @@ def test_ensemble_file_refuses_pickled_and_damaged_members(tmp_path):
     save_model(tmp_path / "mixed.pt", [members[0], other], list("0123456789"), "digits")
     with pytest.raises(CheckpointError, match=r"member 1\) does not fit"):
         Predictor.from_checkpoint(tmp_path / "mixed.pt")
+
+
+def test_test_time_augmentation_file(tmp_path, digits_data):
+    from training.trainer import predict_probs
+
+    path = save_model(tmp_path / "m.pt", _members(1), list("0123456789"), "digits", tta=7)
+    predictor = Predictor.from_checkpoint(path)
+    assert isinstance(predictor.model, TestTimeAugment)
+    x = digits_data.val_x[:32]
+    # the module (what is delivered and exported) is the trainer's TTA, up to the latter's uint8 rounding
+    want = predict_probs(predictor.model.model, x, precision="fp32", tta=7)
+    assert torch.allclose(predictor.probabilities(x), want, atol=1e-4)
+    for bad in (0, 8, True, 2.5, "7"):
+        torch.save({**torch.load(path, weights_only=True), "tta": bad}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match="'tta' is not a number of views"):
+            load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_predictor_folder_defaults(tmp_path):

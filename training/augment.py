@@ -91,16 +91,20 @@ def augment(x: torch.Tensor, p: AugmentParams, generator: torch.Generator) -> to
 TTA_VIEWS = ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 8), (0, 0, -8))
 
 
+def view_theta(dx: float, dy: float, degrees: float, h: int = 28, w: int = 28) -> torch.Tensor:
+    """The (2, 3) affine_grid matrix of a view: content moved by (dx, dy) pixels and rotated."""
+    a = math.radians(degrees)
+    # affine_grid maps output to input coordinates: content moved by +dx is sampled at -dx
+    return torch.tensor([[math.cos(a), -math.sin(a), -2 * dx / w], [math.sin(a), math.cos(a), -2 * dy / h]])
+
+
 def shift_rotate(x: torch.Tensor, dx: float, dy: float, degrees: float, chunk: int = 4096) -> torch.Tensor:
     """uint8 images (N, H, W) with their content moved by (dx, dy) pixels (right, down) and rotated
     by `degrees`, bilinear, background 0; back as uint8. The identity returns `x` itself."""
     if (dx, dy, degrees) == (0, 0, 0):
         return x
     n, h, w = x.shape
-    a = math.radians(degrees)
-    # affine_grid maps output to input coordinates: content moved by +dx is sampled at -dx
-    theta = torch.tensor([[math.cos(a), -math.sin(a), -2 * dx / w], [math.sin(a), math.cos(a), -2 * dy / h]],
-                         device=x.device)
+    theta = view_theta(dx, dy, degrees, h, w).to(x.device)
     out = []
     for i in range(0, n, chunk):
         xb = x[i : i + chunk].unsqueeze(1).float()

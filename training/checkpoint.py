@@ -115,6 +115,10 @@ def _structure_problem(ckpt: dict) -> str | None:
         return f"'epoch' is not a count of epochs ({epoch!r})"
     if "metrics" in ckpt and not _is_str_dict(ckpt["metrics"]):
         return "'metrics' is not a mapping"
+    if "tta" in ckpt:  # test-time augmentation views (training/ensemble.py)
+        tta = ckpt["tta"]
+        if isinstance(tta, bool) or not isinstance(tta, int) or not 1 <= tta <= 7:
+            return f"'tta' is not a number of views between 1 and 7 ({tta!r})"
     if "members" in ckpt:  # an ensemble (training/ensemble.py): each member is a small checkpoint
         members = ckpt["members"]
         if not isinstance(members, list) or not members:
@@ -167,16 +171,20 @@ def load_state(model: nn.Module, ckpt: dict, where: str = "checkpoint") -> None:
 
 def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", where: str = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode; for an
-    ensemble file (training/ensemble.py) the members averaged in probability space."""
+    ensemble file (training/ensemble.py) the members averaged in probability space, and with
+    `tta` its prediction averaged over that many views of the input."""
     if not ckpt["classes"]:
         raise CheckpointError(f"{where} has no classes")
-    if "members" in ckpt:
-        from training.ensemble import Ensemble
+    from training.ensemble import Ensemble, TestTimeAugment
 
-        members = [_build_one(m, len(ckpt["classes"]), f"{where} (member {i})")
-                   for i, m in enumerate(ckpt["members"])]
-        return Ensemble(members).to(device).eval()
-    return _build_one(ckpt, len(ckpt["classes"]), where).to(device).eval()
+    if "members" in ckpt:
+        model = Ensemble([_build_one(m, len(ckpt["classes"]), f"{where} (member {i})")
+                          for i, m in enumerate(ckpt["members"])])
+    else:
+        model = _build_one(ckpt, len(ckpt["classes"]), where)
+    if ckpt.get("tta", 1) > 1:
+        model = TestTimeAugment(model, ckpt["tta"])
+    return model.to(device).eval()
 
 
 def _build_one(ckpt: dict, num_classes: int, where: str) -> nn.Module:

@@ -13,9 +13,43 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.checkpoint import save_checkpoint
+
+
+class TestTimeAugment(nn.Module):
+    """A model whose prediction is averaged over `views` of its input (augment.TTA_VIEWS: the
+    identity, one-pixel shifts, +-8 degree rotations), in probability space like an ensemble.
+    Takes and gives what the model does (normalised images in, log-probabilities out), so every
+    caller (evaluate, Predictor, export) uses it unchanged. The sampling grids are fixed buffers
+    (28x28 images), so an exported graph needs only GridSample."""
+
+    def __init__(self, model: nn.Module, views: int, size: int = 28):
+        from training.augment import TTA_VIEWS, view_theta
+
+        super().__init__()
+        if not 2 <= views <= len(TTA_VIEWS):
+            raise ValueError(f"test-time augmentation takes 2..{len(TTA_VIEWS)} views, got {views}")
+        self.model = model
+        thetas = torch.stack([view_theta(*v, size, size) for v in TTA_VIEWS[1:views]])
+        grids = F.affine_grid(thetas, [len(thetas), 1, size, size], align_corners=False)
+        self.register_buffer("grids", grids, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from training.data import PIXEL_MEAN, PIXEL_STD
+
+        # the views move the ink over a black (0) background, as shift_rotate does on raw images
+        raw = x * PIXEL_STD + PIXEL_MEAN
+        probs = self.model(x).float().softmax(1)
+        # one grid per image: broadcast against a zero of x's batch, so that an exported graph keeps a
+        # dynamic batch size (expand(len(x), ...) would freeze the batch size it was traced with)
+        zero = x[:, :1, :1, :1].permute(0, 2, 3, 1) * 0
+        for grid in self.grids:
+            view = F.grid_sample(raw, grid + zero, mode="bilinear", padding_mode="zeros", align_corners=False)
+            probs = probs + self.model((view - PIXEL_MEAN) / PIXEL_STD).float().softmax(1)
+        return (probs / (len(self.grids) + 1)).log()
 
 
 class Ensemble(nn.Module):
@@ -41,9 +75,10 @@ def member_of(ckpt: dict) -> dict[str, Any]:
 
 
 def save_model(path: str | Path, members: list[dict], classes: list[str], split: str,
-               info: dict | None = None) -> Path:
+               info: dict | None = None, tta: int = 1) -> Path:
     """Write the delivered model: `members` are loaded checkpoints (or member_of() of them), all
-    trained on the same classes. One member makes a plain single-model checkpoint."""
+    trained on the same classes. One member makes a plain single-model checkpoint. tta > 1: its
+    prediction is averaged over that many views of the input (TestTimeAugment)."""
     if not members:
         raise ValueError("save_model needs at least one member")
     members = [member_of(m) for m in members]
@@ -52,4 +87,6 @@ def save_model(path: str | Path, members: list[dict], classes: list[str], split:
                              "epoch": int(first["epoch"]), "split": split, "final": dict(info or {})}
     if len(members) > 1:
         state["members"] = members
+    if tta > 1:
+        state["tta"] = int(tta)
     return save_checkpoint(path, state)
