@@ -3,8 +3,8 @@ cheapest model to search over on CPU-only machines."""
 
 from torch import nn
 
+from models.layers import channels
 from models.registry import register
-from models.small_cnn import _ch
 
 
 def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -20,7 +20,7 @@ def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 @register
 def mobile_cnn(num_classes: int, width: float = 1.0, dropout: float = 0.2) -> nn.Module:
-    c = [_ch(b, width) for b in (32, 64, 128, 128, 256)]
+    c = [channels(b, width) for b in (32, 64, 128, 128, 256)]
     layers: list[nn.Module] = [
         nn.Conv2d(1, c[0], 3, padding=1, bias=False),
         nn.BatchNorm2d(c[0]),

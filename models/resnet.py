@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from models.layers import channels
 from models.registry import register
-from models.small_cnn import _ch
 
 
 class BasicBlock(nn.Module):
@@ -28,11 +28,11 @@ class BasicBlock(nn.Module):
 def resnet(num_classes: int, width: float = 1.0, dropout: float = 0.1, blocks: int = 1) -> nn.Module:
     if blocks < 1:
         raise ValueError(f"resnet blocks per stage must be >= 1, got {blocks}")
-    c0 = _ch(32, width)
+    c0 = channels(32, width)
     layers: list[nn.Module] = [nn.Conv2d(1, c0, 3, padding=1, bias=False), nn.BatchNorm2d(c0), nn.ReLU(inplace=True)]
     cin = c0
     for stage, base in enumerate((32, 64, 128)):
-        cout = _ch(base, width)
+        cout = channels(base, width)
         for b in range(blocks):
             layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and b == 0) else 1))
             cin = cout

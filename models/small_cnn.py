@@ -6,16 +6,13 @@ train an epoch of EMNIST on two CPU cores in well under a minute.
 
 from torch import nn
 
+from models.layers import channels
 from models.registry import register
-
-
-def _ch(base: int, width: float) -> int:
-    return max(8, int(round(base * width)))
 
 
 @register
 def small_cnn(num_classes: int, width: float = 1.0, dropout: float = 0.25) -> nn.Module:
-    c1, c2, hidden = _ch(32, width), _ch(64, width), _ch(128, width)
+    c1, c2, hidden = channels(32, width), channels(64, width), channels(128, width)
     return nn.Sequential(
         nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(inplace=True),
         nn.MaxPool2d(2),  # 14x14

@@ -6,8 +6,8 @@ Global average pooling keeps the head small whatever the width.
 
 from torch import nn
 
+from models.layers import channels
 from models.registry import register
-from models.small_cnn import _ch
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -21,7 +21,7 @@ def vgg(num_classes: int, width: float = 1.0, dropout: float = 0.3, depth: int =
     layers: list[nn.Module] = []
     cin = 1
     for i, base in enumerate((32, 64, 128)):  # 28 -> 14 -> 7 -> 3
-        cout = _ch(base, width)
+        cout = channels(base, width)
         for _ in range(depth):
             layers += _conv_bn(cin, cout)
             cin = cout

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from search.space import load_search_spec  # noqa: E402
-from training.data import REPO_ROOT, load_dataset  # noqa: E402
+from training.data import REPO_ROOT, load_for_config  # noqa: E402
 
 
 def tutorial_model(c, num_classes: int) -> tuple[torch.nn.Module, torch.device]:
@@ -47,7 +47,7 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
     from training.trainer import make_optimizer, make_scheduler
 
     c = make_config(config)
-    data = load_dataset(c.split, data_dir, c.val_fraction, c.seed, c.train_limit, c.val_limit)  # in every trial
+    data = load_for_config(c, data_dir)  # in every trial
     model, device = tutorial_model(c, data.num_classes)
     pin = device.type == "cuda"
     train_loader = DataLoader(PilDataset(data.train_x, data.train_y, pil_transform(c)), batch_size=c.batch_size,
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         walls, epochs_run = {}, {}
         for which in args.order.split(","):
             if which == "project":
-                data = load_dataset(base["split"], data_dir, base["val_fraction"], base["seed"], base["train_limit"],
-                                    base["val_limit"])
+                data = load_for_config(base, data_dir)
                 fn = tune.with_parameters(train_trial, data=data)  # data read once, shared via the object store
             else:
                 fn = tune.with_parameters(tutorial_trainable, data_dir=data_dir, workers=args.workers)

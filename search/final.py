@@ -517,7 +517,7 @@ def print_final(final: dict) -> None:
 def search_data(exp_dir: Path, data_dir=None) -> tuple[EmnistData, Path | None]:
     """The training data exactly as the search split it (the same validation images), from the
     settings it saved; for experiments without them, from a trial's config."""
-    from training.data import load_dataset
+    from training.data import load_for_config
 
     saved = read_json(exp_dir / SETTINGS_FILE) or {}
     d = saved.get("data")
@@ -528,8 +528,7 @@ def search_data(exp_dir: Path, data_dir=None) -> tuple[EmnistData, Path | None]:
             raise FinalError(f"{exp_dir} has neither {SETTINGS_FILE} nor a trial config to read its data settings from")
     if data_dir is None and saved.get("data_dir"):
         data_dir = Path(saved["data_dir"])
-    data = load_dataset(d["split"], data_dir, d.get("val_fraction", 0.1), d.get("seed", 0),
-                        d.get("train_limit", 0), d.get("val_limit", 0))
+    data = load_for_config({"val_fraction": 0.1, "seed": 0, "train_limit": 0, "val_limit": 0, **d}, data_dir)
     return data, data_dir
 
 

@@ -221,11 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.resume = False
             elif not args.resume and any(p.name != LOCK_FILE for p in Path(exp_dir).iterdir()):
                 raise ConfigError(f"{exp_dir} already exists; use --resume to continue it or another --name")
-        from training.data import check_split, load_dataset
+        from training.data import check_split, load_for_config
 
         # Read once by the driver; trials receive it through Ray's object store.
-        data = load_dataset(base["split"], args.data_dir, base["val_fraction"], base["seed"],
-                            base["train_limit"], base["val_limit"])
+        data = load_for_config(base, args.data_dir)
         # The test split is read only for the final summary: check its files now, not after every trial.
         check_split(base["split"], "test", args.data_dir, data.classes)
     except (ConfigError, DataNotFoundError, IdxError, ValueError, LockedError) as e:

@@ -31,23 +31,14 @@ def _config_of(exp: Experiment, trial_id: str) -> dict:
 def _sampled_names(exp_dir: Path):
     """config -> the names the search sampled for that trial (a conditional parameter only where
     its branch was chosen), from the space saved in search.json; None where that is unknown."""
-    from search.space import DefineByRun, ReplayTrial, load_search_spec
+    from search.space import DefineByRun, load_search_spec, sampled_params
     from training.config import ConfigError
 
     try:
         space = DefineByRun(load_search_spec(json.loads((exp_dir / SETTINGS_FILE).read_text())["config"]))
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return lambda config: None
-
-    def names(config: dict) -> set[str] | None:
-        replay = ReplayTrial(config)
-        try:
-            space(replay)
-        except KeyError:
-            return None
-        return set(replay.params)
-
-    return names
+    return lambda config: sampled_params(space, config)
 
 
 def _plain(v):
@@ -107,7 +98,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     for _, r in top.iterrows():
         cfg = _config_of(exp, r["trial_id"])
         shown = sampled(cfg) or varying
-        brief = ", ".join(f"{k}={_short(v)}" for k, v in cfg.items() if k in shown)
+        brief = ", ".join(f"{k}={_value_text(v)}" for k, v in cfg.items() if k in shown)
         print(f"  {r['trial_id']}  val {r['best_val_acc']:.4f}  {int(r['epochs_run'])} ep  {r['status']:8s}  {brief}")
     print(f"best trial {best_id}: val acc {summary['val_acc']:.4f}, test acc {test['accuracy']:.4f} "
           f"({test['n']} test images)")
@@ -123,7 +114,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     return 0
 
 
-def _short(v) -> str:
+def _value_text(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 

@@ -85,18 +85,18 @@ class Progress(tune.Callback):
         elapsed = now - self.start
         eta = ""
         if finished:
-            eta = f", ETA ~{_fmt(elapsed / finished * (self.samples - finished))}"
+            eta = f", ETA ~{_clock(elapsed / finished * (self.samples - finished))}"
         best = f"best val_acc {self.best[0]:.4f} ({self.best[1]})" if self.best[1] else "best val_acc -"
         errored, running, pending = (counts.get(k, 0) for k in ("ERROR", "RUNNING", "PENDING"))
         print(
-            f"[{_fmt(elapsed)}] trials {finished}/{self.samples} done ({stopped} stopped by ASHA, "
+            f"[{_clock(elapsed)}] trials {finished}/{self.samples} done ({stopped} stopped by ASHA, "
             f"{diverged} diverged, {errored} errored), {running} running, {pending} pending "
             f"| {best} | {self.done_epochs} epochs{eta}",
             flush=True,
         )
 
 
-def _fmt(seconds: float) -> str:
+def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 

@@ -44,7 +44,7 @@ from training.data import (  # noqa: E402
     PIXEL_STD,
     DataNotFoundError,
     EmnistData,
-    load_dataset,
+    load_for_config,
 )
 from training.idx import IdxError  # noqa: E402
 from training.trainer import make_optimizer, resolve_device, train, train_step, use_bf16  # noqa: E402
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.synthetic:
             data = synthetic_data(args.synthetic, c.split, c.seed)
         else:
-            data = load_dataset(c.split, args.data_dir, c.val_fraction, c.seed, c.train_limit, c.val_limit)
+            data = load_for_config(c, args.data_dir)
     except (ConfigError, DataNotFoundError, IdxError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -309,6 +309,13 @@ def load_dataset(
     return EmnistData(x[ti], y[ti], x[vi], y[vi], classes, split, source)
 
 
+def load_for_config(config, data_dir: str | Path | None = None) -> EmnistData:
+    """The training data a config asks for (its split, validation fraction, seed and limits): the
+    one spelling of that call for the CLI, the search and the benchmarks."""
+    c = config if isinstance(config, dict) else vars(config)  # a config dict, or a TrainConfig
+    return load_dataset(c["split"], data_dir, c["val_fraction"], c["seed"], c["train_limit"], c["val_limit"])
+
+
 def load_test(
     split: str = "balanced", data_dir: str | Path | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

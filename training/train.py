@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 from training.checkpoint import CheckpointError  # noqa: E402
 from training.config import ConfigError, check_device, load_yaml, make_config, parse_set  # noqa: E402
-from training.data import REPO_ROOT, DataNotFoundError, check_split, load_dataset  # noqa: E402
+from training.data import REPO_ROOT, DataNotFoundError, check_split, load_for_config  # noqa: E402
 from training.idx import IdxError  # noqa: E402
 from training.metrics import format_pairs  # noqa: E402
 
@@ -87,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--resume: {resume} does not exist")
         elif (out / "last.pt").exists() or (out / "best.pt").exists():
             raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        data = load_dataset(
-            config.split, args.data_dir, config.val_fraction, config.seed, config.train_limit, config.val_limit
-        )
+        data = load_for_config(config, args.data_dir)
         if not args.no_test:  # read only at the end, so checked now: a bad file must not waste the training
             check_split(config.split, "test", args.data_dir, data.classes)
     except (ConfigError, DataNotFoundError, IdxError, ValueError) as e:
