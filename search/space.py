@@ -241,6 +241,19 @@ class ReplayTrial:
         return self._take(name, lambda d: d.CategoricalDistribution(choices))
 
 
+def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> set[str] | None:
+    """The names a trial with this config actually sampled (a conditional parameter only where its
+    branch was chosen), by replaying the space on the config; None where the config lacks a value the
+    space asks for (another space, or a trial without params.json)."""
+    run = space if isinstance(space, DefineByRun) else DefineByRun(space)
+    replay = ReplayTrial(config)
+    try:
+        run(replay)
+    except KeyError:
+        return None
+    return set(replay.params)
+
+
 def default_point(spec: SearchSpec) -> dict[str, Any]:
     """The default training config expressed as a point of the space (only the active branches),
     so the search evaluates it first and can never end worse than the defaults."""
