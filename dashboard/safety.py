@@ -24,6 +24,7 @@ SAFE_OPTIONS = {
     "browser.gatherUsageStats": "false",
     "server.headless": "true",  # no browser opened on the server, no e-mail prompt
     "server.fileWatcherType": "none",  # a served app does not rerun on source edits
+    "client.toolbarMode": "viewer",  # no "Deploy" button or developer menu for the users
 }
 
 
@@ -56,8 +57,9 @@ REFUSAL = (
 
 def enforce() -> None:
     """In the running app: refuse a non-loopback bind without the opt-in (st.error + st.stop), then
-    tighten the options a running app can change: error details off, usage statistics off, and the
-    upload limit (Streamlit's upload handler reads it on every request) down to MAX_UPLOAD_MB."""
+    tighten the options a running app can change: error details off, usage statistics off, the toolbar
+    in viewer mode (read when a browser session starts), and the upload limit (Streamlit's upload
+    handler reads it on every request) down to MAX_UPLOAD_MB."""
     import streamlit as st
     from streamlit import config
 
@@ -68,6 +70,8 @@ def enforce() -> None:
         st.stop()
     if config.get_option("client.showErrorDetails") != "none":
         st.set_option("client.showErrorDetails", "none")
+    if config.get_option("client.toolbarMode") != "viewer":
+        config.set_option("client.toolbarMode", "viewer")
     if config.get_option("browser.gatherUsageStats"):
         config.set_option("browser.gatherUsageStats", False)
     limit = config.get_option("server.maxUploadSize")

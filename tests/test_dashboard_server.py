@@ -51,6 +51,7 @@ def test_launcher_passes_the_safe_settings(tmp_path, monkeypatch):
     assert flag(cmd, "--client.showErrorDetails") == "none"
     assert flag(cmd, "--browser.gatherUsageStats") == "false"
     assert flag(cmd, "--server.headless") == "true"
+    assert flag(cmd, "--client.toolbarMode") == "viewer"  # no "Deploy" button or developer menu
     assert cmd[-3:] == ["--", "--results", str(tmp_path / "res")]  # absolute: the cwd does not matter
     assert ALLOW_REMOTE_ENV not in env
 
@@ -141,6 +142,7 @@ def test_launcher_from_another_folder_listens_on_loopback_only(tmp_path, tiny_ex
         # the launcher became the server (exec): the server's own command line has the settings
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"--server.maxUploadSize" in cmdline and b"--client.showErrorDetails" in cmdline
+        assert cmdline[cmdline.index(b"--client.toolbarMode") + 1] == b"viewer"
         assert b"Collecting usage statistics" not in log.read_bytes()
     finally:
         proc.terminate()
@@ -212,10 +214,12 @@ def test_page_tightens_what_a_running_app_can_change(monkeypatch, option, result
     option("server.maxUploadSize", 200)
     option("client.showErrorDetails", "full")
     option("browser.gatherUsageStats", True)
+    option("client.toolbarMode", "developer")
     at = _page(monkeypatch, results)
     assert not at.exception and not at.error
     assert config.get_option("server.maxUploadSize") == MAX_UPLOAD_MB
     assert config.get_option("client.showErrorDetails") == "none"
     assert config.get_option("browser.gatherUsageStats") is False
+    assert config.get_option("client.toolbarMode") == "viewer"
     at.sidebar.radio[0].set_value("Predictor").run()
     assert at.file_uploader(key="predictor_upload").proto.max_upload_size_mb == MAX_UPLOAD_MB
