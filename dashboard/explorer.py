@@ -8,6 +8,7 @@ the page; the rest of the page and the app keep working.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -17,12 +18,15 @@ import streamlit as st
 from dashboard import figures
 from dashboard.common import UnsafePath, md_text, open_experiment, read_tail, safe_checkpoint, safe_child, safe_file
 from dashboard.common import section as _section
+from search.layout import SETTINGS_FILE, read_json
 from search.results import OUTSIDE, Experiment
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
 REFRESH_KEY = "explorer_refresh"
 MAX_NOTES = 20
+MAX_SPACE_BYTES = 2**20  # the saved search space (and its base config): a bigger file is not a space file
+BUDGET_COLUMN = "_val_acc_at_budget"
 STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
 TABLE_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
@@ -62,6 +66,69 @@ def _checkpoint_metrics(path: str, size: int, mtime_ns: int) -> dict:
     metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
     return {"val": metrics.get("val"), "classes": [str(c) for c in ckpt["classes"]], "epoch": ckpt.get("epoch"),
             "val_acc": metrics.get("val_acc")}
+
+
+def _small_file(path: Path) -> bool:
+    """A regular file (a FIFO or device would block the reader) of at most MAX_SPACE_BYTES."""
+    try:
+        return path.is_file() and path.stat().st_size <= MAX_SPACE_BYTES
+    except OSError:
+        return False
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _search_space(exp_path: str, settings_stat: tuple, refresh: int):
+    """(the experiment's search space, ASHA's rungs, None) from the space file named in search.json,
+    or (None, None, why not). The space file is the one the search started with: it is used only if
+    it still has the checksum search.json saved."""
+    from search.space import load_search_spec
+    from training.config import ConfigError, load_yaml
+
+    settings = read_json(Path(exp_path) / SETTINGS_FILE, max_bytes=MAX_SPACE_BYTES)
+    if settings is None:
+        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
+    path = settings.get("config")
+    if not isinstance(path, str) or not path:
+        return None, None, f"{SETTINGS_FILE} names no search space file"
+    path = Path(path)
+    if not _small_file(path):
+        return None, None, f"the search space file {path.name} is not there any more"
+    try:
+        saved = settings.get("config_sha256")
+        if isinstance(saved, str) and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
+            return None, None, f"the search space file {path.name} has changed since the search started"
+        base = load_yaml(path).get("base")
+        if base and not _small_file((path.parent / str(base)).resolve()):
+            return None, None, f"the base config of {path.name} is not there any more"
+        spec = load_search_spec(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
+        return None, None, f"the search space file {path.name} cannot be read ({type(e).__name__})"
+    max_epochs = settings.get("max_epochs")
+    max_epochs = max_epochs if isinstance(max_epochs, int) and max_epochs >= 1 else spec.max_epochs
+    return spec, figures.asha_rungs(max_epochs, spec.grace_period, spec.reduction_factor), None
+
+
+def searched(exp: Experiment) -> tuple[pd.DataFrame, list[str], list[int] | None, str | None]:
+    """(the trials with only what each trial sampled, the searched `config/*` columns, ASHA's rungs or
+    None, why the space is not used or None): see figures.only_sampled."""
+    from search.space import DefineByRun, sampled_params
+
+    settings = exp.path / SETTINGS_FILE
+    try:
+        stat = settings.stat()
+        key = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        key = ()
+    spec, rungs, note = _search_space(str(exp.path), key, st.session_state.get(REFRESH_KEY, 0))
+    sampled = None
+    if spec is not None:
+        try:
+            space = DefineByRun(spec)
+            sampled = lambda config: sampled_params(space, config)  # noqa: E731
+        except Exception as e:  # noqa: BLE001 - a space this version cannot use: the fallback
+            note = f"the search space cannot be replayed ({type(e).__name__})"
+    masked, params, why = figures.only_sampled(exp.trials, sampled)
+    return masked, params, rungs, why if sampled is not None else note
 
 
 def load(root: Path, name: str) -> Experiment:
@@ -105,8 +172,12 @@ def _body(root: Path, name: str) -> None:
         st.info("This experiment has no trials yet. If the search has just started, press Refresh in a moment.")
         return
     _section("summary", _summary, exp)
-    _section("trials table", _trials_table, trials)
-    _section("hyperparameter figures", _hyperparameters, trials)
+    try:
+        masked, params, rungs, note = searched(exp)
+    except Exception as e:  # noqa: BLE001 - the table as it is, and say so
+        masked, params, rungs, note = trials, figures.varying_params(trials), None, f"{type(e).__name__}: {e}"
+    _section("trials table", _trials_table, trials, masked, params)
+    _section("hyperparameter figures", _hyperparameters, exp, masked, params, rungs, note)
     _section("learning curves", _curves, exp)
     _section("trial details", _trial_details, root, exp)
 
@@ -158,8 +229,12 @@ def _ranked_ids(trials: pd.DataFrame) -> list[str]:
     return ranked["trial_id"].astype(str).tolist()
 
 
-def _trials_table(trials: pd.DataFrame) -> None:
+def _trials_table(trials: pd.DataFrame, masked: pd.DataFrame | None = None, params: list[str] | None = None) -> None:
+    """The trials; by default the searched parameters, each blank where a trial did not sample it
+    (`masked`, `params`: see `searched`); "All settings" shows every setting of every trial."""
     st.subheader("Trials")
+    masked = trials if masked is None else masked
+    params = figures.varying_params(trials) if params is None else params
     c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
     statuses = sorted(trials["status"].astype(str).unique())
     chosen = c1.multiselect("Status", statuses, key="explorer_status_filter", placeholder="All statuses")
@@ -180,12 +255,12 @@ def _trials_table(trials: pd.DataFrame) -> None:
     if min_acc > 0:
         view = view[pd.to_numeric(view["best_val_acc"], errors="coerce") >= min_acc]
 
-    varying = figures.varying_params(trials)
-    config_cols = [c for c in trials.columns if c.startswith(figures.CONFIG)] if show_all else varying
+    config_cols = [c for c in trials.columns if c.startswith(figures.CONFIG)] if show_all else list(params)
+    source = trials if show_all else masked.assign(**{c: trials[c] for c in trials if c not in params})
     if "config/model" in trials and "config/model" not in config_cols:
         config_cols = ["config/model", *config_cols]
     cols = [c for c in TABLE_COLUMNS[:2] if c in view] + config_cols + [c for c in TABLE_COLUMNS[2:] if c in view]
-    table = view[cols].copy()
+    table = source.loc[view.index, cols].copy()
     order = {t: i for i, t in enumerate(_ranked_ids(view))}
     table = table.sort_values("trial_id", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
     table = table.rename(columns={c: figures.param_name(c) for c in config_cols})
@@ -204,21 +279,57 @@ def _trials_table(trials: pd.DataFrame) -> None:
     st.caption(f"{len(table)} of {len(trials)} trials shown. Click a column header to sort.")
 
 
-def _hyperparameters(trials: pd.DataFrame) -> None:
+def _budget(trials: pd.DataFrame, histories: dict, rungs: list[int] | None) -> tuple[pd.DataFrame, str, str]:
+    """(the trials with the metric to compare them by, its column, its label). ASHA stopped trials after
+    different numbers of epochs, so their best val acc is not comparable: they are compared at one epoch
+    that all of them reached (a rung; the user picks another), from their histories."""
+    counts = figures.budget_counts(trials, histories, rungs)
+    n_usable = len(figures.usable_trials(trials))
+    enough = max(figures.IMPORTANCE_MIN_TRIALS, min(figures.BUDGET_MIN_TRIALS, n_usable))
+    options = [e for e in sorted(counts) if counts[e] >= enough]
+    if not options:
+        st.caption("No epoch was reached by enough finished or ASHA-stopped trials yet: the figures compare "
+                   "best val acc, whatever the number of epochs each trial ran.")
+        return trials, figures.METRIC, "best val acc"
+    default = figures.default_budget({e: counts[e] for e in options}, n_usable)
+    epoch = st.selectbox("Compare the trials at", options, index=options.index(default), key="explorer_budget",
+                         format_func=lambda e: f"val acc at epoch {e} ({counts[e]} trials)",
+                         help="Trials stopped by ASHA ran fewer epochs than finished ones, so importance and "
+                              "the parallel coordinates' colour use the validation accuracy at one epoch every "
+                              "compared trial reached (default: the highest ASHA rung that at least half of the "
+                              "usable trials, and at least 5, reached).")
+    data = trials.assign(**{BUDGET_COLUMN: figures.metric_at_epoch(trials, histories, epoch)})
+    return data, BUDGET_COLUMN, f"val acc at epoch {epoch}"
+
+
+def _hyperparameters(exp: Experiment, masked: pd.DataFrame | None = None, params: list[str] | None = None,
+                     rungs: list[int] | None = None, note: str | None = None) -> None:
     st.subheader("Hyperparameters")
-    st.plotly_chart(figures.parallel_coordinates(trials), key="explorer_parcoords")
-    varying = figures.varying_params(trials)
+    trials = exp.trials if masked is None else masked
+    params = figures.varying_params(trials) if params is None else params
+    if note:
+        st.info(f"Which parameters each trial sampled is not known ({md_text(note)}), so the figures use every "
+                "setting that differs between the trials: a conditional parameter also counts in the trials "
+                "where its branch was not taken.")
+    data, metric, label = _budget(trials, exp.histories, rungs)
+    importance = figures.importance_values(data, metric, params) or {}
+    names = [figures.param_name(c) for c in params]
+    order = [n for n in importance if n in names] + [n for n in names if n not in importance]
+    axes = st.multiselect("Parallel-coordinates axes", order, default=order[:figures.PARCOORDS_DEFAULT_AXES],
+                          key="explorer_parcoords_axes",
+                          help=f"Default: the {figures.PARCOORDS_DEFAULT_AXES} most important searched parameters.")
+    st.plotly_chart(figures.parallel_coordinates(data, axes, metric, label), key="explorer_parcoords")
     left, right = st.columns(2)
     with left:
-        if varying:
-            param = st.selectbox("Hyperparameter", [figures.param_name(c) for c in varying], key="explorer_param")
+        if names:
+            param = st.selectbox("Hyperparameter", names, key="explorer_param")
             st.plotly_chart(figures.param_vs_metric(trials, param), key="explorer_param_vs_metric")
         else:
             st.info("No hyperparameter differs between the trials yet, so there is nothing to compare.")
     with right:
-        fig = figures.param_importance(trials)
+        fig = figures.param_importance(data, metric, label, params, values=importance or None)
         if fig is None:
-            reason = figures.importance_inputs(trials)[2]
+            reason = figures.importance_inputs(data, metric, params)[2]
             st.info(f"Hyperparameter importance is not available yet: {reason}.")
         else:
             st.plotly_chart(fig, key="explorer_importance")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,9 +32,12 @@ STATUS_COLORS = {
 METRIC_LABELS = {"val_acc": "validation accuracy", "val_loss": "validation loss", "train_loss": "training loss",
                  "train_acc": "training accuracy", "lr": "learning rate"}
 IMPORTANCE_MIN_TRIALS = 3
+IMPORTANCE_TOP_TRIALS = 10  # trials in the best part PED-ANOVA compares (see importance_values)
 MAX_EPOCH_TICKS = 40  # one tick per epoch up to this many epochs, then plotly's own spacing
 MAX_BARS = 60  # bars of the ASHA figure: one per epoch up to this many, else one per epoch some trial stopped at
 USABLE_STATUSES = ("finished", "stopped")
+PARCOORDS_DEFAULT_AXES = 8  # more axes than this cannot be read; the page lets the user add others
+BUDGET_MIN_TRIALS = 5
 
 
 # ---------------------------------------------------------------- helpers
@@ -103,11 +106,11 @@ def varying_params(trials: pd.DataFrame) -> list[str]:
     return out
 
 
-def _usable(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials with a finite best_val_acc."""
-    if trials is None or trials.empty or METRIC not in trials:
+def _usable(trials: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Trials with a finite `metric` (best_val_acc)."""
+    if trials is None or trials.empty or metric not in trials:
         return pd.DataFrame(columns=list(getattr(trials, "columns", [])))
-    acc = _numeric(trials[METRIC])
+    acc = _numeric(trials[metric])
     return trials[np.isfinite(acc.to_numpy())]
 
 
@@ -136,40 +139,150 @@ def _categories(values: pd.Series) -> tuple[pd.Series, list[str]]:
     return codes.astype(int), order
 
 
+# ---------------------------------------------------------------- what a trial searched, at which budget
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], set[str] | None] | None
+                 ) -> tuple[pd.DataFrame, list[str], str | None]:
+    """(the trials with every config cell a trial did not sample set to NaN, the searched `config/*`
+    columns, a note or None). The trials table holds each trial's full config, so a conditional
+    parameter (gamma of the step scheduler) shows its default in every other trial; `sampled(config)`
+    names what one trial sampled (search.space.sampled_params on the saved space). Without it, or
+    where it does not know a trial's config, the searched parameters are those whose value differs
+    between the trials (the table as it is), and the note says so."""
+    if trials is None or trials.empty:
+        return trials, [], None
+    cols = [c for c in trials.columns if c.startswith(CONFIG)]
+    if sampled is None:
+        return trials, varying_params(trials), "the search space is unknown"
+    keep = pd.DataFrame(False, index=trials.index, columns=cols)
+    unknown = []
+    for idx in _with_config(trials).index:
+        row = trials.loc[idx, cols]
+        names = sampled({param_name(c): _plain(v) for c, v in row.items() if _present(v)})
+        if names is None:
+            unknown.append(str(trials.at[idx, "trial_id"]))
+            continue
+        keep.loc[idx, [c for c in cols if param_name(c) in names]] = True
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        return trials, varying_params(trials), (f"the saved search space does not fit the config of trial(s) "
+                                                f"{', '.join(unknown[:3])}{more}")
+    out = trials.copy()
+    for c in cols:
+        if not keep[c].all():
+            values = trials[c].astype("Int64") if pd.api.types.is_integer_dtype(trials[c].dtype) else trials[c]
+            out[c] = values.where(keep[c])  # an int parameter stays an int one (nullable)
+    return out, [c for c in cols if keep[c].any()], None
+
+
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float | np.floating) and math.isnan(v))
+
+
+def asha_rungs(max_epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA compares trials (grace_period * reduction_factor^i), and the budget."""
+    rungs, e = set(), grace_period
+    while 1 <= e <= max_epochs:
+        rungs.add(e)
+        e *= reduction_factor
+    return sorted(rungs | {max_epochs})
+
+
+def usable_trials(trials: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Finished or ASHA-stopped trials with a finite `metric`."""
+    if trials is None or trials.empty or metric not in trials:
+        return pd.DataFrame(columns=list(getattr(trials, "columns", [])))
+    rows = trials[np.isfinite(_numeric(trials[metric]).to_numpy())]
+    return rows[rows["status"].isin(USABLE_STATUSES)] if "status" in rows else rows
+
+
+def metric_at_epoch(trials: pd.DataFrame, histories: Mapping[str, pd.DataFrame] | None, epoch: int,
+                    metric: str = "val_acc") -> pd.Series:
+    """Each trial's `metric` at `epoch` from its history (NaN where it did not get there), on trials' index."""
+    out = pd.Series(np.nan, index=trials.index, dtype=float)
+    for idx, tid in trials["trial_id"].astype(str).items():
+        h = (histories or {}).get(tid)
+        if h is None or h.empty or "epoch" not in h or metric not in h:
+            continue
+        values = _numeric(h[metric])[(_numeric(h["epoch"]) == epoch).to_numpy()]
+        values = values[np.isfinite(values)]
+        if len(values):
+            out[idx] = float(values.iloc[-1])
+    return out
+
+
+def budget_counts(trials: pd.DataFrame, histories: Mapping[str, pd.DataFrame] | None,
+                  rungs: Sequence[int] | None = None) -> dict[int, int]:
+    """{epoch: finished/stopped trials with a val_acc at that epoch} for each candidate budget: ASHA's
+    rungs when the space is known, else the epochs the trials stopped at. Epochs nobody reached are left out."""
+    usable = usable_trials(trials)
+    if usable.empty:
+        return {}
+    if rungs is None:
+        runs = _numeric(usable["epochs_run"]) if "epochs_run" in usable else pd.Series(dtype=float)
+        rungs = sorted({int(e) for e in runs if np.isfinite(e) and e >= 1})
+    counts = {int(e): int(metric_at_epoch(usable, histories, int(e)).notna().sum()) for e in rungs}
+    return {e: n for e, n in counts.items() if n}
+
+
+def default_budget(counts: Mapping[int, int], n_usable: int) -> int | None:
+    """The highest epoch that at least max(5, half of the usable trials) reached (all of them when there
+    are fewer than 5): ASHA keeps about 1/reduction_factor of the trials at each rung, so the rung above
+    that usually holds too few trials for importance to mean anything, while every trial compared there
+    ran the same number of epochs. None when no epoch has a trial."""
+    if not counts:
+        return None
+    need = min(n_usable, max(BUDGET_MIN_TRIALS, math.ceil(n_usable / 2)))
+    enough = [e for e, n in counts.items() if n >= need]
+    return max(enough) if enough else max(counts, key=lambda e: (counts[e], e))
+
+
 # ---------------------------------------------------------------- trial comparison
 
 
-def parallel_coordinates(trials: pd.DataFrame) -> go.Figure:
-    """One line per trial with a result across the searched hyperparameters, coloured by best_val_acc.
-    Categorical parameters become integer codes labelled with their values; parameters spanning
-    two decades or more are drawn on a log10 axis labelled with the real values."""
-    title = "Hyperparameters of each trial, coloured by best validation accuracy"
-    rows = _usable(trials)
+def parallel_coordinates(trials: pd.DataFrame, params: Sequence[str] | None = None, metric: str = METRIC,
+                         label: str | None = None) -> go.Figure:
+    """One line per trial with a result across the hyperparameters (`params`, default those that vary),
+    coloured by `metric` (default best_val_acc; the page passes the val acc at a budget every trial
+    reached, `label` names it). Categorical parameters become integer codes labelled with their values;
+    parameters spanning two decades or more are drawn on a log10 axis labelled with the real values."""
+    label = label or "best validation accuracy"
+    rows = _usable(trials, metric)
+    title = f"Hyperparameters of each trial, coloured by {label}"
+    if metric != METRIC:
+        rows = usable_trials(rows, metric)
+        title += f" ({len(rows)} trials)"
     if rows.empty:
-        return empty_figure("No trial has a validation result yet.", title)
-    params = varying_params(trials)
-    acc = _numeric(rows[METRIC])
+        return empty_figure("No trial has a validation result yet." if metric == METRIC else
+                            f"No finished or ASHA-stopped trial has a {label} yet.", title)
+    params = varying_params(trials) if params is None else [_column(p) for p in params if _column(p) in trials]
+    acc = _numeric(rows[metric])
     dims = []
     for c in params:
         values = _hashable(rows[c])
-        label = param_name(c)
+        name = param_name(c)
         if _is_categorical(values):
             codes, order = _categories(values)
-            dims.append({"label": label, "values": codes.tolist(), "tickvals": list(range(len(order))),
+            dims.append({"label": name, "values": codes.tolist(), "tickvals": list(range(len(order))),
                          "ticktext": order, "range": [-0.5, len(order) - 0.5] if len(order) == 1 else None})
         elif is_log_scale(values):
             v = _numeric(values)
             logs = np.log10(v.where(v > 0))
             lo, hi = float(np.nanmin(logs)), float(np.nanmax(logs))
             ticks = np.linspace(lo, hi, 5)
-            dims.append({"label": f"{label} (log)", "values": logs.tolist(), "tickvals": ticks.tolist(),
+            dims.append({"label": f"{name} (log)", "values": logs.tolist(), "tickvals": ticks.tolist(),
                          "ticktext": [f"{10 ** t:.2g}" for t in ticks]})
         else:
-            dims.append({"label": label, "values": _numeric(values).tolist()})
-    dims.append({"label": METRIC, "values": acc.tolist()})
+            dims.append({"label": name, "values": _numeric(values).tolist()})
+    dims.append({"label": metric if metric == METRIC else label, "values": acc.tolist()})
     dims = [{k: v for k, v in d.items() if v is not None} for d in dims]
     line = {"color": acc.tolist(), "colorscale": "Viridis", "showscale": True,
-            "colorbar": {"title": {"text": "best val acc"}}}
+            "colorbar": {"title": {"text": "best val acc" if metric == METRIC else label}}}
     if acc.min() == acc.max():  # one trial or a tie: a flat colour scale still needs a range
         line.update(cmin=float(acc.min()) - 1e-6, cmax=float(acc.max()) + 1e-6)
     fig = go.Figure(go.Parcoords(dimensions=dims, line=line))
@@ -284,17 +397,19 @@ def asha_milestones(trials: pd.DataFrame, histories: Mapping[str, pd.DataFrame] 
 # ---------------------------------------------------------------- importance
 
 
-def importance_inputs(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str], str | None]:
-    """(finished/stopped trials with a best_val_acc, the parameters that vary among them, why not
-    computable or None)."""
+def importance_inputs(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None
+                      ) -> tuple[pd.DataFrame, list[str], str | None]:
+    """(finished/stopped trials with a finite `metric`, the parameters (`params`, default those that
+    vary) that take two values or more among them, why not computable or None)."""
     if trials is None or trials.empty:
         return pd.DataFrame(), [], "there are no trials yet"
-    rows = _usable(trials)
-    rows = rows[rows["status"].isin(USABLE_STATUSES)] if "status" in rows else rows
+    rows = usable_trials(trials, metric)
+    what = "a validation result" if metric == METRIC else "a result at that epoch"
     if len(rows) < IMPORTANCE_MIN_TRIALS:
-        return rows, [], (f"it needs at least {IMPORTANCE_MIN_TRIALS} finished or ASHA-stopped trials with a "
-                          f"validation result, and there {'is' if len(rows) == 1 else 'are'} {len(rows)}")
-    params = [c for c in varying_params(rows) if _hashable(rows[c]).dropna().nunique() > 1]
+        return rows, [], (f"it needs at least {IMPORTANCE_MIN_TRIALS} finished or ASHA-stopped trials with "
+                          f"{what}, and there {'is' if len(rows) == 1 else 'are'} {len(rows)}")
+    candidates = varying_params(rows) if params is None else [_column(p) for p in params if _column(p) in rows]
+    params = [c for c in candidates if _hashable(rows[c]).dropna().nunique() > 1]
     if not params:
         return rows, [], "no hyperparameter differs between the usable trials"
     return rows, params, None
@@ -319,10 +434,13 @@ def _choice(v):
     return v if isinstance(v, bool | int | float | str) or v is None else str(v)
 
 
-def importance_values(trials: pd.DataFrame) -> dict[str, float] | None:
-    """{param: importance} (normalised, descending) by Optuna's default evaluator (PED-ANOVA) on an
-    in-memory study built from the trials; None when it cannot be computed (see importance_inputs)."""
-    rows, params, reason = importance_inputs(trials)
+def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None
+                      ) -> dict[str, float] | None:
+    """{param: importance} (normalised, descending) of `metric` by Optuna's default evaluator (PED-ANOVA)
+    on an in-memory study built from the trials; None when it cannot be computed (see importance_inputs).
+    A NaN cell is a parameter the trial did not sample: that trial has no such parameter in the study, and
+    PED-ANOVA measures a conditional parameter only on the trials where it is active."""
+    rows, params, reason = importance_inputs(trials, metric, params)
     if reason:
         return None
     import optuna
@@ -340,32 +458,43 @@ def importance_values(trials: pd.DataFrame) -> dict[str, float] | None:
                 p, d = {}, {}
                 for c in params:
                     v = values[c]
-                    if v is None or (isinstance(v, float) and math.isnan(v)):
+                    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
                         continue  # conditional parameter not active in this trial
                     dist = dists[c]
                     p[param_name(c)] = (_choice(v) if hasattr(dist, "choices")
                                         else int(v) if type(dist).__name__ == "IntDistribution" else float(v))
                     d[param_name(c)] = dist
-                study.add_trial(create_trial(value=float(row[METRIC]), params=p, distributions=d))
-            result = optuna.importance.get_param_importances(study)
+                study.add_trial(create_trial(value=float(row[metric]), params=p, distributions=d))
+            # PED-ANOVA compares the best target_quantile of the trials with all of them. Its default (0.1)
+            # leaves 3 trials of 30 in that part, and 3 points that happen to share a value of any of ~12
+            # parameters outrank the one that decides the accuracy (measured: synthetic searches where lr
+            # decides, tests/test_dashboard_analyses.py). With 10 trials there it ranks lr first; the
+            # default from 100 trials on, and at most half of them.
+            quantile = min(0.5, max(0.1, IMPORTANCE_TOP_TRIALS / len(rows)))
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
+            result = optuna.importance.get_param_importances(study, evaluator=evaluator)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return {k: float(v) for k, v in result.items()}
 
 
-def param_importance(trials: pd.DataFrame) -> go.Figure | None:
-    """Horizontal bars of hyperparameter importance (most important on top), or None with fewer than
-    3 usable trials or no varying parameter; `importance_inputs` says why."""
-    values = importance_values(trials)
+def param_importance(trials: pd.DataFrame, metric: str = METRIC, label: str | None = None,
+                     params: Sequence[str] | None = None, values: Mapping[str, float] | None = None
+                     ) -> go.Figure | None:
+    """Horizontal bars of hyperparameter importance for `metric` (most important on top), or None with
+    fewer than 3 usable trials or no varying parameter; `importance_inputs` says why. `values`: the
+    importance_values of the same arguments, when already computed."""
+    values = importance_values(trials, metric, params) if values is None else values
     if values is None:
         return None
     names = list(values)[::-1]
     imp = [values[n] for n in names]
-    n = len(importance_inputs(trials)[0])
+    n = len(importance_inputs(trials, metric, params)[0])
     fig = go.Figure(go.Bar(x=imp, y=names, orientation="h", marker_color="#9467bd",
                            text=[f"{v:.2f}" for v in imp], textposition="auto",
                            hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Hyperparameter importance for best val acc (Optuna PED-ANOVA, {n} trials)",
+    fig.update_layout(title=f"Hyperparameter importance for {label or 'best val acc'} ({n} trials, "
+                            "Optuna PED-ANOVA)",
                       xaxis={"title": {"text": "importance (sums to 1)"}}, height=max(250, 60 + 40 * len(names)))
     return fig
 
