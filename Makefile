@@ -29,7 +29,7 @@ test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m training.bench $(ARGS)
+	$(PY) -m benchmarks.train $(ARGS)
 
 dashboard: $(STAMP)  ## Streamlit dashboard on http://127.0.0.1:8501 over results/ (ARGS="--results DIR --port N")
 	$(PY) -m dashboard $(ARGS)

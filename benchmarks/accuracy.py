@@ -1,6 +1,6 @@
 """What each accuracy change is worth, measured side by side on real EMNIST (issue #9).
 
-    EMNIST_DATA_DIR=../shared/emnist python benchmarks/accuracy.py --train-limit 30000 --epochs 5 --seeds 2
+    EMNIST_DATA_DIR=../shared/emnist python -m benchmarks.accuracy --train-limit 30000 --epochs 5 --seeds 2
 
 Trains the same config once per variant (and per seed) on one fixed, stratified training subset,
 and prints one table: change, validation accuracy (what decides), test accuracy (reported only,
@@ -30,15 +30,13 @@ import time
 from pathlib import Path
 
 # The repository instead of this folder (whose concurrent.py would shadow the standard library's).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import torch  # noqa: E402
-
-from training.augment import TTA_VIEWS, shift_rotate  # noqa: E402
-from training.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
-from training.config import load_yaml, make_config, parse_set  # noqa: E402
-from training.data import load_dataset, load_test  # noqa: E402
-from training.trainer import predict_logits, train  # noqa: E402
+from training.augment import TTA_VIEWS, shift_rotate
+from training.checkpoint import build_from_checkpoint, load_checkpoint
+from training.config import load_yaml, make_config, parse_set
+from training.data import load_dataset, load_test
+from training.trainer import predict_logits, train
 
 REPO = Path(__file__).resolve().parents[1]
 

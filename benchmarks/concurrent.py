@@ -32,7 +32,7 @@ def _device_name(device: str) -> str:
 
 
 def _load(args) -> object:
-    from training.bench import synthetic_data
+    from benchmarks.train import synthetic_data
     from training.data import load_dataset
 
     if args.synthetic:

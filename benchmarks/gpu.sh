@@ -4,8 +4,8 @@
 #   ../shared/device/pack.sh          # on the development machine, once: Ray + Optuna + EMNIST into .gpu/
 #   bash benchmarks/gpu.sh [PART...]   # on the GPU machine (device tool: carry .gpu)
 #
-# PART: train (training.bench at bs 128 and 256), concurrent (1/4/8 trainers on one GPU, without
-# and with MPS), searchbench (search.bench, project vs tutorial trainable), search (the default
+# PART: train (benchmarks.train at bs 128 and 256), concurrent (1/4/8 trainers on one GPU, without
+# and with MPS), searchbench (benchmarks.search, project vs tutorial trainable), search (the default
 # 50-sample search, timed, with GPU utilisation sampled every second); default: all of them.
 # A device call may run 10 minutes at most: `train concurrent searchbench` fit in one call,
 # `search` in another. Logs go to $OUT (the device tool brings that folder back) or /tmp/gpu-bench.
@@ -19,6 +19,8 @@ if [ -f .gpu/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
 fi
 [ -d /tmp/site/ray ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# The project is not pip-installed there: its packages are imported from this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA="${DATA:-.gpu/emnist}"
 SPLIT="${SPLIT:-bymerge}"
 SAMPLES="${SAMPLES:-50}"
@@ -32,10 +34,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=cs
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 if want train; then
-  step "training.bench, small_cnn, bs 128 (target >= 3.5x, >= 75k img/s resident)"
-  "$PY" -m training.bench --data-dir "$DATA" --split "$SPLIT" --repeats 2 2>&1 | tee "$OUT/train-bs128.txt"
-  step "training.bench, small_cnn, bs 256 (target >= 4x)"
-  "$PY" -m training.bench --data-dir "$DATA" --split "$SPLIT" --repeats 2 --batch-size 256 2>&1 | tee "$OUT/train-bs256.txt"
+  step "benchmarks.train, small_cnn, bs 128 (target >= 3.5x, >= 75k img/s resident)"
+  "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 2>&1 | tee "$OUT/train-bs128.txt"
+  step "benchmarks.train, small_cnn, bs 256 (target >= 4x)"
+  "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 --batch-size 256 2>&1 | tee "$OUT/train-bs256.txt"
 fi
 
 if want concurrent; then
@@ -58,8 +60,8 @@ if want concurrent; then
 fi
 
 if want searchbench; then
-  step "search.bench: project vs tutorial trainable (target >= 8x)"
-  "$PY" -m search.bench --data-dir "$DATA" --split "$SPLIT" --workers 4 2>&1 | tee "$OUT/search-bench.txt"
+  step "benchmarks.search: project vs tutorial trainable (target >= 8x)"
+  "$PY" -m benchmarks.search --data-dir "$DATA" --split "$SPLIT" --workers 4 2>&1 | tee "$OUT/search-bench.txt"
 fi
 
 if want search; then
@@ -74,16 +76,16 @@ if want search; then
   kill "$SMI" 2>/dev/null
   echo "search wall-clock: $((end - start)) s"
   "$PY" - "$OUT/gpu-util.txt" /tmp/gpu-search/default50 "$OUT/search.txt" "$((end - start))" <<'EOF'
+import json
 import re
 import sys
 from pathlib import Path
 
+from search.results import load_experiment
+
 util = [float(x) for x in Path(sys.argv[1]).read_text().split() if x.replace(".", "").isdigit()]
 if util:
     print(f"GPU utilisation during the search: mean {sum(util) / len(util):.0f} % over {len(util)} s")
-sys.path.insert(0, ".")
-from search.results import load_experiment  # noqa: E402
-
 exp = load_experiment(sys.argv[2])
 ok = exp.trials.dropna(subset=["best_val_acc"])
 epochs = int(exp.trials["epochs_run"].sum())
@@ -92,8 +94,6 @@ found = re.search(r"data: \S+, (\d+) train", Path(sys.argv[3]).read_text())
 if found:
     rate = epochs * int(found.group(1)) / float(sys.argv[4])
     print(f"summed trial throughput: {rate:,.0f} img/s (trial-epochs x training images / wall-clock; target >= 160k)")
-import json  # noqa: E402
-
 summary = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
 if summary.get("search_wall_seconds"):
     print(f"search alone (before its final stage): {summary['search_wall_seconds']:.0f} s")

@@ -9,16 +9,10 @@ Started any other way, the page refuses to show anything while the server listen
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-# `streamlit run` puts dashboard/ on sys.path, not the repo root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import streamlit as st  # noqa: E402
-
-from dashboard import explorer, final, predictor, safety  # noqa: E402
-from dashboard.common import experiment_names, results_root  # noqa: E402
+from dashboard import explorer, final, predictor, safety
+from dashboard.common import experiment_names, results_root
 
 st.set_page_config(page_title="emnist-tune", page_icon="✍️", layout="wide")
 safety.enforce()  # stops here on a server that listens beyond this machine without --allow-remote

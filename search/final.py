@@ -23,25 +23,21 @@ experiment, and again after an interruption, continuing where it stopped:
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-
-import torch  # noqa: E402
-
-from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, is_uri, ray_statuses, read_json, trial_dirs  # noqa: E402
-from search.resources import Resources  # noqa: E402
-from search.results import load_experiment  # noqa: E402
-from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic  # noqa: E402
-from training.config import ConfigError  # noqa: E402
-from training.data import EmnistData  # noqa: E402
+from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, is_uri, ray_statuses, read_json, trial_dirs
+from search.resources import Resources
+from search.results import load_experiment
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
+from training.config import ConfigError
+from training.data import EmnistData
 
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"

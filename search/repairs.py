@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imported)
+
+# isort: split
 from ray import tune
 
 from search import ray_private

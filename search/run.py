@@ -9,28 +9,24 @@ configs, ASHA stopping weak trials early.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
+import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shlex  # noqa: E402
-import time  # noqa: E402
-
-from search.final import FinalError, FinalSettings, add_final_args  # noqa: E402
-from search.layout import SETTINGS_FILE, is_uri  # noqa: E402
-from search.lock import LOCK_FILE, ExperimentLock, LockedError  # noqa: E402
-from search.resources import Resources  # noqa: E402
-from search.space import SearchSpec, default_point, load_search_spec  # noqa: E402
-from search.storage import check_storage  # noqa: E402
-from training.config import ConfigError, check_device, make_config  # noqa: E402
-from training.data import REPO_ROOT, DataNotFoundError  # noqa: E402
-from training.idx import IdxError  # noqa: E402
+from search.final import FinalError, FinalSettings, add_final_args
+from search.layout import SETTINGS_FILE, is_uri
+from search.lock import LOCK_FILE, ExperimentLock, LockedError
+from search.resources import Resources
+from search.space import SearchSpec, default_point, load_search_spec
+from search.storage import check_storage
+from training.config import ConfigError, check_device, make_config
+from training.data import REPO_ROOT, DataNotFoundError
+from training.idx import IdxError
 
 DEFAULT_SEARCH = REPO_ROOT / "configs" / "search" / "default.yaml"
 DEFAULT_STORAGE = REPO_ROOT / "results"

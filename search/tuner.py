@@ -9,28 +9,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Our trials write their own TensorBoard events; Ray's automatic TBX logger would duplicate
-# them, so the default loggers are switched off and JSON + CSV are added back explicitly.
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means silent: Progress prints instead
-# Checkpointing every epoch with num_to_keep=2 snapshots the experiment often; that is intended.
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-# The experiment state (what --resume restores) every second, not every 10+ s: a new trial waits
-# for the snapshot that names it before it writes anything (search.repairs.wait_until_recorded).
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imported)
 
-import ray  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+# isort: split
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from search import ray_private, repairs  # noqa: E402
-from search.layout import SETTINGS_FILE, is_uri, ray_statuses  # noqa: E402
-from search.resources import Resources  # noqa: E402
-from search.searcher import ForwardingLimiter, ResumableOptunaSearch  # noqa: E402
-from search.space import DefineByRun, SearchSpec, default_point  # noqa: E402
-from search.trainable import train_trial  # noqa: E402
-from training.data import EmnistData  # noqa: E402
+from search import ray_private, repairs
+from search.layout import SETTINGS_FILE, is_uri, ray_statuses
+from search.resources import Resources
+from search.searcher import ForwardingLimiter, ResumableOptunaSearch
+from search.space import DefineByRun, SearchSpec, default_point
+from search.trainable import train_trial
+from training.data import EmnistData
 
 METRIC, MODE = "val_acc", "max"
 

@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_tutorial_baseline_puts_the_model_on_the_trial_device():
-    """search.bench's baseline moves its model (and batches) to the trial's device, as the Ray Tune
+    """benchmarks.search's baseline moves its model (and batches) to the trial's device, as the Ray Tune
     tutorial does; it once trained on the CPU on the GPU machine, which made any ratio meaningless."""
-    from search.bench import tutorial_model
+    from benchmarks.search import tutorial_model
     from training.config import make_config
 
     model, device = tutorial_model(make_config({"split": "digits"}), 10)
@@ -28,7 +28,7 @@ def test_tutorial_baseline_puts_the_model_on_the_trial_device():
 
 @pytest.mark.slow
 def test_search_bench_runs_both_trainables(digits_dir):
-    r = subprocess.run([sys.executable, "-m", "search.bench", "--data-dir", str(digits_dir), "--samples", "2",
+    r = subprocess.run([sys.executable, "-m", "benchmarks.search", "--data-dir", str(digits_dir), "--samples", "2",
                         "--max-epochs", "1", "--limit", "300", "--workers", "0", "--split", "digits"],
                        capture_output=True, text=True, timeout=600, cwd=REPO,
                        env={**os.environ, "RAY_ADDRESS": "local"})

@@ -26,25 +26,21 @@ too). Both give the same graph to within float rounding; the tests check both ag
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import inspect
+import io
+import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+from torch import nn
 
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import inspect  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import warnings  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic  # noqa: E402
-from training.data import PIXEL_MEAN, PIXEL_STD, normalize  # noqa: E402
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
+from training.data import PIXEL_MEAN, PIXEL_STD, normalize
 
 INPUT, OUTPUT = "image", "probs"
 DEFAULT_OPSET = 18

@@ -11,22 +11,18 @@ image is always prepared the same way (training/preprocess.py: EMNIST's own reci
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint  # noqa: E402
-from training.preprocess import ImageError, NoCharacterFound, load_image, preprocess  # noqa: E402
-from training.trainer import predict_logits, resolve_device  # noqa: E402
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from training.preprocess import ImageError, NoCharacterFound, load_image, preprocess
+from training.trainer import predict_logits, resolve_device
 
 
 @dataclass

@@ -9,22 +9,17 @@ checkpoint on the test split at the end, and prints test accuracy and the most c
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: import the project's packages from the repo root, not from training/.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.config import ConfigError, check_device, load_yaml, make_config, parse_set  # noqa: E402
-from training.data import REPO_ROOT, DataNotFoundError, check_split, load_for_config  # noqa: E402
-from training.idx import IdxError  # noqa: E402
-from training.metrics import format_pairs  # noqa: E402
+from training.checkpoint import CheckpointError
+from training.config import ConfigError, check_device, load_yaml, make_config, parse_set
+from training.data import REPO_ROOT, DataNotFoundError, check_split, load_for_config
+from training.idx import IdxError
+from training.metrics import format_pairs
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "train.yaml"
 

@@ -1,6 +1,6 @@
 """Benchmark: a conventional DataLoader epoch vs. the project's device-resident `train()`.
 
-    python -m training.bench [--data-dir D] [--split bymerge] [--limit N] [--model small_cnn]
+    python -m benchmarks.train [--data-dir D] [--split bymerge] [--limit N] [--model small_cnn]
                              [--batch-size 128] [--synthetic N] [--device auto] [--workers W] [--repeats R]
 
 Both methods train the same model for one epoch with the same batch size, optimizer (AdamW,
@@ -18,27 +18,22 @@ machine state. Prints images/s of both, their ratio, and whether the project's t
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # Run as a script: import the project's packages from the repo root, not from training/.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-
-from models import build_model  # noqa: E402
-from training.config import ConfigError, TrainConfig, make_config  # noqa: E402
-from training.data import (  # noqa: E402
+from models import build_model
+from training.config import ConfigError, TrainConfig, make_config
+from training.data import (
     BUILTIN_CLASSES,
     PIXEL_MEAN,
     PIXEL_STD,
@@ -46,8 +41,8 @@ from training.data import (  # noqa: E402
     EmnistData,
     load_for_config,
 )
-from training.idx import IdxError  # noqa: E402
-from training.trainer import make_optimizer, resolve_device, train, train_step, use_bf16  # noqa: E402
+from training.idx import IdxError
+from training.trainer import make_optimizer, resolve_device, train, train_step, use_bf16
 
 # The project's targets: one resident epoch of small_cnn over the full training set
 # (~89k images) in under a minute on 2 CPU cores, and a resident/conventional speed-up of at

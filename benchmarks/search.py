@@ -3,27 +3,23 @@ with the project's trainable and with a tutorial-style trainable, the way Ray Tu
 examples write one: every trial loads the dataset itself and trains through a DataLoader with
 per-sample torchvision transforms. Prints the wall-clock of both and the ratio.
 
-    python -m search.bench --data-dir ../shared/emnist [--samples 6] [--max-epochs 3] [--limit 10000]
+    python -m benchmarks.search --data-dir ../shared/emnist [--samples 6] [--max-epochs 3] [--limit 10000]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from search.space import load_search_spec  # noqa: E402
-from training.data import REPO_ROOT, load_for_config  # noqa: E402
+from search.space import load_search_spec
+from training.data import REPO_ROOT, load_for_config
 
 
 def tutorial_model(c, num_classes: int) -> tuple[torch.nn.Module, torch.device]:
@@ -42,7 +38,7 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
     from ray import tune
     from torch.utils.data import DataLoader
 
-    from training.bench import PilDataset, pil_transform
+    from benchmarks.train import PilDataset, pil_transform
     from training.config import make_config
     from training.trainer import make_optimizer, make_scheduler
 
@@ -121,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import tune
 
+    from search.resources import Resources
     from search.trainable import train_trial
     from search.tuner import init_ray, make_run_config, make_tuner, resources
 
@@ -133,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = tempfile.mkdtemp(prefix="search-bench-")
     init_ray(None)
     try:
-        rargs = argparse.Namespace(gpus_per_trial=None, cpus_per_trial=1.0, concurrency=args.concurrency)
-        cpt, gpt, concurrency = resources(rargs)
+        cpt, gpt, concurrency = resources(Resources(concurrency=args.concurrency))
         print(f"search: {args.samples} samples, up to {args.max_epochs} epochs, {concurrency} trials at once, "
               f"{args.limit} training images, space {args.config.name}, seed {args.seed}; torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs, device: {device_name()}" + (f", {gpt:g} GPU per trial" if gpt else ""))

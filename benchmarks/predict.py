@@ -2,7 +2,7 @@
 the cached model (dashboard.predictor.load_predictor -> Predictor.from_checkpoint) and the
 page's input handling (upload bytes -> safe decode -> EMNIST preprocessing -> model -> top-5).
 
-    python dashboard/bench_predict.py [--results DIR] [--experiment NAME] [--trial ID] [--n 50]
+    python -m benchmarks.predict [--results DIR] [--experiment NAME] [--trial ID] [--n 50]
 
 "first" is a cold start: model load from disk plus the first prediction (what the first user
 of a trial waits for); "subsequent" is every later prediction (model cached): median and p90.
@@ -10,24 +10,19 @@ of a trial waits for); "subsequent" is every later prediction (model cached): me
 
 from __future__ import annotations
 
+import argparse
+import io
+import logging
+import statistics
 import sys
-from pathlib import Path
+import time
 
-if __name__ == "__main__" and not __package__:
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-
-from dashboard import predictor as page  # noqa: E402
-from dashboard.common import experiment_names, open_experiment, results_root  # noqa: E402
+from dashboard import predictor as page
+from dashboard.common import experiment_names, open_experiment, results_root
 
 
 def sample_upload(size: int = 400) -> bytes:
