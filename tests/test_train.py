@@ -110,6 +110,19 @@ def test_tensorboard_logs(digits_data, tiny_config, tmp_path):
     assert "hparams" in acc.PluginTagToContent("hparams") or acc.PluginTagToContent("hparams")
 
 
+def test_run_started_over_in_the_same_folder_shows_each_epoch_once(digits_data, tiny_config, tmp_path):
+    """A trial restarted from scratch (its checkpoints unreadable) logs into the folder that has its
+    first attempt's events: TensorBoard must show each epoch once, not epoch 1 twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for attempt in ("a", "b"):
+        train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path / "tb", checkpoint_dir=tmp_path / attempt)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
+
+
 def test_checkpoint_round_trip(digits_data, tiny_config, tmp_path):
     result = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path)
     best = load_checkpoint(tmp_path / "best.pt")

@@ -445,7 +445,10 @@ def train(
     if out is not None and run.start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
 
-        tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=run.start_epoch if resume is not None else None)
+        # A resumed run, or one that starts over in a folder that already has events (a trial restarted from
+        # scratch because its checkpoints were unreadable), purges the steps it runs again: each epoch once.
+        again = resume is not None or any(out.glob("events.out.tfevents.*"))
+        tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=run.start_epoch if again else None)
 
     diverged, stopped_early = False, bool(run.history and run.history[-1].get("early_stopped"))
     last_path = None
