@@ -30,6 +30,43 @@ PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 
 
+def read_settings(exp_dir: str | Path) -> dict | None:
+    """The settings a search was started with (search.json), from a local folder or any storage URI
+    Ray writes to (through pyarrow, as Ray does); None when the experiment has none. OSError or
+    ValueError when the file is there but cannot be read."""
+    if not is_uri(exp_dir):
+        path = Path(exp_dir) / SETTINGS_FILE
+        if not path.is_file():
+            return None
+        value = json.loads(path.read_text())
+    else:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(f"{str(exp_dir).rstrip('/')}/{SETTINGS_FILE}")
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            value = json.loads(f.read())
+    if not isinstance(value, dict):
+        raise ValueError(f"{SETTINGS_FILE} is not a JSON object")
+    return value
+
+
+def write_settings(exp_dir: str | Path, settings: dict) -> None:
+    """Save search.json with the experiment, wherever it is stored (see read_settings)."""
+    text = (json.dumps(settings, indent=1) + "\n").encode()
+    if not is_uri(exp_dir):
+        Path(exp_dir).mkdir(parents=True, exist_ok=True)
+        (Path(exp_dir) / SETTINGS_FILE).write_bytes(text)
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(str(exp_dir).rstrip("/"))
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
+        f.write(text)
+
+
 def checkpoint_index(path: Path) -> int:
     """n of a checkpoint_<n> folder (-1 for another name)."""
     try:

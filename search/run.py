@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shlex
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from search.final import FinalError, FinalSettings, add_final_args
-from search.layout import SETTINGS_FILE, is_uri
+from search.layout import SETTINGS_FILE, is_uri, read_settings
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
 from search.resources import Resources
 from search.space import SearchSpec, default_point, load_search_spec
@@ -105,16 +104,16 @@ def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
 
 
 def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
-    """For --resume: fill in what was not given from the experiment's saved settings, and refuse
-    what contradicts them. Experiments in cloud storage (or from before the settings were saved)
-    have none: their command line is taken as it is."""
-    path = Path(exp_dir) / SETTINGS_FILE
-    if is_uri(exp_dir) or not path.is_file():
-        return
+    """For --resume: fill in what was not given from the experiment's saved settings (local or in
+    cloud storage), and refuse what contradicts them. Experiments from before the settings were
+    saved have none: their command line is taken as it is."""
+    path = f"{exp_dir.rstrip('/')}/{SETTINGS_FILE}"
     try:
-        saved = json.loads(path.read_text())
+        saved = read_settings(exp_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {path}: {e}") from None
+    if saved is None:
+        return
     for key in KEPT:
         given, was = getattr(args, key), saved.get(key)
         if key == "config" and given is not None:
@@ -137,8 +136,9 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
 
 
 def resume_command(args: argparse.Namespace, name: str) -> str:
-    """The command that continues this experiment (all flags that matter when none are saved),
-    shell-quoted: names and paths with spaces or quotes paste as they are."""
+    """The command that continues this experiment, shell-quoted: names and paths with spaces or quotes
+    paste as they are. For cloud storage it also lists the settings (the same as those saved there,
+    so harmless), for a driver on a machine that cannot read them back."""
     cmd = ["python", "search/run.py", "--name", name, "--storage", str(args.storage), "--resume"]
     if is_uri(args.storage):
         for key in (*KEPT, "data_dir"):

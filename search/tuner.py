@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from search import ray_private, repairs
-from search.layout import SETTINGS_FILE, is_uri, ray_statuses
+from search.layout import is_uri, ray_statuses, write_settings
 from search.resources import Resources
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
 from search.space import DefineByRun, SearchSpec, default_point
@@ -214,9 +213,8 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
             tuner = restore_tuner(exp_dir, trainable, run_config)
         else:
             tuner = make_tuner(trainable, spec, samples, concurrency, seed, run_config, reuse_actors=not address)
-        if settings is not None and not is_uri(exp_dir):
-            Path(exp_dir).mkdir(parents=True, exist_ok=True)
-            (Path(exp_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+        if settings is not None:
+            write_settings(exp_dir, settings)
         start = time.time()
         tuner.fit()
         wall = time.time() - start

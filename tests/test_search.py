@@ -242,3 +242,19 @@ def test_divergence_and_transient_failure(digits_dir, tmp_path):
     assert t.loc[bad, "status"] == "diverged" and t.loc[bad, "epochs_run"] == 1 and t.loc[bad, "num_failures"] == 0
     assert bool(t.loc[bad, "diverged"]) and json.loads((tmp_path / "results" / "faults" / "summary.json")
                                                       .read_text())["best_trial"] == good
+
+
+def test_cloud_storage_saves_the_settings_so_resume_needs_only_the_name(digits_dir, tmp_path):
+    """search.json goes to the storage through pyarrow (as Ray's files do), here a file:// URI: --resume
+    with only --name and --storage then keeps the space and samples it was started with. (Without them
+    it would take the default space's 50 samples and report 2 of 50 done, exit 130.)"""
+    space = write_space(tmp_path, samples=2, max_epochs=1, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    storage = f"file://{tmp_path / 'cloud'}"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    r = run_search("--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", "c", env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    saved = json.loads((tmp_path / "cloud" / "c" / "search.json").read_text())
+    assert saved["config"] == str(space) and saved["samples"] == 2
+    r = run_search("--storage", storage, "--name", "c", "--resume", env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming" in r.stdout and "2 trials" in r.stdout
