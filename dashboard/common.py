@@ -108,3 +108,16 @@ def md_text(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.translate(_MARKDOWN)
+
+
+# Why a trial has no checkpoint, by its status: one wording for every page.
+NO_CHECKPOINT = {
+    "pending": "has not started yet, so there is no checkpoint",
+    "running": "is running and has not saved a checkpoint yet",
+    "error": "failed before saving a checkpoint",
+    "diverged": "diverged before saving a usable checkpoint",
+}
+
+
+def no_checkpoint_reason(status: str) -> str:
+    return NO_CHECKPOINT.get(status, "has no checkpoint on disk (not written yet, not synced, or deleted)")

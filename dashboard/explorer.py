@@ -16,10 +16,19 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import figures
-from dashboard.common import UnsafePath, md_text, open_experiment, read_tail, safe_checkpoint, safe_child, safe_file
+from dashboard.common import (
+    UnsafePath,
+    md_text,
+    no_checkpoint_reason,
+    open_experiment,
+    read_tail,
+    safe_checkpoint,
+    safe_child,
+    safe_file,
+)
 from dashboard.common import section as _section
 from search.layout import SETTINGS_FILE, read_json
-from search.results import OUTSIDE, Experiment
+from search.results import OUTSIDE, TRIAL_COLUMNS, Experiment
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
@@ -29,8 +38,7 @@ MAX_SPACE_BYTES = 2**20  # the saved search space (and its base config): a bigge
 BUDGET_COLUMN = "_val_acc_at_budget"
 STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
-TABLE_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
-                 "diverged", "seconds", "num_failures", "has_checkpoint"]
+TABLE_COLUMNS = TRIAL_COLUMNS  # the table's fixed columns: the trials table's own (search/results.py)
 
 
 # ---------------------------------------------------------------- loading
@@ -351,12 +359,6 @@ def _curves(exp: Experiment) -> None:
 # ---------------------------------------------------------------- one trial
 
 
-NO_CHECKPOINT = {
-    "pending": "Trial {t} has not started yet, so there is no checkpoint to show.",
-    "running": "Trial {t} is running and has not saved a checkpoint yet. Press Refresh after its first epoch.",
-    "error": "Trial {t} failed before saving a checkpoint (see its error.txt below).",
-    "diverged": "Trial {t} diverged before saving a usable checkpoint.",
-}
 
 
 def _trial_details(root: Path, exp: Experiment) -> None:
@@ -382,9 +384,9 @@ def _trial_details(root: Path, exp: Experiment) -> None:
         st.error(f"The checkpoint of trial {tid} is outside the results root, so it was not opened.")
         return
     if path is None:
-        template = NO_CHECKPOINT.get(str(row["status"]),
-                                     "Trial {t} has no checkpoint on disk (not written yet, not synced, or deleted).")
-        st.info(template.format(t=tid))
+        hint = " Press Refresh after its first epoch." if row["status"] == "running" else ""
+        hint = " (see its error.txt below)" if row["status"] == "error" else hint
+        st.info(f"Trial {tid} {no_checkpoint_reason(str(row['status']))}.{hint}")
         return
     try:
         real = safe_checkpoint(root, path)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from dashboard import figures
 from dashboard import final as final_stage
-from dashboard.common import UnsafePath, md_text, open_experiment, safe_checkpoint
+from dashboard.common import UnsafePath, md_text, no_checkpoint_reason, open_experiment, safe_checkpoint
 from dashboard.safety import MAX_UPLOAD_MB
 from search.results import Experiment
 from training.checkpoint import CheckpointError
@@ -75,15 +75,6 @@ class TrialOption:
 FINAL_ID = "final/model.pt"
 
 
-def _unavailable_reason(status: str) -> str:
-    return {
-        "pending": "not started yet, so no checkpoint",
-        "running": "still running and has not saved a checkpoint yet",
-        "error": "failed before saving a checkpoint",
-        "diverged": "diverged before saving a checkpoint",
-    }.get(status, "no checkpoint was saved")
-
-
 def _float_or_none(value: Any) -> float | None:
     try:
         value = float(value)
@@ -100,7 +91,7 @@ def trial_options(exp: Experiment) -> tuple[list[TrialOption], list[TrialOption]
         opt = TrialOption(tid, str(row.get("status") or "unknown"), _float_or_none(row.get("best_val_acc")))
         ckpt = exp.best_checkpoint(tid) if row.get("has_checkpoint") else None
         if ckpt is None:
-            opt.reason = _unavailable_reason(opt.status)
+            opt.reason = no_checkpoint_reason(opt.status)
             unavailable.append(opt)
         else:
             opt.checkpoint = ckpt

@@ -182,11 +182,11 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
             del notes[trial_id]
     orphans = sorted(t for t, d in ids.items() if statuses and t not in statuses and t not in refused
                      and not (d / "params.json").is_file())
-    trials = pd.DataFrame(rows, columns=_COLUMNS + sorted({k for r in rows for k in r} - set(_COLUMNS)))
+    trials = pd.DataFrame(rows, columns=TRIAL_COLUMNS + sorted({k for r in rows for k in r} - set(TRIAL_COLUMNS)))
     return Experiment(exp_dir, trials, histories, checkpoints, orphans, refused, notes)
 
 
-_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
+TRIAL_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
             "diverged", "seconds", "num_failures", "has_checkpoint"]
 
 
