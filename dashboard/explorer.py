@@ -402,7 +402,7 @@ def _trial_details(root: Path, exp: Experiment) -> None:
         from training.checkpoint import CheckpointError
 
         if isinstance(e, CheckpointError):
-            st.warning(f"Trial {tid}'s best checkpoint cannot be used: {_short(str(e))}")
+            st.warning(f"Trial {tid}'s best checkpoint cannot be used: {_first_line(str(e))}")
         else:
             st.error(f"Could not read trial {tid}'s checkpoint ({real.name}): {type(e).__name__}: {e}")
         return
@@ -435,7 +435,7 @@ def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and value != value)
 
 
-def _short(text: str, limit: int = 400) -> str:
+def _first_line(text: str, limit: int = 400) -> str:
     """The first line of a message, cut to a readable length (torch's errors run on for lines)."""
     first = text.strip().splitlines()[0] if text.strip() else text
     return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"

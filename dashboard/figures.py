@@ -125,7 +125,7 @@ def empty_figure(message: str, title: str | None = None) -> go.Figure:
     return fig
 
 
-def _fmt(v) -> str:
+def _value_text(v) -> str:
     if isinstance(v, float | np.floating):
         return f"{v:.4g}"
     return str(v)

@@ -118,7 +118,7 @@ def final_option(root: Path, name: str) -> tuple[TrialOption | None, str]:
     try:
         load_predictor(root, state.model)
     except (CheckpointError, UnsafePath, RuntimeError, ValueError, KeyError, OSError) as e:
-        return None, (f"The final model (final/model.pt) cannot be used: {_short(str(e), root)}. "
+        return None, (f"The final model (final/model.pt) cannot be used: {_hide_root(str(e), root)}. "
                       "The trials are offered instead.")
     return option, ""
 
@@ -143,7 +143,7 @@ def load_predictor(root: Path, checkpoint: str | Path) -> Predictor:
     return _cached_predictor(str(path), st_.st_mtime_ns, st_.st_size)
 
 
-def _short(message: str, root: Path) -> str:
+def _hide_root(message: str, root: Path) -> str:
     """An error message with the server's results path shortened (users know the experiment)."""
     return str(message).replace(str(root.resolve()), "<results>").replace(str(root), "<results>")
 
@@ -320,7 +320,7 @@ def render(root: Path, name: str) -> None:
     try:
         exp = open_experiment(root, name)
     except (UnsafePath, OSError, ValueError) as e:
-        _error(f"Cannot open experiment {name!r}: {_short(str(e), root)}")
+        _error(f"Cannot open experiment {name!r}: {_hide_root(str(e), root)}")
         return
 
     if exp.refused:
@@ -424,7 +424,7 @@ def _load_or_report(root: Path, option: TrialOption) -> Predictor | None:
     except (CheckpointError, UnsafePath, RuntimeError, ValueError, KeyError, OSError) as e:
         what = "The final model" if option.title else f"Trial {_code(option.trial_id)}"
         _error(f"{what} cannot be used: its checkpoint could not be loaded "
-               f"({_short(str(e), root)}). Pick another trial.")
+               f"({_hide_root(str(e), root)}). Pick another trial.")
         return None
 
 
