@@ -501,9 +501,11 @@ def print_final(final: dict) -> None:
         r = final["test"].get(key)
         if r:
             lo, hi = r["ci95"]
-            print(f"  {r['accuracy']:.4f}  [{lo:.4f}, {hi:.4f}]  {key:8s}  {r['label']}")
+            mark = "  <- delivered (final/model.pt)" if key == final.get("delivered_kind") else ""
+            print(f"  {r['accuracy']:.4f}  [{lo:.4f}, {hi:.4f}]  {key:8s}  {r['label']}{mark}")
     if "refit" not in final["test"]:
-        print(f"  delivered: {final['delivered']}")
+        r = final["delivered_test"]
+        print(f"  {r['accuracy']:.4f}  [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]  delivered: {final['delivered']}")
     for p in final["problems"]:
         print(f"  problem: {p}")
 

@@ -58,7 +58,8 @@ def _png(image: np.ndarray) -> bytes:
 def _real_experiment(data_dir: Path, root: Path) -> Path:
     """A small real search (2 trials x 2 epochs on 4000 real images) under root, named 'real'."""
     cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config", str(REPO / "configs/search/smoke.yaml"),
-           "--data-dir", str(data_dir), "--storage", str(root), "--name", "real", "--samples", "2"]
+           "--data-dir", str(data_dir), "--storage", str(root), "--name", "real", "--samples", "2",
+           "--tta", "off"]  # (the page is under test here, not the final stage's choices: tests/test_final.py)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return root

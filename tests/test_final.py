@@ -34,7 +34,7 @@ def final_run(digits_dir, tmp_path_factory):
     """A 4-trial search without its final stage; then `search/final.py` with two refit seeds per
     chosen config, SIGKILLed once its first refit trial has a checkpoint, and run again."""
     tmp = tmp_path_factory.mktemp("final")
-    space = write_space(tmp, samples=4, max_epochs=3, grace=3,
+    space = write_space(tmp, samples=4, max_epochs=2, grace=2,
                         space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n  width: {uniform: [0.5, 1.5]}\n")
     storage = tmp / "results"
     r = _run([*RUN, "--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", "exp",
@@ -42,7 +42,7 @@ def final_run(digits_dir, tmp_path_factory):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     exp = storage / "exp"
     assert not (exp / "final").exists()  # --no-final (tests.test_search.RUN)
-    args = ["--name", "exp", "--storage", storage, "--refit-seeds", "2", "--concurrency", "1"]
+    args = ["--name", "exp", "--storage", storage, "--refit-seeds", "2", "--concurrency", "2"]
     proc = subprocess.Popen([*FINAL, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=REPO, env=ENV)
     end = time.time() + 300

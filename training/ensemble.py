@@ -32,7 +32,7 @@ class TestTimeAugment(nn.Module):
         super().__init__()
         if not 2 <= views <= len(TTA_VIEWS):
             raise ValueError(f"test-time augmentation takes 2..{len(TTA_VIEWS)} views, got {views}")
-        self.model = model
+        self.model, self.views = model, views
         thetas = torch.stack([view_theta(*v, size, size) for v in TTA_VIEWS[1:views]])
         grids = F.affine_grid(thetas, [len(thetas), 1, size, size], align_corners=False)
         self.register_buffer("grids", grids, persistent=False)
@@ -46,10 +46,10 @@ class TestTimeAugment(nn.Module):
         # one grid per image: broadcast against a zero of x's batch, so that an exported graph keeps a
         # dynamic batch size (expand(len(x), ...) would freeze the batch size it was traced with)
         zero = x[:, :1, :1, :1].permute(0, 2, 3, 1) * 0
-        for grid in self.grids:
+        for grid in self.grids.unbind(0):  # (a fixed number of views: a traced graph unrolls them)
             view = F.grid_sample(raw, grid + zero, mode="bilinear", padding_mode="zeros", align_corners=False)
             probs = probs + self.model((view - PIXEL_MEAN) / PIXEL_STD).float().softmax(1)
-        return (probs / (len(self.grids) + 1)).log()
+        return (probs / self.views).log()
 
 
 class Ensemble(nn.Module):
