@@ -26,6 +26,22 @@ from training.trainer import evaluate, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped_after_two_then_resumed(cfg, data, folder):
+    """Train `cfg` into folder, stopped after epoch 2 by raising from the reporter (as an interrupted
+    run stops), then resumed from its last.pt; returns the resumed run's result."""
+    def stop_after_two(m, _):
+        if m["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(cfg, data, reporter=stop_after_two, out_dir=folder)
+    return train(cfg, data, out_dir=folder, resume=folder / "last.pt")
+
+
 def test_learns_on_small_data(digits_data, tiny_config):
     result = train({**tiny_config, "epochs": 8}, digits_data)
     losses = [m["train_loss"] for m in result.history]
@@ -139,18 +155,7 @@ def test_checkpoint_round_trip(digits_data, tiny_config, tmp_path):
 def test_resume_continues_exactly(digits_data, tiny_config, tmp_path):
     cfg = {**tiny_config, "epochs": 3, "scheduler": "onecycle"}
     straight = train(cfg, digits_data, out_dir=tmp_path / "a")
-    partial = {**cfg, "epochs": 3}
-    # Stop after epoch 2 by raising from the reporter (as an interrupted run would stop).
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(m, _):
-        if m["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(partial, digits_data, reporter=stop_after_two, out_dir=tmp_path / "b")
-    resumed = train(partial, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    resumed = _stopped_after_two_then_resumed(cfg, digits_data, tmp_path / "b")
     assert [m["epoch"] for m in resumed.history] == [1, 2, 3]
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     for k in a["model"]:
@@ -339,17 +344,7 @@ def test_resume_with_weight_average_continues_exactly(digits_data, tiny_config, 
     small = dataclasses.replace(digits_data, train_x=digits_data.train_x[:192], train_y=digits_data.train_y[:192])
     cfg = {**tiny_config, "epochs": 3, "scheduler": "onecycle", "ema_decay": 0.9}
     straight = train(cfg, small, out_dir=tmp_path / "a")
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(m, _):
-        if m["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, small, reporter=stop_after_two, out_dir=tmp_path / "b")
-    resumed = train(cfg, small, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    resumed = _stopped_after_two_then_resumed(cfg, small, tmp_path / "b")
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert a["ema_steps"] == b["ema_steps"] == 3 * (192 // 32)
     for part in ("model", "train_model"):
