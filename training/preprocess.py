@@ -17,7 +17,7 @@ below), so a drawing reaches the model looking like the training data:
 An image that already *is* EMNIST-shaped (28x28, ink framed with the standard margin) is
 returned unchanged, so accuracy measured through `preprocess` matches raw accuracy.
 
-Pure numpy + Pillow on purpose: the web app and the CLI call this without torch.
+numpy, scipy.ndimage and Pillow only: the web app and the CLI call this without torch.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 SIZE = 28
+_EIGHT_CONNECTED = np.ones((3, 3), bool)  # diagonal neighbours belong to the same stroke
 
 # --- Calibration against the real EMNIST files (upright bymerge train images). -----------
 # Long side of the ink bounding box, thresholded at half intensity (>= 128): median 22,
@@ -332,29 +334,6 @@ def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
 
 
-def _label(mask: np.ndarray) -> np.ndarray:
-    """8-connected component labels of a small boolean grid (-1 = background).
-
-    Each pixel repeatedly takes the smallest label among its neighbours, with pointer
-    jumping (a label is a pixel index, so a pixel can adopt its label's label) to
-    converge in few rounds. Pure numpy, meant for grids of at most ~128x128.
-    """
-    h, w = mask.shape
-    none = h * w  # sentinel larger than every pixel index
-    labels = np.where(mask, np.arange(h * w).reshape(h, w), none)
-    while True:
-        p = np.pad(labels, 1, constant_values=none)
-        new = labels
-        for dy in range(3):
-            for dx in range(3):
-                new = np.minimum(new, p[dy : dy + h, dx : dx + w])
-        new = np.where(mask, new, none)
-        new = np.append(new.ravel(), none)[new]  # pointer jumping
-        if np.array_equal(new, labels):
-            return np.where(mask, labels, -1)
-        labels = new
-
-
 def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     """Bounding box of the character: half-intensity ink, minus isolated specks.
 
@@ -375,14 +354,10 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     grid[:h, :w] = mask
     grid = grid.reshape(gh, f, gw, f).any(axis=(1, 3))
 
-    labels = _label(grid)
-    ys, xs = np.nonzero(labels >= 0)
-    lab = labels[ys, xs]
-    order = np.argsort(lab, kind="stable")
-    lab, ys, xs = lab[order], ys[order], xs[order]
-    ids, starts, areas = np.unique(lab, return_index=True, return_counts=True)
-    tops, bottoms = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts)
-    lefts, rights = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts)
+    labels, _ = ndimage.label(grid, structure=_EIGHT_CONNECTED)  # 0 = background, pieces 1..n
+    areas = np.bincount(labels.ravel())[1:]
+    boxes = np.array([(r.start, r.stop - 1, c.start, c.stop - 1) for r, c in ndimage.find_objects(labels)])
+    tops, bottoms, lefts, rights = boxes.T
 
     # (If the ink is all dust-sized pieces, the largest ones stand for the character.)
     major = areas >= min(0.02 * areas.sum(), areas.max())
@@ -390,26 +365,18 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     left, right = lefts[major].min(), rights[major].max()
     reach = 0.2 * max(bottom - top + 1, right - left + 1)
     gap = np.maximum.reduce([top - bottoms, tops - bottom, left - rights, lefts - right, np.zeros_like(tops)])
-    keep = ids[major | (gap <= reach)]
+    keep = np.flatnonzero(major | (gap <= reach)) + 1
     kept = np.isin(labels, keep)
     # Back to full resolution: a pixel counts if its grid cell belongs to a kept piece.
     full = kept[np.arange(h) // f][:, np.arange(w) // f]
     return _bbox(mask & full)
 
 
-def _gaussian_matrix(n: int, sigma: float) -> np.ndarray:
-    """n x n matrix applying a 1-D Gaussian blur with zero padding."""
-    x = np.arange(n)
-    g = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
-    return g / g.sum(axis=1, keepdims=True).max()  # same normalisation for every row (zero padding)
-
-
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with zeros (background) outside the image."""
     if sigma < 0.05:
         return a
-    gr = _gaussian_matrix(a.shape[0], sigma)
-    gc = _gaussian_matrix(a.shape[1], sigma)
-    return (gr @ a.astype(np.float64) @ gc.T).astype(np.float32)
+    return ndimage.gaussian_filter(a.astype(np.float64), sigma, mode="constant").astype(np.float32)
 
 
 def _crop(a: np.ndarray, top: int, left: int, h: int, w: int) -> np.ndarray:
