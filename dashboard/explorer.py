@@ -116,9 +116,9 @@ def _search_space(exp_path: str, settings_stat: tuple, refresh: int):
     return spec, figures.asha_rungs(max_epochs, spec.grace_period, spec.reduction_factor), None
 
 
-def searched(exp: Experiment) -> tuple[pd.DataFrame, list[str], list[int] | None, str | None]:
-    """(the trials with only what each trial sampled, the searched `config/*` columns, ASHA's rungs or
-    None, why the space is not used or None): see figures.only_sampled."""
+def searched(exp: Experiment) -> tuple[figures.Searched, list[int] | None]:
+    """(the trials with only what each trial sampled, the searched `config/*` columns, their distributions
+    in the space and why the space is not used or None: see figures.only_sampled; ASHA's rungs or None)."""
     from search.space import DefineByRun, sampled_params
 
     settings = exp.path / SETTINGS_FILE
@@ -135,8 +135,8 @@ def searched(exp: Experiment) -> tuple[pd.DataFrame, list[str], list[int] | None
             sampled = lambda config: sampled_params(space, config)  # noqa: E731
         except Exception as e:  # noqa: BLE001 - a space this version cannot use: the fallback
             note = f"the search space cannot be replayed ({type(e).__name__})"
-    masked, params, why = figures.only_sampled(exp.trials, sampled)
-    return masked, params, rungs, why if sampled is not None else note
+    found = figures.only_sampled(exp.trials, sampled)
+    return (found if sampled is not None else found._replace(note=note)), rungs
 
 
 def load(root: Path, name: str) -> Experiment:
@@ -181,11 +181,12 @@ def _body(root: Path, name: str) -> None:
         return
     _section("summary", _summary, exp)
     try:
-        masked, params, rungs, note = searched(exp)
+        found, rungs = searched(exp)
     except Exception as e:  # noqa: BLE001 - the table as it is, and say so
-        masked, params, rungs, note = trials, figures.varying_params(trials), None, f"{type(e).__name__}: {e}"
-    _section("trials table", _trials_table, trials, masked, params)
-    _section("hyperparameter figures", _hyperparameters, exp, masked, params, rungs, note)
+        found = figures.Searched(trials, figures.varying_params(trials), {}, f"{type(e).__name__}: {e}")
+        rungs = None
+    _section("trials table", _trials_table, trials, found.trials, found.params)
+    _section("hyperparameter figures", _hyperparameters, exp, found, rungs)
     _section("learning curves", _curves, exp)
     _section("trial details", _trial_details, root, exp)
 
@@ -310,17 +311,15 @@ def _budget(trials: pd.DataFrame, histories: dict, rungs: list[int] | None) -> t
     return data, BUDGET_COLUMN, f"val acc at epoch {epoch}"
 
 
-def _hyperparameters(exp: Experiment, masked: pd.DataFrame | None = None, params: list[str] | None = None,
-                     rungs: list[int] | None = None, note: str | None = None) -> None:
+def _hyperparameters(exp: Experiment, found: figures.Searched, rungs: list[int] | None = None) -> None:
     st.subheader("Hyperparameters")
-    trials = exp.trials if masked is None else masked
-    params = figures.varying_params(trials) if params is None else params
-    if note:
-        st.info(f"Which parameters each trial sampled is not known ({md_text(note)}), so the figures use every "
+    trials, params = found.trials, found.params
+    if found.note:
+        st.info(f"Which parameters each trial sampled is not known ({md_text(found.note)}), so the figures use every "
                 "setting that differs between the trials: a conditional parameter also counts in the trials "
                 "where its branch was not taken.")
     data, metric, label = _budget(trials, exp.histories, rungs)
-    importance = figures.importance_values(data, metric, params) or {}
+    importance = figures.importance_values(data, metric, params, found.distributions) or {}
     names = [figures.param_name(c) for c in params]
     order = [n for n in importance if n in names] + [n for n in names if n not in importance]
     axes = st.multiselect("Parallel-coordinates axes", order, default=order[:figures.PARCOORDS_DEFAULT_AXES],

@@ -12,9 +12,11 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 
 METRIC = "best_val_acc"
@@ -146,38 +148,44 @@ def _plain(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], set[str] | None] | None
-                 ) -> tuple[pd.DataFrame, list[str], str | None]:
-    """(the trials with every config cell a trial did not sample set to NaN, the searched `config/*`
-    columns, a note or None). The trials table holds each trial's full config, so a conditional
-    parameter (gamma of the step scheduler) shows its default in every other trial; `sampled(config)`
-    names what one trial sampled (search.space.sampled_params on the saved space). Without it, or
-    where it does not know a trial's config, the searched parameters are those whose value differs
-    between the trials (the table as it is), and the note says so."""
+class Searched(NamedTuple):
+    trials: pd.DataFrame  # a NaN in every config cell the trial did not sample
+    params: list[str]  # the searched `config/*` columns
+    distributions: dict[str, Any]  # {param name: its Optuna distribution in the space}, {} without it
+    note: str | None  # why the space was not used, or None
+
+
+def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], Mapping[str, Any] | None] | None) -> Searched:
+    """The trials table holds each trial's full config, so a conditional parameter (gamma of the step
+    scheduler) shows its default in every other trial. `sampled(config)` gives {name: distribution} of
+    what one trial sampled (search.space.sampled_params, replaying the saved space): every other config
+    cell becomes NaN. Without it, or where it does not know a trial's config, the searched parameters are
+    those whose value differs between the trials (the table as it is), and the note says so."""
     if trials is None or trials.empty:
-        return trials, [], None
+        return Searched(trials, [], {}, None)
     cols = [c for c in trials.columns if c.startswith(CONFIG)]
     if sampled is None:
-        return trials, varying_params(trials), "the search space is unknown"
+        return Searched(trials, varying_params(trials), {}, "the search space is unknown")
     keep = pd.DataFrame(False, index=trials.index, columns=cols)
-    unknown = []
+    unknown, distributions = [], {}
     for idx in _with_config(trials).index:
         row = trials.loc[idx, cols]
         names = sampled({param_name(c): _plain(v) for c, v in row.items() if _present(v)})
         if names is None:
             unknown.append(str(trials.at[idx, "trial_id"]))
             continue
+        distributions.update(names)
         keep.loc[idx, [c for c in cols if param_name(c) in names]] = True
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        return trials, varying_params(trials), (f"the saved search space does not fit the config of trial(s) "
-                                                f"{', '.join(unknown[:3])}{more}")
+        return Searched(trials, varying_params(trials), {}, (f"the saved search space does not fit the config of "
+                                                             f"trial(s) {', '.join(unknown[:3])}{more}"))
     out = trials.copy()
     for c in cols:
         if not keep[c].all():
             values = trials[c].astype("Int64") if pd.api.types.is_integer_dtype(trials[c].dtype) else trials[c]
             out[c] = values.where(keep[c])  # an int parameter stays an int one (nullable)
-    return out, [c for c in cols if keep[c].any()], None
+    return Searched(out, [c for c in cols if keep[c].any()], distributions, None)
 
 
 def _present(v) -> bool:
@@ -304,25 +312,17 @@ def param_vs_metric(trials: pd.DataFrame, param: str) -> go.Figure:
         return empty_figure(f"No trial with a value for {name} has a validation result yet.", title)
     values = _hashable(rows[col])
     categorical = _is_categorical(values)
-    log = not categorical and is_log_scale(values)
-    fig = go.Figure()
-    for status in sorted(rows["status"].astype(str).unique(), key=lambda s: (s not in STATUS_COLORS, s)):
-        part = rows[rows["status"].astype(str) == status]
-        x = values.loc[part.index]
-        x = x.astype(str).tolist() if categorical else _numeric(x).tolist()
-        fig.add_trace(go.Scatter(
-            x=x, y=_numeric(part[METRIC]).tolist(), mode="markers", name=status,
-            marker={"color": STATUS_COLORS.get(status, "#333333"), "size": 10, "line": {"width": 1, "color": "white"}},
-            text=part["trial_id"].astype(str).tolist(),
-            hovertemplate=f"trial %{{text}}<br>{name}=%{{x}}<br>best val acc=%{{y:.4f}}<extra>{status}</extra>",
-        ))
-    xaxis = {"title": {"text": name}}
+    data = pd.DataFrame({"x": values.astype(str) if categorical else _numeric(values),
+                         "y": _numeric(rows[METRIC]), "status": rows["status"].astype(str),
+                         "trial": rows["trial_id"].astype(str)})
+    statuses = sorted(data["status"].unique(), key=lambda s: (s not in STATUS_COLORS, s))
+    fig = px.scatter(data, x="x", y="y", color="status", hover_name="trial", color_discrete_map=STATUS_COLORS,
+                     category_orders={"status": statuses}, log_x=not categorical and is_log_scale(values),
+                     labels={"x": name, "y": "best val acc"}, title=title, height=400)
+    fig.update_traces(marker={"size": 10, "line": {"width": 1, "color": "white"}},
+                      hovertemplate=f"trial %{{hovertext}}<br>{name}=%{{x}}<br>best val acc=%{{y:.4f}}")
     if categorical:
-        xaxis.update(type="category", categoryorder="category ascending")
-    elif log:
-        xaxis.update(type="log")
-    fig.update_layout(title=title, xaxis=xaxis, yaxis={"title": {"text": "best val acc"}}, legend_title="status",
-                      height=400)
+        fig.update_xaxes(type="category", categoryorder="category ascending")
     return fig
 
 
@@ -330,32 +330,29 @@ def learning_curves(histories: Mapping[str, pd.DataFrame], trial_ids: Iterable[s
     """`metric` (val_acc, val_loss, ...) per epoch, one line per chosen trial. A diverged epoch's
     missing/infinite value is a gap; trials without any value yet are named in the title."""
     label = METRIC_LABELS.get(metric, metric)
-    fig = go.Figure()
-    missing = []
+    parts, missing = [], []
     for tid in trial_ids:
         h = histories.get(tid) if histories else None
-        if h is None or h.empty or metric not in h:
-            missing.append(str(tid))
-            continue
-        y = _numeric(h[metric])
+        y = _numeric(h[metric]) if h is not None and not h.empty and metric in h else pd.Series(dtype=float)
         y = y.where(np.isfinite(y))
         if y.isna().all():
             missing.append(str(tid))
             continue
         x = _numeric(h["epoch"]) if "epoch" in h else pd.Series(np.arange(1, len(h) + 1), index=h.index, dtype=float)
-        order = np.argsort(x.to_numpy(), kind="stable")
-        fig.add_trace(go.Scatter(x=x.iloc[order].tolist(), y=y.iloc[order].tolist(), mode="lines+markers",
-                                 name=str(tid), connectgaps=False,
-                                 hovertemplate=f"trial {tid}<br>epoch %{{x}}<br>{metric}=%{{y:.4f}}<extra></extra>"))
+        parts.append(pd.DataFrame({"trial": str(tid), "epoch": x, "y": y}).sort_values("epoch", kind="stable"))
     title = f"{label} per epoch"
-    if not fig.data:
+    if not parts:
         msg = "No trial chosen." if not missing else "The chosen trials have no " + label + " yet."
         return empty_figure(msg, title)
     if missing:
         title += f" (no {metric} yet: {', '.join(missing)})"
-    last = max((v for t in fig.data for v in t.x if v is not None and np.isfinite(v)), default=0)
-    fig.update_layout(title=title, xaxis={"title": {"text": "epoch"}, "dtick": 1 if last <= MAX_EPOCH_TICKS else None},
-                      yaxis={"title": {"text": metric}}, legend_title="trial", height=400)
+    data = pd.concat(parts, ignore_index=True)
+    last = data["epoch"][np.isfinite(data["epoch"])].max()
+    fig = px.line(data, x="epoch", y="y", color="trial", markers=True, title=title, height=400,
+                  labels={"y": metric})
+    fig.update_traces(connectgaps=False, hovertemplate="trial %{fullData.name}<br>epoch %{x}<br>"
+                      f"{metric}=%{{y:.4f}}<extra></extra>")
+    fig.update_xaxes(dtick=1 if last <= MAX_EPOCH_TICKS else None)
     return fig
 
 
@@ -415,16 +412,33 @@ def importance_inputs(trials: pd.DataFrame, metric: str = METRIC, params: Sequen
     return rows, params, None
 
 
-def _distribution(values: pd.Series):
+def _distribution(values: pd.Series, given=None):
+    """The Optuna distribution of a parameter's values: `given` (the space's) where it holds every one
+    of them, else one spanning the values seen."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     v = values.dropna()
+    if given is not None:
+        try:
+            holds = [_as(given, x) in given.choices if hasattr(given, "choices")
+                     else given.low <= _as(given, x) <= given.high for x in v]
+        except (TypeError, ValueError):
+            holds = [False]  # a value of another type than the space's
+        if all(holds):
+            return given
     if _is_categorical(v):
         return CategoricalDistribution(sorted({_choice(x) for x in v}, key=lambda x: (str(type(x)), str(x))))
     num = _numeric(v)
     if pd.api.types.is_integer_dtype(values.dtype):
         return IntDistribution(int(num.min()), int(num.max()))
     return FloatDistribution(float(num.min()), float(num.max()), log=is_log_scale(num))
+
+
+def _as(dist, v):
+    """A table value as a parameter value of `dist` (the table may hold 64 as 64.0, True as numpy bool)."""
+    if hasattr(dist, "choices"):
+        return _choice(v)
+    return int(v) if type(dist).__name__ == "IntDistribution" else float(v)
 
 
 def _choice(v):
@@ -434,19 +448,22 @@ def _choice(v):
     return v if isinstance(v, bool | int | float | str) or v is None else str(v)
 
 
-def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None
-                      ) -> dict[str, float] | None:
+def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None,
+                      distributions: Mapping[str, Any] | None = None) -> dict[str, float] | None:
     """{param: importance} (normalised, descending) of `metric` by Optuna's default evaluator (PED-ANOVA)
     on an in-memory study built from the trials; None when it cannot be computed (see importance_inputs).
     A NaN cell is a parameter the trial did not sample: that trial has no such parameter in the study, and
-    PED-ANOVA measures a conditional parameter only on the trials where it is active."""
+    PED-ANOVA measures a conditional parameter only on the trials where it is active. `distributions`
+    ({name: Optuna distribution}, from `only_sampled`): the ranges the search sampled from, which
+    PED-ANOVA's density estimates span; without them (or where a value falls outside), the values' range."""
     rows, params, reason = importance_inputs(trials, metric, params)
     if reason:
         return None
     import optuna
     from optuna.trial import create_trial
 
-    dists = {c: _distribution(_hashable(rows[c])) for c in params}
+    given = distributions or {}
+    dists = {c: _distribution(_hashable(rows[c]), given.get(param_name(c))) for c in params}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -460,10 +477,7 @@ def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequen
                     v = values[c]
                     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
                         continue  # conditional parameter not active in this trial
-                    dist = dists[c]
-                    p[param_name(c)] = (_choice(v) if hasattr(dist, "choices")
-                                        else int(v) if type(dist).__name__ == "IntDistribution" else float(v))
-                    d[param_name(c)] = dist
+                    p[param_name(c)], d[param_name(c)] = _as(dists[c], v), dists[c]
                 study.add_trial(create_trial(value=float(row[metric]), params=p, distributions=d))
             # PED-ANOVA compares the best target_quantile of the trials with all of them. Its default (0.1)
             # leaves 3 trials of 30 in that part, and 3 points that happen to share a value of any of ~12
@@ -532,19 +546,15 @@ def confusion_heatmap(confusion: Sequence[Sequence[float]] | None, classes: Sequ
     n = cm.shape[0]
     labels = [str(c) for c in classes] if classes is not None and len(classes) == n else [str(i) for i in range(n)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = cm / cm.sum(axis=1, keepdims=True)
-    share = np.nan_to_num(share)
-    fig = go.Figure(go.Heatmap(
-        z=cm.tolist(), x=labels, y=labels, customdata=share.tolist(), colorscale="Blues",
-        colorbar={"title": {"text": "images"}},
-        text=cm.astype(int).astype(str).tolist() if n <= 20 else None,
-        texttemplate="%{text}" if n <= 20 else None,
-        hovertemplate="true %{y}, predicted %{x}: %{z:.0f} (%{customdata:.1%} of %{y})<extra></extra>",
-    ))
+        share = np.nan_to_num(cm / cm.sum(axis=1, keepdims=True))
     side = min(900, max(350, 40 + 22 * n))
-    fig.update_layout(title=title, height=side,
-                      xaxis={"title": {"text": "predicted"}, "type": "category", "side": "bottom"},
-                      yaxis={"title": {"text": "true"}, "type": "category", "autorange": "reversed"})
+    fig = px.imshow(cm, x=labels, y=labels, text_auto=".0f" if n <= 20 else False, color_continuous_scale="Blues",
+                    labels={"x": "predicted", "y": "true", "color": "images"}, aspect="auto", title=title,
+                    height=side)
+    fig.update_traces(customdata=share, hovertemplate="true %{y}, predicted %{x}: %{z:.0f} "
+                                                      "(%{customdata:.1%} of %{y})<extra></extra>")
+    fig.update_xaxes(type="category", side="bottom")
+    fig.update_yaxes(type="category")
     return fig
 
 
@@ -786,22 +796,20 @@ def hardest_classes(matrix: pd.DataFrame, n: int) -> list[str]:
 
 def f1_heatmap(matrix: pd.DataFrame, title: str = "Per-class F1 on the test split") -> go.Figure:
     """Models (rows) x classes (columns), colour = F1 (red: the characters a model gets wrong).
-    Values are written in the cells when the classes fit; hover always shows them."""
+    Values are written in the cells when the classes fit; hover always shows them. A class a model
+    has no value for is an empty cell."""
     if matrix is None or matrix.empty or not len(matrix.columns) or matrix.isna().all().all():
         return empty_figure("summary.json has no per-class F1 for any model.", title)
-    z = matrix.to_numpy(dtype=float)
-    low = float(np.nanmin(z))
-    text = len(matrix.columns) <= F1_TEXT_MAX_CLASSES
-    fig = go.Figure(go.Heatmap(
-        z=[[None if math.isnan(v) else v for v in row] for row in z.tolist()],
-        x=[str(c) for c in matrix.columns], y=[str(r) for r in matrix.index],
-        colorscale="RdYlGn", zmin=min(low, 0.99), zmax=1.0, colorbar={"title": {"text": "F1"}},
-        texttemplate="%{z:.2f}" if text else None, xgap=1, ygap=1,
-        hovertemplate="%{y}<br>class %{x}: F1 %{z:.3f}<extra></extra>",
-    ))
-    fig.update_layout(title=title, height=160 + 40 * len(matrix.index),
-                      xaxis={"title": {"text": "class"}, "type": "category", "side": "bottom"},
-                      yaxis={"type": "category", "autorange": "reversed"}, margin={"l": 10})
+    z = matrix.astype(float)
+    z.columns, z.index = [str(c) for c in z.columns], [str(r) for r in z.index]
+    fig = px.imshow(z, text_auto=".2f" if len(z.columns) <= F1_TEXT_MAX_CLASSES else False,
+                    color_continuous_scale="RdYlGn", zmin=min(float(np.nanmin(z.to_numpy())), 0.99), zmax=1.0,
+                    labels={"x": "class", "color": "F1"}, aspect="auto", title=title,
+                    height=160 + 40 * len(z.index))
+    fig.update_traces(xgap=1, ygap=1, hovertemplate="%{y}<br>class %{x}: F1 %{z:.3f}<extra></extra>")
+    fig.update_xaxes(type="category", side="bottom")
+    fig.update_yaxes(type="category", title=None)
+    fig.update_layout(margin={"l": 10})
     return fig
 
 

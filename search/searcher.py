@@ -14,13 +14,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import optuna
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from search import ray_private
 from search.layout import ray_statuses
-from search.space import ReplayTrial
+from search.space import replay
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +57,12 @@ class ResumableOptunaSearch(OptunaSearch):
         if trial_id in ray_private.optuna_trials(self):
             super().on_trial_complete(trial_id, result=result, error=error)
             return True
-        value = (result or {}).get(self.metric)
-        replay = ReplayTrial(config)
         try:
-            ray_private.define_by_run(self)(replay)
+            replayed = replay(ray_private.define_by_run(self), config)
         except KeyError as e:
             log.warning("trial %s ended but cannot be added to the Optuna study: %s", trial_id, e)
             return False
-        if value is None:
-            state = optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED
-        else:
-            state = optuna.trial.TrialState.COMPLETE
-        ray_private.optuna_study(self).add_trial(optuna.trial.create_trial(
-            params=replay.params, distributions=replay.distributions, value=value, state=state))
+        ray_private.optuna_study(self).add_trial(replayed.finished((result or {}).get(self.metric), error))
         ray_private.completed_trials(self).add(trial_id)
         return True
 

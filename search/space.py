@@ -226,7 +226,7 @@ class ReplayTrial:
     def _take(self, name: str, make_dist):
         if name not in self.config:
             raise KeyError(f"the trial's config has no {name!r}")
-        import optuna  # only where distributions are wanted (the searcher)
+        import optuna  # only where distributions are wanted, at the first suggest_*
 
         self.params[name], self.distributions[name] = self.config[name], make_dist(optuna.distributions)
         return self.config[name]
@@ -240,18 +240,32 @@ class ReplayTrial:
     def suggest_categorical(self, name, choices):
         return self._take(name, lambda d: d.CategoricalDistribution(choices))
 
+    def finished(self, value: float | None, failed: bool = False):
+        """This trial as an ended Optuna trial, to add to a study: COMPLETE with its value, else
+        FAIL (it raised) or PRUNED (stopped before reporting the metric)."""
+        from optuna.trial import TrialState, create_trial
 
-def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> set[str] | None:
-    """The names a trial with this config actually sampled (a conditional parameter only where its
-    branch was chosen), by replaying the space on the config; None where the config lacks a value the
-    space asks for (another space, or a trial without params.json)."""
-    run = space if isinstance(space, DefineByRun) else DefineByRun(space)
-    replay = ReplayTrial(config)
+        state = TrialState.COMPLETE if value is not None else TrialState.FAIL if failed else TrialState.PRUNED
+        return create_trial(params=self.params, distributions=self.distributions, value=value, state=state)
+
+
+def replay(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> ReplayTrial:
+    """The one way a known config becomes a point of the search space (the searcher catching its study
+    up, the summary, the dashboard): the space's define-by-run function answered from `config`.
+    Raises KeyError where the config lacks a value the space asks for (another space)."""
+    trial = ReplayTrial(config)
+    (DefineByRun(space) if isinstance(space, SearchSpec) else space)(trial)
+    return trial
+
+
+def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> dict[str, Any] | None:
+    """{name: Optuna distribution} of what a trial with this config actually sampled (a conditional
+    parameter only where its branch was chosen); None where the config lacks a value the space asks for
+    (another space, or a trial without params.json)."""
     try:
-        run(replay)
+        return replay(space, config).distributions
     except KeyError:
         return None
-    return set(replay.params)
 
 
 def default_point(spec: SearchSpec) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def _sampled_names(exp_dir: Path):
         space = DefineByRun(load_search_spec(json.loads((exp_dir / SETTINGS_FILE).read_text())["config"]))
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return lambda config: None
-    return lambda config: sampled_params(space, config)
+    return lambda config: set(sampled_params(space, config) or ()) or None
 
 
 def _plain(v):

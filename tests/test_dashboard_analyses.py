@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from dashboard import figures
-from search.space import DefineByRun, load_search_spec, sampled_params
+from search.space import DefineByRun, load_search_spec, replay, sampled_params
 from training.config import make_config
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
@@ -124,15 +125,15 @@ def test_sampled_params_follow_the_branches(space):
     sgd_step = {**base, "optimizer": "sgd", "scheduler": "step"}
     common = {"lr", "width", "dropout", "weight_decay", "label_smoothing", "aug_strength", "aug_rotate",
               "batch_size", "optimizer", "scheduler"}
-    assert sampled_params(space, sgd_step) == common | {"momentum", "gamma"}
-    assert sampled_params(space, {**base, "optimizer": "adamw", "scheduler": "none"}) == common
+    assert set(sampled_params(space, sgd_step)) == common | {"momentum", "gamma"}
+    assert set(sampled_params(space, {**base, "optimizer": "adamw", "scheduler": "none"})) == common
     assert sampled_params(space, {"lr": 0.01}) is None  # not a config of this space
 
 
 def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     trials = loaded.trials
     assert trials["config/momentum"].notna().all() and trials["config/gamma"].notna().all()  # the full config
-    masked, params, note = figures.only_sampled(trials, lambda c: sampled_params(space, c))
+    masked, params, dists, note = figures.only_sampled(trials, lambda c: sampled_params(space, c))
     assert note is None
     assert {figures.param_name(c) for c in params} == {
         "lr", "width", "dropout", "weight_decay", "label_smoothing", "aug_strength", "aug_rotate", "batch_size",
@@ -142,11 +143,15 @@ def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     step = trials["config/scheduler"] == "step"
     assert masked.loc[step, "config/gamma"].notna().all() and masked.loc[~step, "config/gamma"].isna().all()
     assert masked["config/batch_size"].dropna().map(float).isin([64, 128, 256]).all()
+    # ... and the ranges the space sampled them from (for importance), not the ranges the trials happen to span
+    assert dists["lr"] == FloatDistribution(1e-4, 1e-1, log=True)
+    assert dists["batch_size"] == CategoricalDistribution([64, 128, 256])
+    assert dists["gamma"] == FloatDistribution(0.2, 0.6) and set(dists) == {figures.param_name(c) for c in params}
 
     # without the space: what varies between the trials, and the note says why
-    same, varying, note = figures.only_sampled(trials, None)
+    same, varying, _, note = figures.only_sampled(trials, None)
     assert same is trials and set(varying) == set(figures.varying_params(trials)) and "unknown" in note
-    _, _, note = figures.only_sampled(trials, lambda c: None)
+    _, _, _, note = figures.only_sampled(trials, lambda c: None)
     assert "does not fit the config of trial(s) 00000, 00001, 00002 and 27 more" in note
 
 
@@ -164,7 +169,7 @@ def test_importance_of_a_conditional_parameter_uses_only_the_trials_that_sampled
                      "config/momentum": rng.uniform(0.8, 0.99) if sgd else 0.9, "config/scheduler": "none"})
     full = pd.DataFrame(rows)
     names = lambda c: sampled_params(space, {**make_config({}).to_dict(), **c})  # noqa: E731
-    masked, params, _ = figures.only_sampled(full, names)
+    masked, params, dists, _ = figures.only_sampled(full, names)
     assert set(params) == {"config/optimizer", "config/lr", "config/momentum", "config/scheduler"}  # (constant)
     values = figures.importance_values(masked, params=params)
 
@@ -174,6 +179,34 @@ def test_importance_of_a_conditional_parameter_uses_only_the_trials_that_sampled
     unmasked = figures.importance_values(full, params=params)
     assert values["momentum"] < unmasked["momentum"]  # the 0.9 default no longer counts
     assert max(values, key=values.get) == "optimizer"
+
+
+def test_replay_gives_the_searcher_and_the_dashboard_the_same_trial(space):
+    """search.space.replay is the one way a known config becomes an Optuna trial: the searcher adds what it
+    gives to its study, the summary and the dashboard read which parameters it sampled and from where."""
+    import optuna
+
+    config = {**make_config({}).to_dict(), "optimizer": "sgd", "momentum": 0.95, "scheduler": "none", "lr": 3e-3}
+    replayed = replay(space, config)
+    assert replayed.params["momentum"] == 0.95 and "gamma" not in replayed.params
+    assert replayed.distributions == sampled_params(space, config)
+    study = optuna.create_study(direction="maximize")
+    for value, failed, state in ((0.8, False, "COMPLETE"), (None, False, "PRUNED"), (None, True, "FAIL")):
+        study.add_trial(replayed.finished(value, failed))  # valid for a study: every value in its distribution
+        assert study.trials[-1].state.name == state and study.trials[-1].params == replayed.params
+    with pytest.raises(KeyError, match="no 'momentum'"):
+        replay(space, {k: v for k, v in config.items() if k != "momentum"})
+
+
+def test_importance_uses_the_space_range_where_every_value_fits():
+    lr = FloatDistribution(1e-4, 1e-1, log=True)
+    narrow = pd.Series([1e-3, 2e-3, 1.5e-3])  # spans less than the space: the space's range counts
+    assert figures._distribution(narrow, lr) is lr
+    own = figures._distribution(pd.Series([1e-3, 0.5]), lr)  # 0.5 is outside the space (another space)
+    assert own == FloatDistribution(1e-3, 0.5, log=True)
+    sizes = CategoricalDistribution([64, 128, 256])
+    assert figures._distribution(pd.Series([64.0, 128.0]), sizes) is sizes  # as the table holds them
+    assert figures._distribution(pd.Series(["adamw"]), sizes) == CategoricalDistribution(["adamw"])
 
 
 # ---------------------------------------------------------------- the budget trials are compared at
@@ -190,7 +223,7 @@ def test_budget_counts_and_default():
 
 
 def test_a_parameter_that_drives_accuracy_at_the_rung_ranks_first(loaded, space):
-    masked, params, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    masked, params, dists, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
     counts = figures.budget_counts(masked, loaded.histories, figures.asha_rungs(12, 2, 3))
     assert counts == {2: 30, 6: 10, 12: 3}
     assert figures.budget_counts(masked, loaded.histories) == {2: 30, 6: 10, 12: 3}  # from epochs_run
@@ -199,7 +232,7 @@ def test_a_parameter_that_drives_accuracy_at_the_rung_ranks_first(loaded, space)
     hist = loaded.histories["00000"]
     assert at2.iloc[0] == pytest.approx(float(hist.loc[hist["epoch"] == 2, "val_acc"].iloc[0]))
     data = masked.assign(at2=at2)
-    values = figures.importance_values(data, "at2", params)
+    values = figures.importance_values(data, "at2", params, dists)
     assert max(values, key=values.get) == "lr" and values["lr"] > 0.3
     fig = figures.param_importance(data, "at2", "val acc at epoch 2", params)
     assert "val acc at epoch 2 (30 trials" in fig.layout.title.text

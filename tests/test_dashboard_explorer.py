@@ -228,7 +228,7 @@ def test_param_vs_metric_log_axis_status_colours_and_nan():
     traces = {tr.name: tr for tr in fig.data}
     assert set(traces) == {"finished", "stopped"}  # the diverged trial has no accuracy to plot
     assert list(traces["stopped"].y) == [0.5, 0.4]
-    assert list(traces["stopped"].text) == ["t1", "t2"]
+    assert list(traces["stopped"].hovertext) == ["t1", "t2"]  # the trial, named on hover
     assert traces["finished"].marker.color == figures.STATUS_COLORS["finished"]
     assert traces["stopped"].marker.color != traces["finished"].marker.color
 

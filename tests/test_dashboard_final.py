@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def test_f1_heatmap_one_row_per_model_one_column_per_class():
     for row, key in enumerate(("single", "ensemble", "refit")):
         assert z[row] == pytest.approx(F1[key])
     assert z[3] == pytest.approx(F1["single"])
-    assert z[4, :9] == pytest.approx([0.5] * 9) and heat.z[4][9] is None  # missing: an empty cell, not 0
+    assert z[4, :9] == pytest.approx([0.5] * 9) and math.isnan(z[4, 9])  # missing: NaN (an empty cell), not 0
     assert heat.texttemplate == "%{z:.2f}" and "F1" in heat.hovertemplate
     # The hardest classes: lowest mean F1 over the models (5 and 2 here), in class order.
     assert figures.hardest_classes(matrix, 2) == ["2", "5"]
