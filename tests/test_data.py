@@ -24,6 +24,22 @@ def test_idx_round_trip_raw_and_gz(tmp_path):
     np.testing.assert_array_equal(read_labels(tmp_path / "l.gz"), np.arange(7))
 
 
+
+def test_reader_agrees_with_torchvisions_mnist_reader(tmp_path, real_data_dir):
+    """torchvision's MNIST-format reader is the reference for the bytes we return. (It is not our reader:
+    in torchvision 0.29 it opens uncompressed files only, and a truncated file or one with the other
+    magic number fails as "shape [...] is invalid" from .view(); see training/idx.py.)"""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    for kind, ours, theirs in (("images", read_images, read_image_file), ("labels", read_labels, read_label_file)):
+        packed = real_data_dir / f"emnist-bymerge-test-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+        plain = tmp_path / packed.stem
+        plain.write_bytes(gzip.decompress(packed.read_bytes()))
+        expected = theirs(str(plain)).numpy()
+        assert expected.shape[0] > 1000
+        np.testing.assert_array_equal(ours(plain), expected)
+        np.testing.assert_array_equal(ours(packed), expected)  # .gz: the same array
+
 def _valid_images(tmp_path, n=3):
     path = tmp_path / "img-idx3-ubyte"
     write_idx(path, np.zeros((n, 28, 28), np.uint8))

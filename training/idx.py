@@ -4,6 +4,13 @@ Header, big-endian: two zero bytes, a type code (0x08 = uint8), the number of
 dimensions, then one uint32 per dimension. Images are magic 2051 (3 dims),
 labels 2049 (1 dim). Every way a file can be wrong gets an error naming the
 file and what is wrong, because a silently misread dataset trains garbage.
+
+Why not torchvision's reader (torchvision.datasets.mnist.read_image_file): in torchvision 0.29 it
+opens uncompressed files only (`open(path)`; NIST's files and ../shared/emnist are .gz) and checks
+with `assert`s, so a truncated file, one with trailing bytes or a labels file given as images all
+fail as "shape '[5, 28, 28]' is invalid for input of size 3910" from .view() (measured). Its
+parsing, past those checks, is the one `np.frombuffer(...).reshape(...)` line below; it is the
+reference our arrays are tested against (tests/test_data.py).
 """
 
 from __future__ import annotations
