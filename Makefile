@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA_DIR is set)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q --durations=15 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train $(ARGS)
