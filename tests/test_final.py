@@ -15,9 +15,10 @@ import torch
 from search.final import FinalError, FinalSettings, choose_k, run_final, whole_training_split
 from search.layout import ray_statuses, read_json_lines, trial_dirs
 from tests.test_search import REPO, RUN, write_space
+from training import ensemble
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import load_test
-from training.ensemble import Ensemble, TestTimeAugment, save_model
+from training.ensemble import Ensemble, save_model
 from training.metrics import wilson_interval
 from training.predict import Predictor
 
@@ -109,7 +110,7 @@ def test_delivered_model_and_report(final_run, digits_dir):
     assert len(members) == final["refit"]["finished"] == len(final["refit"]["members"])
     # the delivered model is what Predictor loads from the experiment folder, and its test figure is real
     predictor = Predictor.from_checkpoint(exp)
-    model = predictor.model.model if isinstance(predictor.model, TestTimeAugment) else predictor.model
+    model = predictor.model.model if isinstance(predictor.model, ensemble.TestTimeAugment) else predictor.model
     assert isinstance(model, Ensemble) and len(model.members) == len(members)
     x, y, classes = load_test("digits", digits_dir)
     acc = int((predictor.probabilities(x).argmax(1) == y).sum()) / len(y)
@@ -232,7 +233,7 @@ def test_test_time_augmentation_file(tmp_path, digits_data):
 
     path = save_model(tmp_path / "m.pt", _members(1), list("0123456789"), "digits", tta=7)
     predictor = Predictor.from_checkpoint(path)
-    assert isinstance(predictor.model, TestTimeAugment)
+    assert isinstance(predictor.model, ensemble.TestTimeAugment)
     x = digits_data.val_x[:32]
     # the module (what is delivered and exported) is the trainer's TTA, up to the latter's uint8 rounding
     want = predict_probs(predictor.model.model, x, precision="fp32", tta=7)
