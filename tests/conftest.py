@@ -78,6 +78,21 @@ def real_data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_search(real_data_dir, tmp_path_factory):
+    """`python search/run.py --config configs/search/smoke.yaml` as a user runs it, on real EMNIST (4 trials,
+    then the final stage), once per session: (results root, the finished process). The experiment is
+    named 'smoke'. tests/test_search.py checks what it printed and wrote; the browser test browses it."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("smoke-results")
+    r = subprocess.run([sys.executable, "search/run.py", "--config", "configs/search/smoke.yaml", "--data-dir",
+                        str(real_data_dir), "--storage", str(root), "--name", "smoke"],
+                       capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    return root, r
+
+
+@pytest.fixture(scope="session")
 def real_run(real_data_dir, tmp_path_factory):
     """2 epochs of the small CNN on 20,000 real EMNIST images (CPU), trained once per session."""
     from training.trainer import train

@@ -5,8 +5,9 @@ model, predictor); and a plain
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and the PyPI
 `playwright` package; playwright's own browser downloads are never used. With EMNIST_DATA_DIR set,
-a small real search runs first (configs/search/smoke.yaml, 2 trials, ~1 min) and the uploaded image
-is a real EMNIST test character; without it, a generated glyph and the tiny experiment are used.
+the page browses the session's real smoke search (conftest.smoke_search: configs/search/smoke.yaml,
+as tests/test_search.py runs it) and the uploaded image is a real EMNIST test character; without it,
+a generated glyph and the tiny experiment are used.
 
 The search's final stage (search/final.py) must have run: the Final model page is checked against
 its summary.json. UPDATE_SCREENSHOT=1 also copies the screenshots to docs/.
@@ -55,16 +56,6 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _real_experiment(data_dir: Path, root: Path) -> Path:
-    """A small real search (2 trials x 2 epochs on 4000 real images) under root, named 'real'."""
-    cmd = [sys.executable, str(REPO / "search" / "run.py"), "--config", str(REPO / "configs/search/smoke.yaml"),
-           "--data-dir", str(data_dir), "--storage", str(root), "--name", "real", "--samples", "2",
-           "--tta", "off"]  # (the page is under test here, not the final stage's choices: tests/test_final.py)
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return root
-
-
 def _page_model(root: Path, name: str):
     """The model the Predictor page starts with: the search's final model when it delivered one, else
     the best trial's checkpoint."""
@@ -87,7 +78,7 @@ def _real_character(root: Path, data_dir: Path) -> tuple[bytes, str, float]:
     (checked through the page's own upload path)."""
     from training.data import load_test
 
-    predictor = _page_model(root, "real")
+    predictor = _page_model(root, "smoke")
     x, y, classes = load_test("bymerge", data_dir)
     x, y = x[:3000], y[:3000]
     probs = predictor.probabilities(x)
@@ -191,9 +182,10 @@ def test_dashboard_in_chromium(request, tiny_experiment, tmp_path):
         data_dir = None
         warnings.warn(f"real-character part skipped ({e.msg}); using a generated glyph instead", stacklevel=1)
     if data_dir is not None:
-        root = _real_experiment(data_dir, tmp_path / "results")
+        root, search = request.getfixturevalue("smoke_search")
+        assert search.returncode == 0, search.stdout[-2000:] + search.stderr[-2000:]
         image, label, prob = _real_character(root, data_dir)
-        name = "real"
+        name = "smoke"
     else:
         root = tiny_experiment
         image, label, prob = _generated_character(root)

@@ -206,22 +206,20 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_smoke_search_on_real_data(real_data_dir, tmp_path):
+def test_shipped_smoke_search_on_real_data(smoke_search):
     """`python search/run.py --config configs/search/smoke.yaml` as a user runs it (real EMNIST)."""
-    r = subprocess.run([sys.executable, "search/run.py", "--config", "configs/search/smoke.yaml", "--data-dir",
-                        str(real_data_dir), "--storage", str(tmp_path), "--name", "smoke"],
-                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    root, r = smoke_search
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    summary = json.loads((root / "smoke" / "summary.json").read_text())
     assert summary["test_acc"] > 0.5 and summary["trials"].get("finished", 0) >= 1
     assert "best trial" in r.stdout and "most confused" in r.stdout
     # ...and its final stage: the delivered model, refit on train + validation, and the test report
     final = summary["final"]
-    assert Path(final["model"]) == tmp_path / "smoke" / "final" / "model.pt"
+    assert Path(final["model"]) == root / "smoke" / "final" / "model.pt"
     assert final["test"]["refit"]["accuracy"] > 0.5 and final["test"]["refit"]["n"] == summary["test_n"]
     assert final["test"]["single"]["accuracy"] == pytest.approx(summary["test_acc"])
-    assert (tmp_path / "smoke" / "final" / "report.md").read_text().count("| 0.") >= 3
-    assert "delivered" in r.stdout and Predictor.from_checkpoint(tmp_path / "smoke").classes[:3] == ["0", "1", "2"]
+    assert (root / "smoke" / "final" / "report.md").read_text().count("| 0.") >= 3
+    assert "delivered" in r.stdout and Predictor.from_checkpoint(root / "smoke").classes[:3] == ["0", "1", "2"]
 
 
 def test_divergence_and_transient_failure(digits_dir, tmp_path):
