@@ -26,27 +26,49 @@ from pathlib import Path
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint_<n>/ folder (search/trainable.py writes it)
 SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
+SESSIONS_FILE = "sessions.json"  # seconds of each driver session (the search's wall-clock over resumes)
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 
 
-def read_settings(exp_dir: str | Path) -> dict | None:
-    """The settings a search was started with (search.json), from a local folder or any storage URI
-    Ray writes to (through pyarrow, as Ray does); None when the experiment has none. OSError or
-    ValueError when the file is there but cannot be read."""
+def _read_file(exp_dir: str | Path, name: str) -> bytes | None:
+    """A file of the experiment folder, local or at any storage URI Ray writes to (through pyarrow, as Ray
+    does); None when it is not there."""
     if not is_uri(exp_dir):
-        path = Path(exp_dir) / SETTINGS_FILE
-        if not path.is_file():
-            return None
-        value = json.loads(path.read_text())
-    else:
-        import pyarrow.fs
+        path = Path(exp_dir) / name
+        return path.read_bytes() if path.is_file() else None
+    import pyarrow.fs
 
-        fs, path = pyarrow.fs.FileSystem.from_uri(f"{str(exp_dir).rstrip('/')}/{SETTINGS_FILE}")
-        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as f:
-            value = json.loads(f.read())
+    fs, path = pyarrow.fs.FileSystem.from_uri(f"{str(exp_dir).rstrip('/')}/{name}")
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _write_file(exp_dir: str | Path, name: str, data: bytes) -> None:
+    """Write a file of the experiment folder (see _read_file); whole or not at all on local disk."""
+    if not is_uri(exp_dir):
+        from training.checkpoint import write_atomic
+
+        Path(exp_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(exp_dir) / name, lambda f: f.write(data))
+        return
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(str(exp_dir).rstrip("/"))
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        f.write(data)
+
+
+def read_settings(exp_dir: str | Path) -> dict | None:
+    """The settings a search was started with (search.json), wherever the experiment is stored; None
+    when the experiment has none. OSError or ValueError when the file is there but cannot be read."""
+    data = _read_file(exp_dir, SETTINGS_FILE)
+    if data is None:
+        return None
+    value = json.loads(data)
     if not isinstance(value, dict):
         raise ValueError(f"{SETTINGS_FILE} is not a JSON object")
     return value
@@ -54,17 +76,30 @@ def read_settings(exp_dir: str | Path) -> dict | None:
 
 def write_settings(exp_dir: str | Path, settings: dict) -> None:
     """Save search.json with the experiment, wherever it is stored (see read_settings)."""
-    text = (json.dumps(settings, indent=1) + "\n").encode()
-    if not is_uri(exp_dir):
-        Path(exp_dir).mkdir(parents=True, exist_ok=True)
-        (Path(exp_dir) / SETTINGS_FILE).write_bytes(text)
-        return
-    import pyarrow.fs
+    _write_file(exp_dir, SETTINGS_FILE, (json.dumps(settings, indent=1) + "\n").encode())
 
-    fs, path = pyarrow.fs.FileSystem.from_uri(str(exp_dir).rstrip("/"))
-    fs.create_dir(path, recursive=True)
-    with fs.open_output_stream(f"{path}/{SETTINGS_FILE}") as f:
-        f.write(text)
+
+def session_seconds(exp_dir: str | Path) -> list[float]:
+    """How long each earlier driver session of the search ran (sessions.json), oldest first. It only feeds
+    the reported wall-clock, so a missing or unreadable file is no sessions, never an error."""
+    try:
+        value = json.loads(_read_file(exp_dir, SESSIONS_FILE) or b"[]")
+    except (OSError, ValueError):
+        return []
+    if not isinstance(value, list):
+        return []
+    return [float(v) for v in value if isinstance(v, int | float) and math.isfinite(v) and v >= 0]
+
+
+def add_session(exp_dir: str | Path, seconds: float) -> list[float]:
+    """Record one more driver session of `seconds`; returns every session's seconds, this one last. (A
+    driver killed outright records nothing, so the total can only miss time, never count it twice.)"""
+    sessions = [*session_seconds(exp_dir), float(seconds)]
+    try:
+        _write_file(exp_dir, SESSIONS_FILE, json.dumps(sessions).encode())
+    except OSError:
+        pass  # the wall-clock is a report; the search itself has nothing to lose here
+    return sessions
 
 
 def checkpoint_index(path: Path) -> int:

@@ -159,8 +159,8 @@ def end_of_search(args: argparse.Namespace, name: str, exp_dir: str, spec: Searc
         print(f"\nsearch interrupted with {outcome.done} of {outcome.samples} trials done; nothing finished is lost. "
               f"Continue with:\n  {resume_command(args, name)}")
         return 130
-    code = finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=outcome.wall_seconds,
-                             max_epochs=spec.max_epochs)
+    code = finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=outcome.total_seconds,
+                             max_epochs=spec.max_epochs, sessions=len(outcome.sessions) or 1)
     if code != 0 or args.no_final:
         return code
     try:

@@ -46,7 +46,9 @@ def _plain(v):
 
 
 def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | None = None,
-                      max_epochs: int | None = None, device: str = "auto") -> int:
+                      max_epochs: int | None = None, device: str = "auto", sessions: int = 1) -> int:
+    """Summarise a finished search: test accuracy of the best trial, summary.json, trials.csv, best.pt.
+    `wall_seconds`: the search's wall-clock over its `sessions` driver sessions (a run and its resumes)."""
     from training.evaluate import evaluate_checkpoint
 
     if is_uri(exp_dir):
@@ -85,6 +87,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         "most_confused": test["most_confused"],
         "trials": {s: int(n) for s, n in trials["status"].value_counts().items()},
         "search_wall_seconds": wall_seconds,
+        "search_sessions": sessions,
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_atomic(exp_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
@@ -106,7 +109,8 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
     print("highest F1: " + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in per_class[::-1][:5]))
     print(f"most confused: {format_pairs(test['most_confused'])}")
     if wall_seconds is not None:
-        print(f"search wall-clock: {wall_seconds / 60:.1f} min")
+        over = f" over {sessions} sessions (the first run and its resumes)" if sessions > 1 else ""
+        print(f"search wall-clock: {wall_seconds / 60:.1f} min{over}")
     print(f"files: {exp_dir / 'summary.json'}, {exp_dir / 'trials.csv'}, {exp_dir / 'best.pt'}")
     print(f"tensorboard --logdir {shlex.quote(str(exp_dir))} --host 127.0.0.1")
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imported)
@@ -17,7 +17,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from search import ray_private, repairs
-from search.layout import is_uri, ray_statuses, write_settings
+from search.layout import add_session, is_uri, ray_statuses, write_settings
 from search.resources import Resources
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
 from search.space import DefineByRun, SearchSpec, default_point
@@ -186,7 +186,13 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
 class SearchOutcome:
     samples: int
     done: int  # trials that ended (finished, stopped, diverged or errored)
-    wall_seconds: float
+    wall_seconds: float  # this driver session
+    sessions: list[float] = field(default_factory=list)  # every recorded session's seconds, this one last
+
+    @property
+    def total_seconds(self) -> float:
+        """The search's wall-clock over all its sessions (a first run and each --resume)."""
+        return sum(self.sessions) if self.sessions else self.wall_seconds
 
     @property
     def complete(self) -> bool:
@@ -218,6 +224,7 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         start = time.time()
         tuner.fit()
         wall = time.time() - start
+        sessions = add_session(exp_dir, wall)
     finally:
         ray.shutdown()
     # Counted from the experiment state Ray saved, not from the Trial objects in memory: on Ctrl+C,
@@ -231,7 +238,7 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
     else:
         saved = ray_statuses(Path(exp_dir))
     done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in saved.values())
-    return SearchOutcome(samples, done, wall)
+    return SearchOutcome(samples, done, wall, sessions)
 
 
 def _sampler(seed: int):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from search import layout
 from search.layout import ray_statuses
 from search.results import load_experiment
 from training.checkpoint import load_checkpoint
@@ -203,6 +204,24 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
         assert (exp_dir / f"trial_{t}" / "result.json").read_text() == results_before[t]
     for t, h in after.histories.items():  # no epoch lost or repeated in any trial
         assert h["epoch"].tolist() == [1, 2, 3, 4], (t, h["epoch"].tolist())
+    # the reported wall-clock covers both sessions, not only the resumed one
+    sessions = json.loads((exp_dir / "sessions.json").read_text())
+    assert len(sessions) == 2 and all(s > 0 for s in sessions)
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert summary["search_sessions"] == 2 and summary["search_wall_seconds"] == pytest.approx(sum(sessions))
+    assert "over 2 sessions" in r.stdout
+
+
+def test_session_record_never_stops_a_search(tmp_path):
+    """sessions.json only feeds the reported wall-clock: a damaged one counts as no earlier sessions."""
+    assert layout.session_seconds(tmp_path) == []
+    assert layout.add_session(tmp_path, 12.5) == [12.5] and layout.add_session(tmp_path, 3) == [12.5, 3.0]
+    assert layout.session_seconds(tmp_path) == [12.5, 3.0]
+    for damaged in ("{not json", '{"a": 1}', '[1, "x", -2, 5]'):
+        (tmp_path / layout.SESSIONS_FILE).write_text(damaged)
+        assert layout.session_seconds(tmp_path) == ([1.0, 5.0] if damaged.startswith("[") else [])
+    uri = f"file://{tmp_path / 'cloud' / 'exp'}"  # any storage Ray writes to, through pyarrow
+    assert layout.add_session(uri, 7) == [7.0] and layout.session_seconds(uri) == [7.0]
 
 
 @pytest.mark.slow
