@@ -235,7 +235,7 @@ def test_a_parameter_that_drives_accuracy_at_the_rung_ranks_first(loaded, space)
     values = figures.importance_values(data, "at2", params, dists)
     assert max(values, key=values.get) == "lr" and values["lr"] > 0.3
     fig = figures.param_importance(data, "at2", "val acc at epoch 2", params)
-    assert "val acc at epoch 2 (30 trials" in fig.layout.title.text
+    assert "for val acc at epoch 2<br><sup>(30 trials" in fig.layout.title.text
     assert fig.data[0].y[-1] == "lr"  # on top
 
     axes = [n for n in values][:figures.PARCOORDS_DEFAULT_AXES]
