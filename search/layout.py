@@ -97,8 +97,8 @@ def add_session(exp_dir: str | Path, seconds: float) -> list[float]:
     sessions = [*session_seconds(exp_dir), float(seconds)]
     try:
         _write_file(exp_dir, SESSIONS_FILE, json.dumps(sessions).encode())
-    except OSError:
-        pass  # the wall-clock is a report; the search itself has nothing to lose here
+    except (OSError, ValueError):  # (pyarrow's errors are both) the wall-clock is a report: the search
+        pass  # that just ran must still be summarised
     return sessions
 
 

@@ -222,6 +222,10 @@ def test_session_record_never_stops_a_search(tmp_path):
         assert layout.session_seconds(tmp_path) == ([1.0, 5.0] if damaged.startswith("[") else [])
     uri = f"file://{tmp_path / 'cloud' / 'exp'}"  # any storage Ray writes to, through pyarrow
     assert layout.add_session(uri, 7) == [7.0] and layout.session_seconds(uri) == [7.0]
+    blocked = tmp_path / "a-file"  # storage that cannot be written: the session is reported, not recorded
+    blocked.write_text("")
+    assert layout.add_session(blocked / "exp", 4) == [4.0] and layout.session_seconds(blocked / "exp") == []
+    assert layout.add_session("nosuchscheme://bucket/exp", 4) == [4.0]
 
 
 @pytest.mark.slow
