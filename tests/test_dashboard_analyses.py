@@ -269,7 +269,7 @@ def test_page_analyses_on_the_synthetic_search(monkeypatch, synthetic, loaded):
     budget = at.selectbox(key="explorer_budget")
     assert budget.value == 2 and budget.options == ["val acc at epoch 2 (30 trials)", "val acc at epoch 6 (10 trials)"]
     importance = _chart(at, "explorer_importance")
-    assert "val acc at epoch 2 (30 trials" in importance["layout"]["title"]["text"]
+    assert "val acc at epoch 2<br><sup>(30 trials" in importance["layout"]["title"]["text"]
     assert importance["data"][0]["y"][-1] == "lr"
 
     axes = at.multiselect(key="explorer_parcoords_axes")
@@ -291,7 +291,7 @@ def test_page_analyses_on_the_synthetic_search(monkeypatch, synthetic, loaded):
 
     at.selectbox(key="explorer_budget").select(6).run()
     assert not at.exception and not at.error
-    assert "val acc at epoch 6 (10 trials" in _chart(at, "explorer_importance")["layout"]["title"]["text"]
+    assert "val acc at epoch 6<br><sup>(10 trials" in _chart(at, "explorer_importance")["layout"]["title"]["text"]
 
 
 def test_page_without_the_saved_space_says_so(monkeypatch, tmp_path):
