@@ -38,7 +38,6 @@ MAX_SPACE_BYTES = 2**20  # the saved search space (and its base config): a bigge
 BUDGET_COLUMN = "_val_acc_at_budget"
 STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
-TABLE_COLUMNS = TRIAL_COLUMNS  # the table's fixed columns: the trials table's own (search/results.py)
 
 
 # ---------------------------------------------------------------- loading
@@ -268,7 +267,7 @@ def _trials_table(trials: pd.DataFrame, masked: pd.DataFrame | None = None, para
     source = trials if show_all else masked.assign(**{c: trials[c] for c in trials if c not in params})
     if "config/model" in trials and "config/model" not in config_cols:
         config_cols = ["config/model", *config_cols]
-    cols = [c for c in TABLE_COLUMNS[:2] if c in view] + config_cols + [c for c in TABLE_COLUMNS[2:] if c in view]
+    cols = [c for c in TRIAL_COLUMNS[:2] if c in view] + config_cols + [c for c in TRIAL_COLUMNS[2:] if c in view]
     table = source.loc[view.index, cols].copy()
     order = {t: i for i, t in enumerate(_ranked_ids(view))}
     table = table.sort_values("trial_id", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
@@ -356,8 +355,6 @@ def _curves(exp: Experiment) -> None:
 
 
 # ---------------------------------------------------------------- one trial
-
-
 
 
 def _trial_details(root: Path, exp: Experiment) -> None:

@@ -203,9 +203,7 @@ def asha_rungs(max_epochs: int, grace_period: int, reduction_factor: int) -> lis
 
 def usable_trials(trials: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     """Finished or ASHA-stopped trials with a finite `metric`."""
-    if trials is None or trials.empty or metric not in trials:
-        return pd.DataFrame(columns=list(getattr(trials, "columns", [])))
-    rows = trials[np.isfinite(_numeric(trials[metric]).to_numpy())]
+    rows = _usable(trials, metric)
     return rows[rows["status"].isin(USABLE_STATUSES)] if "status" in rows else rows
 
 

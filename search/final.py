@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, is_uri, ray_statuses, read_json, trial_dirs
+from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, checkpoint_dirs, is_uri, ray_statuses, read_json, trial_dirs
 from search.resources import Resources
 from search.results import load_experiment
+from training import augment
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
 from training.config import ConfigError
 from training.data import EmnistData
@@ -47,7 +48,7 @@ PAIRS_IMAGE = "confused_pairs.png"
 REFIT_NAME = "refit"
 EPOCHS_MODES = ("best", "full")
 TTA_MODES = ("auto", "off")
-TTA_VIEWS = 7  # identity, 4 one-pixel shifts, +-8 degrees (training/augment.TTA_VIEWS)
+TTA_VIEWS = len(augment.TTA_VIEWS)  # identity, 4 one-pixel shifts, +-8 degrees
 
 
 @dataclass
@@ -266,7 +267,7 @@ def refit_models(refit_dir: Path) -> tuple[list[dict], list[str]]:
         member = ((read_json(d / "params.json") or {}).get("member")) or {}
         want = member.get("epochs")
         best = None
-        for c in sorted(d.glob("checkpoint_*"), reverse=True):
+        for c in checkpoint_dirs(d):
             try:
                 ckpt = load_checkpoint(c / CHECKPOINT_FILE)
             except CheckpointError:

@@ -29,6 +29,7 @@ SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.
 SESSIONS_FILE = "sessions.json"  # seconds of each driver session (the search's wall-clock over resumes)
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
+STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
 
 
 def _read_file(exp_dir: str | Path, name: str) -> bytes | None:
@@ -120,7 +121,6 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
-
 def _parse_line(line: str | bytes) -> dict | None:
     """One JSON object, or None for anything else. ValueError covers a number too long for int()
     (Python refuses more than 4300 digits) and bad UTF-8; RecursionError very deep nesting."""
@@ -165,7 +165,6 @@ def is_inside(root: str | Path, path: str | Path) -> bool:
     except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
         return False
     return real == base or base in real.parents
-
 
 
 MAX_RESULT_BYTES = 8 * 2**20  # of one result.json: a bigger file is read at its head and its tail
@@ -264,13 +263,12 @@ def read_result_rows(path: Path, max_bytes: int = MAX_RESULT_BYTES) -> tuple[lis
     return rows, notes
 
 
-
 def ray_statuses(exp_dir: str | Path, root: str | Path | None = None, fs=None) -> dict[str, dict]:
     """trial id -> {status, num_failures, error_file, config, last_result} from the newest readable
     experiment state (the file Ray restores the trials from). Plain JSON: Ray's cloudpickled
     fields stay opaque dicts, never unpickled. With root, a state file outside it is not read.
-    `fs`: a pyarrow filesystem (as Ray's storage context has; exp_dir is then a path on it) to read
-    an experiment in any storage Ray writes to; None: the local filesystem."""
+    `exp_dir` may be a storage URI (s3://..., file://...), read through pyarrow as Ray does; `fs`: a
+    pyarrow filesystem (as Ray's storage context has) that exp_dir is a path on."""
     for read in _state_files(exp_dir, root, fs):
         state = read()
         if state and "trial_data" in state:
@@ -280,6 +278,13 @@ def ray_statuses(exp_dir: str | Path, root: str | Path | None = None, fs=None) -
 
 def _state_files(exp_dir: str | Path, root, fs) -> list:
     """Readers of the experiment's state files, newest first (Ray names them by time)."""
+    if fs is None and is_uri(exp_dir):
+        import pyarrow.fs
+
+        try:
+            fs, exp_dir = pyarrow.fs.FileSystem.from_uri(str(exp_dir))
+        except (OSError, ValueError):
+            return []
     if fs is None:
         files = sorted(Path(exp_dir).glob(STATE_GLOB), reverse=True)
         return [functools.partial(read_json, f) for f in files if root is None or is_inside(root, f)]
@@ -303,9 +308,6 @@ def _read_fs_json(fs, path: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
-
-
 def parse_experiment_state(state: dict) -> dict[str, dict]:
     """The trials of one experiment state (see ray_statuses)."""
     out = {}
@@ -321,8 +323,5 @@ def parse_experiment_state(state: dict) -> dict[str, dict]:
     return out
 
 
-
 def trial_dirs(exp_dir: Path) -> list[Path]:
     return sorted(p for p in exp_dir.glob("trial_*") if p.is_dir())
-
-

@@ -36,7 +36,7 @@ from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imp
 from ray import tune
 
 from search import ray_private
-from search.layout import CHECKPOINT_FILE, checkpoint_index, ray_statuses, read_json_lines, trial_dirs
+from search.layout import CHECKPOINT_FILE, checkpoint_dirs, checkpoint_index, ray_statuses, read_json_lines, trial_dirs
 from training.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -167,7 +167,7 @@ def set_next_checkpoint_folder(storage, folder: Path | None, index: int | None =
 def epoch_folders(folder: Path | None) -> dict[int, int]:
     """epoch -> index of a readable checkpoint folder holding it (the newest such folder)."""
     out: dict[int, int] = {}
-    for path in sorted(folder.glob("checkpoint_*"), key=checkpoint_index) if folder is not None else []:
+    for path in checkpoint_dirs(folder) if folder is not None else []:
         try:
             out[int(load_checkpoint(path / CHECKPOINT_FILE)["epoch"])] = checkpoint_index(path)
         except (CheckpointError, OSError, KeyError, TypeError, ValueError):
@@ -194,5 +194,3 @@ def set_aside_unknown_trials(exp_dir: Path) -> None:
         shutil.move(str(d), str(exp_dir / "orphaned" / d.name))
         print(f"  {d.name} is not in the experiment state (left by a killed driver of an earlier version): "
               f"moved to {exp_dir / 'orphaned'}; its configuration may be tried again", flush=True)
-
-

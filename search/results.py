@@ -79,9 +79,6 @@ class Experiment:
         return None
 
 
-
-
-
 @functools.lru_cache(maxsize=512)
 def _loads(path: str, mtime_ns: int, size: int) -> bool:
     """Whether a checkpoint file loads; cached per file version (the dashboard asks on every rerun)."""
@@ -187,7 +184,7 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
 
 
 TRIAL_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",
-            "diverged", "seconds", "num_failures", "has_checkpoint"]
+                 "diverged", "seconds", "num_failures", "has_checkpoint"]
 
 
 def _table_value(v):

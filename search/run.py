@@ -160,7 +160,7 @@ def end_of_search(args: argparse.Namespace, name: str, exp_dir: str, spec: Searc
               f"Continue with:\n  {resume_command(args, name)}")
         return 130
     code = finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=outcome.total_seconds,
-                             max_epochs=spec.max_epochs, sessions=len(outcome.sessions) or 1)
+                             max_epochs=spec.max_epochs, sessions=len(outcome.sessions))
     if code != 0 or args.no_final:
         return code
     try:

@@ -8,7 +8,7 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import SETTINGS_FILE, is_uri
+from search.layout import is_uri, read_settings
 from search.results import Experiment, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
@@ -35,7 +35,7 @@ def _sampled_names(exp_dir: Path):
     from training.config import ConfigError
 
     try:
-        space = DefineByRun(load_search_spec(json.loads((exp_dir / SETTINGS_FILE).read_text())["config"]))
+        space = DefineByRun(load_search_spec((read_settings(exp_dir) or {})["config"]))
     except (OSError, ValueError, KeyError, TypeError, ConfigError):
         return lambda config: None
     return lambda config: set(sampled_params(space, config) or ()) or None

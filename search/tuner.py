@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imported)
@@ -186,13 +186,11 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
 class SearchOutcome:
     samples: int
     done: int  # trials that ended (finished, stopped, diverged or errored)
-    wall_seconds: float  # this driver session
-    sessions: list[float] = field(default_factory=list)  # every recorded session's seconds, this one last
+    sessions: list[float]  # seconds of every driver session of the search (a first run, each --resume), this one last
 
     @property
     def total_seconds(self) -> float:
-        """The search's wall-clock over all its sessions (a first run and each --resume)."""
-        return sum(self.sessions) if self.sessions else self.wall_seconds
+        return sum(self.sessions)
 
     @property
     def complete(self) -> bool:
@@ -230,15 +228,9 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
     # Counted from the experiment state Ray saved, not from the Trial objects in memory: on Ctrl+C,
     # Ray saves the state and then stops the running trials, which marks them TERMINATED in memory;
     # an interrupted last trial must not count as done, or the search would end as if complete.
-    if is_uri(exp_dir):
-        import pyarrow.fs
-
-        fs, path = pyarrow.fs.FileSystem.from_uri(exp_dir)
-        saved = ray_statuses(path, fs=fs)
-    else:
-        saved = ray_statuses(Path(exp_dir))
+    saved = ray_statuses(exp_dir)
     done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in saved.values())
-    return SearchOutcome(samples, done, wall, sessions)
+    return SearchOutcome(samples, done, sessions)
 
 
 def _sampler(seed: int):

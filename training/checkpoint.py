@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from training.augment import TTA_VIEWS
+
 FORMAT_VERSION = 1
 
 
@@ -117,8 +119,9 @@ def _structure_problem(ckpt: dict) -> str | None:
         return "'metrics' is not a mapping"
     if "tta" in ckpt:  # test-time augmentation views (training/ensemble.py)
         tta = ckpt["tta"]
-        if isinstance(tta, bool) or not isinstance(tta, int) or not 1 <= tta <= 7:
-            return f"'tta' is not a number of views between 1 and 7 ({tta!r})"
+        views = len(TTA_VIEWS)
+        if isinstance(tta, bool) or not isinstance(tta, int) or not 1 <= tta <= views:
+            return f"'tta' is not a number of views between 1 and {views} ({tta!r})"
     if "members" in ckpt:  # an ensemble (training/ensemble.py): each member is a small checkpoint
         members = ckpt["members"]
         if not isinstance(members, list) or not members:
