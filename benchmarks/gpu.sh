@@ -74,33 +74,7 @@ if want search; then
     --name default50 ${SEARCH_ARGS:-} 2>&1 | tee "$OUT/search.txt"
   end=$(date +%s)
   kill "$SMI" 2>/dev/null
-  echo "search wall-clock: $((end - start)) s"
-  "$PY" - "$OUT/gpu-util.txt" /tmp/gpu-search/default50 "$OUT/search.txt" "$((end - start))" <<'EOF'
-import json
-import re
-import sys
-from pathlib import Path
-
-from search.results import load_experiment
-
-util = [float(x) for x in Path(sys.argv[1]).read_text().split() if x.replace(".", "").isdigit()]
-if util:
-    print(f"GPU utilisation during the search: mean {sum(util) / len(util):.0f} % over {len(util)} s")
-exp = load_experiment(sys.argv[2])
-ok = exp.trials.dropna(subset=["best_val_acc"])
-epochs = int(exp.trials["epochs_run"].sum())
-print(f"{len(exp.trials)} trials, {epochs} trial-epochs, best val_acc {ok['best_val_acc'].max():.4f}")
-found = re.search(r"data: \S+, (\d+) train", Path(sys.argv[3]).read_text())
-if found:
-    rate = epochs * int(found.group(1)) / float(sys.argv[4])
-    print(f"summed trial throughput: {rate:,.0f} img/s (trial-epochs x training images / wall-clock; target >= 160k)")
-summary = json.loads((Path(sys.argv[2]) / "summary.json").read_text())
-if summary.get("search_wall_seconds"):
-    print(f"search alone (before its final stage): {summary['search_wall_seconds']:.0f} s")
-for key, r in (summary.get("final") or {}).get("test", {}).items():  # target: the delivered model >= 0.910
-    print(f"final stage, {key}: test acc {r['accuracy']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] ({r['label']})")
-waits = [h["recorded_wait_s"].dropna().sum() for h in exp.histories.values() if "recorded_wait_s" in h]
-if waits:
-    print(f"trial start-up waiting for the experiment snapshot: {sum(waits):.1f} s in all, {max(waits):.1f} s at most")
-EOF
+  echo "command wall-clock (search, then its final stage): $((end - start)) s"
+  "$PY" -m benchmarks.search_report /tmp/gpu-search/default50 --log "$OUT/search.txt" --wall "$((end - start))" \
+    --util "$OUT/gpu-util.txt"
 fi

@@ -50,3 +50,28 @@ def test_concurrent_trainers_bench_prints_summed_throughput():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--procs", "two"], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "--procs must be comma-separated integers" in bad.stderr
+
+
+@pytest.mark.slow
+def test_search_report_of_the_gpu_script(smoke_search, tmp_path):
+    """benchmarks/gpu.sh's figures of a timed search, on the shared smoke search: trial-epochs from the
+    experiment, throughput over the search's own seconds (not its final stage), the final test accuracies."""
+    import json
+    import re
+
+    from benchmarks.search_report import report
+    from search.results import load_experiment
+
+    root, r = smoke_search
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exp_dir = root / "smoke"
+    lines = report(exp_dir, r.stdout, wall_seconds=1e9, util="41\n63\n0\n[N/A]\n")
+    text = "\n".join(lines)
+    epochs = int(load_experiment(exp_dir).trials["epochs_run"].sum())
+    assert f"4 trials, {epochs} trial-epochs" in text
+    assert "GPU utilisation during the search: mean 35 % over 3 s" in text
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    train_n = int(re.search(r"^data: \S+, (\d+) train", r.stdout, re.MULTILINE).group(1))
+    rate = int(re.search(r"summed trial throughput: ([\d,]+) img/s", text).group(1).replace(",", ""))
+    assert rate == pytest.approx(epochs * train_n / summary["search_wall_seconds"], abs=1)  # not the 1e9 s given
+    assert text.count("final stage, ") == 3 and "final stage, refit: test acc 0." in text
