@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import time
 from pathlib import Path
+from queue import Empty
 
 
 def _device_name(device: str) -> str:
@@ -69,11 +70,23 @@ def run(n: int, args, overrides: dict) -> tuple[float, float]:
     procs = [ctx.Process(target=_worker, args=(r, args, overrides, barrier, queue)) for r in range(n)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=3600) for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise SystemExit(f"a trainer process failed (exit {p.exitcode})")
+    results = []
+    try:
+        while len(results) < n:
+            try:
+                results.append(queue.get(timeout=1.0))
+            except Empty:
+                # A trainer that died (a CUDA error, an MPS daemon refusing it) never reports and leaves
+                # the others waiting at the barrier: stop them all instead of waiting for ever.
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed:
+                    raise SystemExit(f"{len(failed)} of {n} trainer processes failed (exit codes {failed}); "
+                                     f"their error is printed above") from None
+    finally:
+        for p in procs:
+            if len(results) < n:
+                p.terminate()
+            p.join()
     measured = [s for _, spans in results for s in spans[1:]] or [s for _, spans in results for s in spans]
     start, end = min(s[0] for s in measured), max(s[1] for s in measured)
     # images of the measured epochs (the training part: images/s x train seconds, see trainer)

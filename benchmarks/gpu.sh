@@ -29,26 +29,36 @@ PARTS=("$@")
 
 want() { local p; for p in "${PARTS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+# Each part under its own time limit: one that hangs (say, an MPS daemon that takes no clients) must leave
+# the parts after it their share of the device call's 10 minutes.
+limited() {
+  local s=$1; shift
+  timeout --kill-after=15 "$s" "$@"
+  local rc=$?
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "!!! stopped after ${s} s: $*"
+  return "$rc"
+}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader || echo "no nvidia-smi"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
 if want train; then
   step "benchmarks.train, small_cnn, bs 128 (target >= 3.5x, >= 75k img/s resident)"
-  "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 2>&1 | tee "$OUT/train-bs128.txt"
+  limited 120 "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 2>&1 | tee "$OUT/train-bs128.txt"
   step "benchmarks.train, small_cnn, bs 256 (target >= 4x)"
-  "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 --batch-size 256 2>&1 | tee "$OUT/train-bs256.txt"
+  limited 120 "$PY" -m benchmarks.train --data-dir "$DATA" --split "$SPLIT" --repeats 2 --batch-size 256 2>&1 | tee "$OUT/train-bs256.txt"
 fi
 
 if want concurrent; then
   step "concurrent trainers on one GPU, no MPS (summed target >= 160k img/s)"
-  "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 | tee "$OUT/concurrent.txt"
+  limited 150 "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 | tee "$OUT/concurrent.txt"
   if command -v nvidia-cuda-mps-control >/dev/null; then
     step "concurrent trainers on one GPU, with MPS"
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
     if nvidia-cuda-mps-control -d; then
-      "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 | tee "$OUT/concurrent-mps.txt"
+      limited 150 "$PY" -m benchmarks.concurrent --data-dir "$DATA" --split "$SPLIT" --procs 1,4,8 2>&1 |
+        tee "$OUT/concurrent-mps.txt"
       echo quit | nvidia-cuda-mps-control
     else
       echo "MPS could not be started on this machine"
@@ -61,7 +71,7 @@ fi
 
 if want searchbench; then
   step "benchmarks.search: project vs tutorial trainable (target >= 8x)"
-  "$PY" -m benchmarks.search --data-dir "$DATA" --split "$SPLIT" --workers 4 2>&1 | tee "$OUT/search-bench.txt"
+  limited 180 "$PY" -m benchmarks.search --data-dir "$DATA" --split "$SPLIT" --workers 4 2>&1 | tee "$OUT/search-bench.txt"
 fi
 
 if want search; then

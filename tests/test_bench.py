@@ -50,6 +50,12 @@ def test_concurrent_trainers_bench_prints_summed_throughput():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--procs", "two"], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "--procs must be comma-separated integers" in bad.stderr
+    # A trainer that fails (here: an unknown model) ends the benchmark with its error, not a wait for ever.
+    failed = subprocess.run([sys.executable, "-m", "benchmarks.concurrent", "--procs", "2", "--synthetic", "200",
+                             "--split", "digits", "--device", "cpu", "--set", "model=no_such_net"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert failed.returncode == 1 and "of 2 trainer processes failed" in failed.stderr, failed.stderr[-3000:]
+    assert "no_such_net" in failed.stderr
 
 
 @pytest.mark.slow
