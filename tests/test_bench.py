@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ def test_search_bench_runs_both_trainables(digits_dir):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "device: " in r.stdout and "project   trainable" in r.stdout and "tutorial  trainable" in r.stdout
     assert "ratio tutorial/project" in r.stdout
+    # the project's time budget: every part measured, the parts adding up to the slot-seconds
+    line = next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("budget:"))
+    slot_s = float(line.split(" = ")[1].split(" slot-s")[0])
+    parts = [float(x) for x in re.findall(r" (\d+\.\d) s \(\d+ %\)", line)]
+    assert len(parts) == 6 and parts[0] > 0 and parts[3] > 0  # training steps, start-up
+    assert sum(parts) == pytest.approx(slot_s, abs=1.5)
+    assert "per trial: start-up" in r.stdout and "trial-epochs: training" in r.stdout
 
 
 def test_concurrent_trainers_bench_prints_summed_throughput():

@@ -191,3 +191,24 @@ def test_real_emnist_files(real_data_dir):
 def test_copy_to_new_folder_still_reads(tmp_path, digits_dir):
     shutil.copytree(digits_dir, tmp_path / "copy")
     assert len(read_split("digits", "test", tmp_path / "copy")[0]) == 200
+
+
+def test_dataset_stays_resident_on_its_device_across_runs(digits_data):
+    """A reused Ray actor trains trial after trial on its own unpickled copy of the driver's dataset:
+    the copy on the device is made once, by the dataset's key (here on the 'meta' device, which has
+    no memory, standing in for a GPU)."""
+    import dataclasses
+    import pickle
+
+    from training.data import on_device
+
+    meta = torch.device("meta")
+    first = on_device(digits_data, meta)
+    assert [t.device.type for t in first] == ["meta"] * 4 and first[0].shape == digits_data.train_x.shape
+    again = on_device(pickle.loads(pickle.dumps(digits_data)), meta)  # what the next trial receives
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    other = dataclasses.replace(digits_data, train_x=digits_data.train_x[:10], train_y=digits_data.train_y[:10])
+    assert other.key != digits_data.key and on_device(other, meta)[0].shape[0] == 10  # a new dataset, a new copy
+    assert on_device(digits_data, meta)[0] is not first[0]  # one dataset per device is kept
+    cpu = on_device(digits_data, torch.device("cpu"))
+    assert cpu[0] is digits_data.train_x  # no copy where the data already is

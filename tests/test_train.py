@@ -52,6 +52,19 @@ def test_learns_on_small_data(digits_data, tiny_config):
     assert set(m) >= {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds", "images_per_sec"}
 
 
+def test_each_epoch_reports_where_its_time_went(digits_data, tiny_config, tmp_path):
+    """The search's time budget (benchmarks.search) is built from these: start-up with a run's first
+    epoch only, validation and checkpoint-save seconds with every epoch."""
+    reported = []
+    train({**tiny_config, "epochs": 2}, digits_data, reporter=lambda m, _path: reported.append(dict(m)),
+          out_dir=tmp_path)
+    first, second = reported
+    assert first["setup_seconds"] > 0 and first["capture_seconds"] is None  # no CUDA graph on the CPU
+    assert "setup_seconds" not in second and "capture_seconds" not in second
+    for m in reported:
+        assert 0 < m["eval_seconds"] < m["epoch_seconds"] and m["save_seconds"] > 0
+
+
 def test_overfits_one_batch(digits_data, tiny_config):
     one = dataclasses.replace(digits_data, train_x=digits_data.train_x[:32], train_y=digits_data.train_y[:32])
     cfg = {**tiny_config, "epochs": 60, "aug_strength": 0, "dropout": 0, "label_smoothing": 0,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,13 @@ class DataNotFoundError(FileNotFoundError):
     """No EMNIST files where we looked, and downloading was not possible."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmnistData:
-    """Training and validation tensors of one split (uint8 images, int64 labels, CPU)."""
+    """Training and validation tensors of one split (uint8 images, int64 labels, CPU).
+
+    `key` names this dataset, and travels with it when it is pickled (a Ray trial gets its own
+    copy of the driver's object): `on_device` keeps one resident copy per process by it. A dataset
+    derived from another (`dataclasses.replace`, a new EmnistData) gets a key of its own."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -61,10 +66,38 @@ class EmnistData:
     classes: list[str]
     split: str
     source: str
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", uuid.uuid4().hex)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+# device -> (dataset key, its four tensors there): what `on_device` keeps resident in this process.
+_RESIDENT: dict[str, tuple[str, tuple[torch.Tensor, ...]]] = {}
+
+
+def on_device(data: EmnistData, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, val_x, val_y) on `device`, copied there once per process and dataset.
+
+    A Ray actor runs trial after trial (reused actors) on the same dataset: its images stay
+    resident on the GPU instead of being copied again (~75 MB for bymerge) for every trial. One
+    dataset per device is kept, the newest; the CPU needs no copy. Callers must not modify the
+    returned tensors in place (the next run gets the same ones)."""
+    tensors = (data.train_x, data.train_y, data.val_x, data.val_y)
+    if device.type == "cpu":
+        return tensors
+    name = str(device)
+    kept = _RESIDENT.get(name)
+    if kept is not None and kept[0] == data.key:
+        return kept[1]  # type: ignore[return-value]
+    _RESIDENT.pop(name, None)  # the old copy goes before the new one takes its memory
+    moved = tuple(t.to(device) for t in tensors)
+    _RESIDENT[name] = (data.key, moved)
+    return moved  # type: ignore[return-value]
 
 
 def file_names(split: str, part: str) -> dict[str, str]:

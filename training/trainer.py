@@ -27,7 +27,7 @@ from models import build_model
 from training.augment import TTA_VIEWS, AugmentParams, augment, shift_rotate
 from training.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_state, save_checkpoint
 from training.config import TrainConfig, make_config
-from training.data import EmnistData, normalize
+from training.data import EmnistData, normalize, on_device
 from training.graphs import GraphedStep, graphs_wanted, try_graphed_step
 from training.metrics import confusion_matrix, summarize
 
@@ -305,8 +305,7 @@ def setup(c: TrainConfig, data: EmnistData) -> Run:
     cl = c.channels_last and device.type != "mps"
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    x_train, y_train = data.train_x.to(device), data.train_y.to(device)
-    x_val, y_val = data.val_x.to(device), data.val_y.to(device)
+    x_train, y_train, x_val, y_val = on_device(data, device)  # resident once per process (a reused Ray actor)
     n = len(x_train)
     if n == 0 or len(x_val) == 0:
         raise ValueError(f"need training and validation images, got {n} and {len(x_val)}")
@@ -430,6 +429,7 @@ def train(
     `resume` continues from a `last.pt` (path or loaded dict).
     """
     c = config if isinstance(config, TrainConfig) else make_config(config)
+    t_enter = time.perf_counter()
     run = setup(c, data)
     if resume is not None:
         restore(run, resume)
@@ -439,8 +439,13 @@ def train(
         run.best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
     if run.start_epoch <= c.epochs and graphs_wanted(c.cuda_graphs, run.device):
         # (after restore: the capture starts from the restored generators and weights)
+        t_capture = time.perf_counter()
         run.graphed = try_graphed_step(run.model, run.x_train, run.y_train, run.batch_size, run.aug, run.g_aug,
                                        c.label_smoothing, use_bf16(run.device, c.precision), run.channels_last)
+        torch.cuda.synchronize(run.device)
+        capture_seconds = time.perf_counter() - t_capture
+    else:
+        capture_seconds = None
     tb = None
     if out is not None and run.start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
@@ -450,6 +455,10 @@ def train(
         again = resume is not None or any(out.glob("events.out.tfevents.*"))
         tb = TBLogger(str(out), c.to_dict(), data.classes, purge_step=run.start_epoch if again else None)
 
+    # Start-up accounting, reported with this run's first epoch: model, optimizer and the data on the
+    # device, restore, graph capture, the TensorBoard writer (what a search pays per trial before its
+    # first step; benchmarks.search adds it up).
+    startup = {"setup_seconds": time.perf_counter() - t_enter, "capture_seconds": capture_seconds}
     diverged, stopped_early = False, bool(run.history and run.history[-1].get("early_stopped"))
     last_path = None
     try:
@@ -471,8 +480,10 @@ def train(
                     reporter(m, None)
                 break
 
+            t_eval = time.perf_counter()
             val_loss, val_acc, val_pred = evaluate(run.delivered, run.x_val, run.y_val, c.eval_batch_size,
                                                    run.channels_last, c.precision)
+            eval_seconds = time.perf_counter() - t_eval
             m = {
                 "epoch": epoch,
                 "train_loss": loss_sum.item() / run.steps,
@@ -482,8 +493,11 @@ def train(
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
                 "images_per_sec": run.steps * run.batch_size / train_seconds,
+                "eval_seconds": eval_seconds,
                 "diverged": False,
+                **startup,
             }
+            startup = {}
             improved = val_acc > run.best["val_acc"]
             if improved:
                 run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
@@ -512,7 +526,9 @@ def train(
                     tb.best(epoch, confusion_matrix(run.y_val, val_pred, data.num_classes),
                             run.x_val[wrong], run.y_val[wrong], val_pred[wrong])
             if ck is not None:
+                t_save = time.perf_counter()
                 last_path = save(run, ck, epoch, m, val_metrics, improved)
+                m["save_seconds"] = time.perf_counter() - t_save  # (in the history of the next checkpoints)
             if tb:
                 tb.flush()
             if reporter:
