@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.search_report import budget
 from search.space import load_search_spec
 from training.data import REPO_ROOT, load_for_config
 
@@ -91,44 +92,6 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
                        os.path.join(d, "checkpoint.pt"))
             tune.report({"epoch": epoch, "val_acc": correct / total, "val_loss": loss_sum / total},
                         checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def budget(frames: list, wall: float, slots: int) -> list[str]:
-    """Where a search's time went, from its trials' reported timings (the project's trainable):
-    slot-seconds (wall-clock x trials at once) split into training, validation, checkpoint saves,
-    start-up inside the trial (model, data on the device, restore, graph capture), reporting to
-    Tune, and what is outside the trial functions (actor start, scheduling, idle slots)."""
-    import pandas as pd
-
-    frames = [f for f in frames if f is not None and len(f)]
-    if not frames:
-        return ["budget: no trial reported"]
-    df = pd.concat(frames, ignore_index=True)
-
-    def total(col: str) -> float:
-        return float(df[col].fillna(0).sum()) if col in df else 0.0
-
-    in_trials = sum(float(f["time_total_s"].iloc[-1]) for f in frames if "time_total_s" in f)
-    train = total("epoch_seconds") - total("eval_seconds")
-    parts = {"training steps": train, "validation": total("eval_seconds"), "checkpoint saves": total("save_seconds"),
-             "start-up in the trial": total("setup_seconds") + total("recorded_wait_s")}
-    parts["reports to Tune, logs"] = max(0.0, in_trials - sum(parts.values()))
-    parts["outside the trials (actor start, scheduling, idle)"] = max(0.0, wall * slots - in_trials)
-    slot_s = wall * slots
-    lines = [f"budget: {wall:.1f} s x {slots} trials at once = {slot_s:.0f} slot-s: "
-             + ", ".join(f"{k} {v:.1f} s ({100 * v / slot_s:.0f} %)" for k, v in parts.items())]
-    starts = df["setup_seconds"].dropna() if "setup_seconds" in df else pd.Series(dtype=float)
-    captures = df["capture_seconds"].dropna() if "capture_seconds" in df else pd.Series(dtype=float)
-    first = (df["epoch_seconds"] - df["eval_seconds"])[df["epoch"] == 1]
-    later = (df["epoch_seconds"] - df["eval_seconds"])[df["epoch"] > 1]
-    per_epoch = f"{len(df)} trial-epochs: training {train / len(df):.2f} s, validation " \
-                f"{total('eval_seconds') / len(df):.3f} s, save {total('save_seconds') / len(df):.3f} s each"
-    lines.append(f"per trial: start-up {starts.mean():.2f} s" if len(starts) else "per trial: start-up not reported")
-    lines[-1] += (f" (graph capture {captures.mean():.2f} s of it)" if len(captures) else " (no graph capture)")
-    if len(first) and len(later):
-        lines[-1] += f"; first epoch's training {first.mean():.2f} s vs later ones' {later.mean():.2f} s (warm-up)"
-    lines.append(per_epoch)
-    return lines
 
 
 def device_name() -> str:

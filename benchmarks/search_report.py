@@ -1,5 +1,5 @@
 """The figures of a timed search run, for benchmarks/gpu.sh: trial-epochs, summed trial throughput,
-GPU utilisation, the search's own wall-clock and the final stage's test accuracies.
+GPU utilisation, the search's own wall-clock, where its time went, and the final stage's test accuracies.
 
     python -m benchmarks.search_report EXP_DIR --log search.txt --wall 287 [--util gpu-util.txt]
 
@@ -16,6 +16,43 @@ import re
 from pathlib import Path
 
 from search.results import load_experiment
+
+
+def budget(frames: list, wall: float, slots: int) -> list[str]:
+    """Where a search's time went, from its trials' reported timings (the project's trainable):
+    slot-seconds (wall-clock x trials at once) split into training, validation, checkpoint saves,
+    start-up inside the trial (model, data on the device, restore, graph capture), reporting to
+    Tune, and what is outside the trial functions (actor start, scheduling, idle slots)."""
+    import pandas as pd
+
+    frames = [f for f in frames if f is not None and len(f)]
+    if not frames:
+        return ["budget: no trial reported"]
+    df = pd.concat(frames, ignore_index=True)
+    timed = ("epoch_seconds", "eval_seconds", "save_seconds", "setup_seconds", "capture_seconds", "recorded_wait_s")
+    for col in timed:  # (a search from before a timing was reported has no column for it)
+        if col not in df:
+            df[col] = float("nan")
+    total = {col: float(df[col].fillna(0).sum()) for col in timed}
+    in_trials = sum(float(f["time_total_s"].iloc[-1]) for f in frames if "time_total_s" in f)
+    training = df["epoch_seconds"].fillna(0) - df["eval_seconds"].fillna(0)  # (epoch_seconds includes validation)
+    parts = {"training steps": float(training.sum()), "validation": total["eval_seconds"],
+             "checkpoint saves": total["save_seconds"],
+             "start-up in the trial": total["setup_seconds"] + total["recorded_wait_s"]}
+    parts["reports to Tune, logs"] = max(0.0, in_trials - sum(parts.values()))
+    slot_s = wall * slots
+    parts["outside the trials (actor start, scheduling, idle)"] = max(0.0, slot_s - in_trials)
+    lines = [f"budget: {wall:.1f} s x {slots} trials at once = {slot_s:.0f} slot-s: "
+             + ", ".join(f"{k} {v:.1f} s ({100 * v / slot_s:.0f} %)" for k, v in parts.items())]
+    starts, captures = df["setup_seconds"].dropna(), df["capture_seconds"].dropna()
+    line = f"per trial: start-up {starts.mean():.2f} s" if len(starts) else "per trial: start-up not reported"
+    line += f" (graph capture {captures.mean():.2f} s of it)" if len(captures) else " (no graph capture)"
+    first, later = training[df["epoch"] == 1], training[df["epoch"] > 1]
+    if len(first) and len(later):
+        line += f"; first epoch's training {first.mean():.2f} s vs later ones' {later.mean():.2f} s (warm-up)"
+    n = len(df)
+    return lines + [line, f"{n} trial-epochs: training {parts['training steps'] / n:.2f} s, validation "
+                          f"{total['eval_seconds'] / n:.3f} s, checkpoint save {total['save_seconds'] / n:.3f} s each"]
 
 
 def report(exp_dir: Path, log: str, wall_seconds: float, util: str = "") -> list[str]:
@@ -49,6 +86,9 @@ def report(exp_dir: Path, log: str, wall_seconds: float, util: str = "") -> list
     if waits:
         lines.append(f"trial start-up waiting for the experiment snapshot: {sum(waits):.1f} s in all, "
                      f"{max(waits):.1f} s at most")
+    slots = re.search(r"^experiment \S+: .*, (\d+) at once", log, re.MULTILINE)
+    if search_s and slots:
+        lines += budget(list(exp.histories.values()), search_s, int(slots.group(1)))
     return lines
 
 

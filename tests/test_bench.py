@@ -89,3 +89,7 @@ def test_search_report_of_the_gpu_script(smoke_search, tmp_path):
     rate = int(re.search(r"summed trial throughput: ([\d,]+) img/s", text).group(1).replace(",", ""))
     assert rate == pytest.approx(epochs * train_n / summary["search_wall_seconds"], abs=1)  # not the 1e9 s given
     assert text.count("final stage, ") == 3 and "final stage, refit: test acc 0." in text
+    # where the search's time went: over its own seconds and the trials it ran at once
+    at_once = int(re.search(r"^experiment smoke: .*, (\d+) at once", r.stdout, re.MULTILINE).group(1))
+    assert f"budget: {summary['search_wall_seconds']:.1f} s x {at_once} trials at once" in text
+    assert re.search(r"per trial: start-up \d+\.\d\d s", text) and re.search(r"checkpoint save \d+\.\d{3} s each", text)
