@@ -8,7 +8,6 @@ the page; the rest of the page and the app keep working.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -27,14 +26,13 @@ from dashboard.common import (
     safe_file,
 )
 from dashboard.common import section as _section
-from search.layout import SETTINGS_FILE, read_json
+from search.layout import SETTINGS_FILE, saved_space
 from search.results import OUTSIDE, TRIAL_COLUMNS, Experiment
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
 REFRESH_KEY = "explorer_refresh"
 MAX_NOTES = 20
-MAX_SPACE_BYTES = 2**20  # the saved search space (and its base config): a bigger file is not a space file
 BUDGET_COLUMN = "_val_acc_at_budget"
 STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
@@ -75,43 +73,12 @@ def _checkpoint_metrics(path: str, size: int, mtime_ns: int) -> dict:
             "val_acc": metrics.get("val_acc")}
 
 
-def _small_file(path: Path) -> bool:
-    """A regular file (a FIFO or device would block the reader) of at most MAX_SPACE_BYTES."""
-    try:
-        return path.is_file() and path.stat().st_size <= MAX_SPACE_BYTES
-    except OSError:
-        return False
-
-
 @st.cache_data(max_entries=8, show_spinner=False)
 def _search_space(exp_path: str, settings_stat: tuple, refresh: int):
-    """(the experiment's search space, ASHA's rungs, None) from the space file named in search.json,
-    or (None, None, why not). The space file is the one the search started with: it is used only if
-    it still has the checksum search.json saved."""
-    from search.space import load_search_spec
-    from training.config import ConfigError, load_yaml
-
-    settings = read_json(Path(exp_path) / SETTINGS_FILE, max_bytes=MAX_SPACE_BYTES)
-    if settings is None:
-        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
-    path = settings.get("config")
-    if not isinstance(path, str) or not path:
-        return None, None, f"{SETTINGS_FILE} names no search space file"
-    path = Path(path)
-    if not _small_file(path):
-        return None, None, f"the search space file {path.name} is not there any more"
-    try:
-        saved = settings.get("config_sha256")
-        if isinstance(saved, str) and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
-            return None, None, f"the search space file {path.name} has changed since the search started"
-        base = load_yaml(path).get("base")
-        if base and not _small_file((path.parent / str(base)).resolve()):
-            return None, None, f"the base config of {path.name} is not there any more"
-        spec = load_search_spec(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
-        return None, None, f"the search space file {path.name} cannot be read ({type(e).__name__})"
-    max_epochs = settings.get("max_epochs")
-    max_epochs = max_epochs if isinstance(max_epochs, int) and max_epochs >= 1 else spec.max_epochs
+    """(the experiment's search space, ASHA's rungs, None), or (None, None, why not): search.layout.saved_space."""
+    spec, max_epochs, why = saved_space(exp_path)
+    if spec is None:
+        return None, None, why
     return spec, figures.asha_rungs(max_epochs, spec.grace_period, spec.reduction_factor), None
 
 

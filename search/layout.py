@@ -156,6 +156,51 @@ def read_json(path: Path, max_bytes: int | None = None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+MAX_SPACE_BYTES = 2**20  # a search space YAML (and its base config) is small: a bigger file is not one
+
+
+def _small_file(path: Path) -> bool:
+    """A regular file (a FIFO or device would block the reader) of at most MAX_SPACE_BYTES."""
+    try:
+        return path.is_file() and path.stat().st_size <= MAX_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def saved_space(exp_dir: str | Path):
+    """(the search space a local experiment was started with, its ASHA budget in epochs, None), or
+    (None, None, why not). The space is the file search.json names, used only while it still has the
+    checksum search.json saved: an edited space would put trials' configs into the wrong parameters.
+    The one reader of it for the summary and the dashboard."""
+    import hashlib
+
+    from search.space import load_search_spec
+    from training.config import ConfigError, load_yaml
+
+    settings = read_json(Path(exp_dir) / SETTINGS_FILE, max_bytes=MAX_SPACE_BYTES)
+    if settings is None:
+        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
+    path = settings.get("config")
+    if not isinstance(path, str) or not path:
+        return None, None, f"{SETTINGS_FILE} names no search space file"
+    path = Path(path)
+    if not _small_file(path):
+        return None, None, f"the search space file {path.name} is not there any more"
+    try:
+        saved = settings.get("config_sha256")
+        if isinstance(saved, str) and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
+            return None, None, f"the search space file {path.name} has changed since the search started"
+        base = load_yaml(path).get("base")
+        if base and not _small_file((path.parent / str(base)).resolve()):
+            return None, None, f"the base config of {path.name} is not there any more"
+        spec = load_search_spec(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
+        return None, None, f"the search space file {path.name} cannot be read ({type(e).__name__})"
+    max_epochs = settings.get("max_epochs")
+    max_epochs = max_epochs if isinstance(max_epochs, int) and max_epochs >= 1 else spec.max_epochs
+    return spec, max_epochs, None
+
+
 def is_inside(root: str | Path, path: str | Path) -> bool:
     """Whether path, every symlink on the way resolved, is root or lies under it (root resolved too).
     The one containment check of everything the dashboard opens (search/results.py, dashboard/)."""

@@ -8,7 +8,7 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import is_uri, read_settings
+from search.layout import is_uri, saved_space
 from search.results import Experiment, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
@@ -31,13 +31,12 @@ def _config_of(exp: Experiment, trial_id: str) -> dict:
 def _sampled_names(exp_dir: Path):
     """config -> the names the search sampled for that trial (a conditional parameter only where
     its branch was chosen), from the space saved in search.json; None where that is unknown."""
-    from search.space import DefineByRun, load_search_spec, sampled_params
-    from training.config import ConfigError
+    from search.space import DefineByRun, sampled_params
 
-    try:
-        space = DefineByRun(load_search_spec((read_settings(exp_dir) or {})["config"]))
-    except (OSError, ValueError, KeyError, TypeError, ConfigError):
+    spec, _, _ = saved_space(exp_dir)  # (None when the space file is gone or was edited since)
+    if spec is None:
         return lambda config: None
+    space = DefineByRun(spec)
     return lambda config: set(sampled_params(space, config) or ()) or None
 
 

@@ -116,3 +116,47 @@ def test_default_space_largest_models_stay_fast():
         with FlopCounterMode(display=False) as flops, torch.no_grad():
             net(torch.zeros(1, 1, 28, 28))
         assert flops.get_total_flops() <= 1.1e9, (model, extra, flops.get_total_flops())
+
+
+def test_saved_space_is_the_one_the_search_started_with(tmp_path):
+    """search.layout.saved_space, the one reader of an experiment's space for the summary and the
+    dashboard: used while the file is what the search started with, refused with a reason otherwise."""
+    import hashlib
+    import json
+    import os
+
+    from search.layout import saved_space
+    from search.summary import _sampled_names
+
+    (tmp_path / "base.yaml").write_text("split: digits\n")
+    space = tmp_path / "space.yaml"
+    space.write_text(GOOD.format(base="base.yaml"))
+    exp = tmp_path / "exp"
+    exp.mkdir()
+
+    def settings(**extra):
+        (exp / "search.json").write_text(json.dumps({"config": str(space), **extra}))
+
+    settings(config_sha256=hashlib.sha256(space.read_bytes()).hexdigest(), max_epochs=3)
+    spec, max_epochs, why = saved_space(exp)
+    assert why is None and max_epochs == 3 and "momentum" in spec.params
+    names = _sampled_names(exp)
+    trial = {"lr": 0.01, "width": 1.0, "batch_size": 32, "scheduler": "none", "momentum": 0.9}
+    assert names({**trial, "optimizer": "sgd"}) == {"lr", "width", "batch_size", "scheduler", "optimizer", "momentum"}
+    assert "momentum" not in names({**trial, "optimizer": "adamw"})  # not its branch
+    settings()  # no checksum saved (an older search), no budget: the space file's own
+    assert saved_space(exp)[1] == 4
+
+    settings(config_sha256="0" * 64)  # the file was edited after the search started
+    assert saved_space(exp)[::2] == (None, "the search space file space.yaml has changed since the search started")
+    assert _sampled_names(exp)({**trial, "optimizer": "sgd"}) is None  # the summary shows what varied instead
+    settings()
+    (tmp_path / "base.yaml").unlink()
+    assert saved_space(exp)[2] == "the base config of space.yaml is not there any more"
+    space.unlink()
+    os.mkfifo(space)  # a FIFO would block the reader
+    assert saved_space(exp)[2] == "the search space file space.yaml is not there any more"
+    (exp / "search.json").write_text("[1, 2]")
+    assert saved_space(exp)[2] == "the experiment has no readable search.json"
+    (exp / "search.json").write_text(json.dumps({"config": 7}))
+    assert saved_space(exp)[2] == "search.json names no search space file"
