@@ -48,3 +48,29 @@ def test_graphed_run_resumes_and_detects_divergence(digits_data, tiny_config, tm
     assert [m["epoch"] for m in resumed.history] == [1, 2]
     bad = train({**tiny_config, "device": "cuda", "cuda_graphs": "auto", "lr": 1e6}, digits_data)
     assert bad.diverged and bad.epochs_run == 1
+
+
+@cuda
+@pytest.mark.parametrize("extra", [{}, {"grad_clip": 1.0, "ema_decay": 0.99, "scheduler": "onecycle"}])
+def test_graphed_epoch_waits_for_the_gpu_once(digits_data, tiny_config, extra):
+    """Nothing inside a graphed epoch makes the CPU wait for the GPU (that would stall the launch queue)
+    except the one divergence check at its end: found with torch.cuda.set_sync_debug_mode."""
+    import warnings
+
+    from training.config import make_config
+    from training.trainer import capture_step, run_epoch, setup
+
+    run = setup(make_config({**tiny_config, "device": "cuda", "cuda_graphs": "auto", **extra}), digits_data)
+    capture_step(run)
+    assert run.graphed is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in (1, 2):
+                run_epoch(run, epoch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 2, syncs  # one per epoch at most: the divergence check

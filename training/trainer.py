@@ -395,6 +395,18 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None) -> tuple[t
     return loss_sum, correct, not bool(torch.isfinite(loss_sum))
 
 
+def capture_step(run: Run) -> float | None:
+    """Capture the run's CUDA-graphed training step where its config and device want one; the seconds
+    that took (warm-up steps included), or None where the run trains eagerly."""
+    if not graphs_wanted(run.c.cuda_graphs, run.device):
+        return None
+    t0 = time.perf_counter()
+    run.graphed = try_graphed_step(run.model, run.x_train, run.y_train, run.batch_size, run.aug, run.g_aug,
+                                   run.c.label_smoothing, use_bf16(run.device, run.c.precision), run.channels_last)
+    torch.cuda.synchronize(run.device)
+    return time.perf_counter() - t0
+
+
 def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improved: bool) -> Path:
     """best.pt when the epoch improved, and last.pt (everything needed to resume) every epoch."""
     metrics = {**m, "val": val_metrics}
@@ -437,15 +449,8 @@ def train(
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
     if resume is not None and ck is not None and (ck / "best.pt").is_file():
         run.best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
-    if run.start_epoch <= c.epochs and graphs_wanted(c.cuda_graphs, run.device):
-        # (after restore: the capture starts from the restored generators and weights)
-        t_capture = time.perf_counter()
-        run.graphed = try_graphed_step(run.model, run.x_train, run.y_train, run.batch_size, run.aug, run.g_aug,
-                                       c.label_smoothing, use_bf16(run.device, c.precision), run.channels_last)
-        torch.cuda.synchronize(run.device)
-        capture_seconds = time.perf_counter() - t_capture
-    else:
-        capture_seconds = None
+    # (after restore: the capture starts from the restored generators and weights)
+    capture_seconds = capture_step(run) if run.start_epoch <= c.epochs else None
     tb = None
     if out is not None and run.start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
