@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every figure of the GPU speed issue, measured in one go on a GPU machine, each printed with the device.
 #
-#   ../shared/device/pack.sh          # on the development machine, once: Ray + Optuna + EMNIST into .gpu/
+#   bash benchmarks/gpu_pack.sh        # on the development machine, once: Ray + Optuna + EMNIST + pytest into .gpu/
 #   bash benchmarks/gpu.sh [PART...]   # on the GPU machine (device tool: carry .gpu)
 #
-# PART: train (benchmarks.train at bs 128 and 256), concurrent (1/4/8 trainers on one GPU, without
-# and with MPS), searchbench (benchmarks.search, project vs tutorial trainable), search (the default
-# 50-sample search, timed, with GPU utilisation sampled every second); default: all of them.
-# A device call may run 10 minutes at most: `train concurrent searchbench` fit in one call,
-# `search` in another. Logs go to $OUT (the device tool brings that folder back) or /tmp/gpu-bench.
+# PART: tests (the CUDA-only tests, which skip elsewhere: graphed vs eager training, no GPU waits inside
+# an epoch, the tutorial baseline on the GPU), train (benchmarks.train at bs 128 and 256), concurrent
+# (1/4/8 trainers on one GPU, without and with MPS), searchbench (benchmarks.search, project vs tutorial
+# trainable), search (the default 50-sample search, timed, with GPU utilisation sampled every second);
+# default: all of them. A device call may run 10 minutes at most: `tests train concurrent searchbench`
+# fit in one call, `search` in another. Logs go to $OUT (the device tool brings that folder back) or
+# /tmp/gpu-bench.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -18,14 +20,18 @@ PY="${PYTHON:-python3}"
 if [ -f .gpu/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
 fi
-[ -d /tmp/site/ray ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .gpu/pytest ] && [ ! -d /tmp/site/_pytest ]; then
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/pytest/*.whl ||
+    echo "pytest could not be installed: the tests part will not run"
+fi
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 # The project is not pip-installed there: its packages are imported from this checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DATA="${DATA:-.gpu/emnist}"
 SPLIT="${SPLIT:-bymerge}"
 SAMPLES="${SAMPLES:-50}"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(train concurrent searchbench search)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(tests train concurrent searchbench search)
 
 want() { local p; for p in "${PARTS[@]}"; do [ "$p" = "$1" ] && return 0; done; return 1; }
 step() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
@@ -41,6 +47,12 @@ limited() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv,noheader || echo "no nvidia-smi"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+if want tests; then
+  step "the CUDA-only tests (they must run here, not skip)"
+  limited 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py \
+    tests/test_bench.py::test_tutorial_baseline_puts_the_model_on_the_trial_device 2>&1 | tee "$OUT/tests.txt"
+fi
 
 if want train; then
   step "benchmarks.train, small_cnn, bs 128 (target >= 3.5x, >= 75k img/s resident)"
