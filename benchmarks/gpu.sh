@@ -21,7 +21,7 @@ if [ -f .gpu/site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   mkdir -p /tmp/site && tar -xJf .gpu/site.tar.xz -C /tmp/site || exit 1
 fi
 if [ -d .gpu/pytest ] && [ ! -d /tmp/site/_pytest ]; then
-  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/pytest/*.whl ||
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/pytest/*.whl ||
     echo "pytest could not be installed: the tests part will not run"
 fi
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

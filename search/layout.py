@@ -145,11 +145,19 @@ def read_json_lines(path: Path) -> list[dict]:
     return rows
 
 
+def _small_file(path: Path, max_bytes: int | None) -> bool:
+    """A regular file (a FIFO or device would block the reader) of at most max_bytes (None: any size)."""
+    try:
+        return path.is_file() and (max_bytes is None or path.stat().st_size <= max_bytes)
+    except (OSError, ValueError):  # (ValueError: a NUL byte in the path)
+        return False
+
+
 def read_json(path: Path, max_bytes: int | None = None) -> dict | None:
     """A JSON object file; None when missing, unreadable, not an object or (with max_bytes) larger."""
+    if not _small_file(path, max_bytes):
+        return None
     try:
-        if not path.is_file() or (max_bytes is not None and path.stat().st_size > max_bytes):
-            return None  # (not a regular file: a FIFO would block the reader)
         value = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
@@ -157,14 +165,6 @@ def read_json(path: Path, max_bytes: int | None = None) -> dict | None:
 
 
 MAX_SPACE_BYTES = 2**20  # a search space YAML (and its base config) is small: a bigger file is not one
-
-
-def _small_file(path: Path) -> bool:
-    """A regular file (a FIFO or device would block the reader) of at most MAX_SPACE_BYTES."""
-    try:
-        return path.is_file() and path.stat().st_size <= MAX_SPACE_BYTES
-    except OSError:
-        return False
 
 
 def saved_space(exp_dir: str | Path):
@@ -184,14 +184,14 @@ def saved_space(exp_dir: str | Path):
     if not isinstance(path, str) or not path:
         return None, None, f"{SETTINGS_FILE} names no search space file"
     path = Path(path)
-    if not _small_file(path):
+    if not _small_file(path, MAX_SPACE_BYTES):
         return None, None, f"the search space file {path.name} is not there any more"
     try:
         saved = settings.get("config_sha256")
         if isinstance(saved, str) and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
             return None, None, f"the search space file {path.name} has changed since the search started"
         base = load_yaml(path).get("base")
-        if base and not _small_file((path.parent / str(base)).resolve()):
+        if base and not _small_file((path.parent / str(base)).resolve(), MAX_SPACE_BYTES):
             return None, None, f"the base config of {path.name} is not there any more"
         spec = load_search_spec(path)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
