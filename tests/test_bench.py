@@ -67,6 +67,22 @@ def test_concurrent_trainers_bench_prints_summed_throughput():
 
 
 @pytest.mark.slow
+def test_eval_bench_prints_each_batch_size_and_the_default():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--limit", "300", "--repeats", "1", "--models",
+                        "small_cnn", "--batch-sizes", "256,64", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "device: cpu" in r.stdout
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("small_cnn"))
+    for size in (1024, 256, 64):  # 1024 uncapped is always run: the baseline of the default
+        assert re.search(rf"bs {size} +\d+/s", line), line
+    assert re.search(r"project default \(eval_batch_size 1024 -> 128 on cpu\): \d+/s vs 1024 uncapped \d+/s: "
+                     r"[\d.]+x", r.stdout), r.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.eval", "--models", "no_such_net"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "unknown model(s) no_such_net" in bad.stderr
+
+
 def test_search_report_of_the_gpu_script(smoke_search, tmp_path):
     """benchmarks/gpu.sh's figures of a timed search, on the shared smoke search: trial-epochs from the
     experiment, throughput over the search's own seconds (not its final stage), the final test accuracies."""

@@ -364,3 +364,24 @@ def test_resume_with_weight_average_continues_exactly(digits_data, tiny_config, 
         for k in a[part]:
             assert torch.allclose(a[part][k].float(), b[part][k].float(), atol=1e-5), (part, k)
     assert [m["val_acc"] for m in resumed.history] == pytest.approx([m["val_acc"] for m in straight.history])
+
+
+def test_cpu_evaluation_runs_in_bounded_batches_with_the_same_logits():
+    """predict_logits on the CPU splits an evaluation of any asked batch into batches of at most
+    CPU_EVAL_BATCH (a large batch is slower there: benchmarks/eval.py), and the logits are those of
+    the whole set run at once, in order."""
+    from models import build_model
+    from training.trainer import CPU_EVAL_BATCH, eval_batch_size, predict_logits
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10).eval()
+    x = torch.randint(0, 256, (CPU_EVAL_BATCH * 2 + 37, 28, 28), dtype=torch.uint8)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    got = predict_logits(model, x, batch_size=1024, precision="fp32")
+    handle.remove()
+    assert seen == [CPU_EVAL_BATCH, CPU_EVAL_BATCH, 37]
+    ref = torch.cat([predict_logits(model, x[i : i + 1], 1, precision="fp32") for i in range(len(x))])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # elsewhere the asked batch stands (a GPU evaluates in large batches)
+    assert eval_batch_size(1024, torch.device("cuda")) == 1024 and eval_batch_size(64, torch.device("cpu")) == 64

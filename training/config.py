@@ -76,7 +76,7 @@ class TrainConfig:
     channels_last: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
     cuda_graphs: str = "auto"  # auto = each training step one CUDA graph replay on CUDA (training/graphs.py); off
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # validation batch (at most trainer.CPU_EVAL_BATCH on the CPU, where larger is slower)
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
 
     def model_kwargs(self) -> dict[str, Any]:

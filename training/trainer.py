@@ -107,12 +107,26 @@ def _fit_schedule(sched, c: TrainConfig, opt: torch.optim.Optimizer, steps_per_e
     return fresh
 
 
+# On the CPU a large evaluation batch is slower, not faster: a batch's activations beyond glibc malloc's
+# largest mmap threshold (32 MB; small_cnn's first layer at batch 1024 is ~100 MB) are fresh pages from the
+# kernel for every batch, and zeroing them shows up as system time. `python -m benchmarks.eval` measures it.
+CPU_EVAL_BATCH = 128
+
+
+def eval_batch_size(batch_size: int, device: torch.device) -> int:
+    """The batch an evaluation really runs at: the asked one, at most CPU_EVAL_BATCH on the CPU (the
+    logits do not depend on it)."""
+    return min(batch_size, CPU_EVAL_BATCH) if device.type == "cpu" else batch_size
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool = False,
                    precision: str = "auto") -> torch.Tensor:
-    """Logits for uint8 images (N, 28, 28) already on the model's device."""
+    """Logits for uint8 images (N, 28, 28) already on the model's device, `batch_size` at a time (at most
+    CPU_EVAL_BATCH on the CPU)."""
     model.eval()
     dev = x.device
+    batch_size = eval_batch_size(batch_size, dev)
     out = []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i : i + batch_size].unsqueeze(1).float().div_(255))
