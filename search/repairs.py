@@ -19,12 +19,18 @@ moment (Ctrl+C, SIGKILL, a crash) leaves the disk ahead of that state; these clo
    version's killed driver) are moved to <exp>/orphaned/, never shown or continued as trials.
 6. (search/searcher.py) Ray restores the Optuna study and the trial list from different files; a
    study older than the trial list is told the finished trials it missed.
+7. `set_aside_damaged_state`: each driver session writes its own state files, and Ray copies them into
+   the experiment folder in place; a driver killed during that copy leaves one cut short. Ray restores
+   from the newest by name, and when that one is unreadable it silently starts the experiment over. The
+   damaged files go to <exp>/damaged/, so Ray restores from the newest whole session instead.
 
 Ray internals used here go through search/ray_private.py.
 """
 
 from __future__ import annotations
 
+import pickletools
+import re
 import shutil
 import time
 from pathlib import Path
@@ -36,7 +42,15 @@ from search import ray_env  # noqa: F401  (Ray's settings, set before Ray is imp
 from ray import tune
 
 from search import ray_private
-from search.layout import CHECKPOINT_FILE, checkpoint_dirs, checkpoint_index, ray_statuses, read_json_lines, trial_dirs
+from search.layout import (
+    CHECKPOINT_FILE,
+    checkpoint_dirs,
+    checkpoint_index,
+    ray_statuses,
+    read_json,
+    read_json_lines,
+    trial_dirs,
+)
 from training.checkpoint import CheckpointError, load_checkpoint
 
 
@@ -194,3 +208,78 @@ def set_aside_unknown_trials(exp_dir: Path) -> None:
         shutil.move(str(d), str(exp_dir / "orphaned" / d.name))
         print(f"  {d.name} is not in the experiment state (left by a killed driver of an earlier version): "
               f"moved to {exp_dir / 'orphaned'}; its configuration may be tried again", flush=True)
+
+
+# Ray's files of one driver session, named by the session's start time: the experiment state (the trial
+# list, JSON) and the search algorithm's state (cloudpickle, whatever the extension says).
+_SESSION_FILE = re.compile(r"(experiment_state|search_gen_state|searcher-state|basic-variant-state)-(.+)\.(json|pkl)")
+DAMAGED_DIR = "damaged"
+
+
+def _whole_state(path: Path) -> bool:
+    state = read_json(path)
+    return state is not None and isinstance(state.get("trial_data"), list)
+
+
+def _whole_pickle(path: Path) -> bool:
+    """A complete pickle stream, checked opcode by opcode without running any of it."""
+    try:
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+    except (OSError, ValueError, EOFError, IndexError, KeyError):  # (cut short, or not a pickle)
+        return False
+    return True
+
+
+def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
+    """Before Ray restores a local experiment: the state files it would restore from, when cut short
+    (a driver killed while Ray copied them into the experiment folder), are moved to <exp>/damaged/, so
+    that Ray restores from the newest whole ones. Ray reads the newest experiment state by name, and the
+    newest state of the search algorithm by name, separately; with either unreadable it logs an error
+    and starts the experiment over from nothing, beside the trials it had.
+
+    - An experiment state newer than the newest readable one goes with every file of its session: the
+      search algorithm's state of that session may name trials that the older trial list does not.
+      The trials themselves stay; those the restored list does not name are set aside by
+      set_aside_unknown_trials, and finished ones keep their newer checkpoints (resume_state).
+    - A search-algorithm state that is cut short goes with the rest of that session's search files:
+      Ray then restores the study of an earlier session, which search.searcher catches up.
+    Returns the files moved. Raises SystemExit, moving nothing, when no whole state is left to
+    resume from."""
+    sessions: dict[str, dict[str, Path]] = {}
+    for f in exp_dir.iterdir():
+        m = _SESSION_FILE.fullmatch(f.name)
+        if m and f.is_file():
+            sessions.setdefault(m[2], {})[m[1]] = f
+    if not sessions:
+        return []
+    newest_first = sorted(sessions, reverse=True)  # (Ray's order: the session's start time, by name)
+    with_state = [s for s in newest_first if "experiment_state" in sessions[s]]
+    good = next((s for s in with_state if _whole_state(sessions[s]["experiment_state"])), None)
+    if good is None:
+        raise SystemExit(f"error: cannot resume {exp_dir}: none of its experiment state files "
+                         f"({', '.join(sessions[s]['experiment_state'].name for s in with_state) or 'none'}) can be "
+                         f"read, so Ray has no trial list to continue. The trials' results and checkpoints are "
+                         f"untouched in {exp_dir}/trial_*; start a new search under another --name.")
+    moves = [f for s in newest_first if s > good for f in sessions[s].values()]
+    searcher_sessions = [s for s in newest_first if s <= good
+                         and any(k != "experiment_state" for k in sessions[s])]
+    for s in searcher_sessions:
+        files = [f for k, f in sessions[s].items() if k != "experiment_state"]
+        if all(_whole_pickle(f) for f in files):
+            break
+        moves += files
+    else:
+        if searcher_sessions:
+            raise SystemExit(f"error: cannot resume {exp_dir}: every saved state of its searcher is cut short, "
+                             f"so Ray would start the search over. The trials' results and checkpoints are "
+                             f"untouched in {exp_dir}/trial_*; start a new search under another --name.")
+    if moves:
+        (exp_dir / DAMAGED_DIR).mkdir(exist_ok=True)
+    for f in moves:
+        shutil.move(str(f), str(exp_dir / DAMAGED_DIR / f.name))
+        why = "cut short" if not (_whole_state(exp_dir / DAMAGED_DIR / f.name) or _whole_pickle(
+            exp_dir / DAMAGED_DIR / f.name)) else "from the same driver session as a file cut short"
+        print(f"  {f.name}: {why} (its driver was killed while Ray wrote it): moved to {exp_dir / DAMAGED_DIR}; "
+              f"resuming from the state of {good}", flush=True)
+    return moves

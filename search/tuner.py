@@ -147,7 +147,10 @@ def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
 def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tuner:
     """Tuner.restore, continuing unfinished and errored trials, with this session's callbacks.
     Ray restores the run config saved by the first session, callbacks included (which print to a
-    terminal that may be gone) and has no argument for them (search/ray_private.py)."""
+    terminal that may be gone) and has no argument for them (search/ray_private.py). State files cut
+    short by a killed driver are set aside first: Ray would start the experiment over from nothing."""
+    if not is_uri(path):
+        repairs.set_aside_damaged_state(Path(path))
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     ray_private.replace_callbacks(tuner, run_config.callbacks)
     return tuner
@@ -212,9 +215,9 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         run_config = make_run_config(name, storage, [Progress(samples, spec.max_epochs)])
         if resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
+            tuner = restore_tuner(exp_dir, trainable, run_config)  # (sets aside damaged state files first)
             if not is_uri(exp_dir):
                 repairs.set_aside_unknown_trials(Path(exp_dir))
-            tuner = restore_tuner(exp_dir, trainable, run_config)
         else:
             tuner = make_tuner(trainable, spec, samples, concurrency, seed, run_config, reuse_actors=not address)
         if settings is not None:

@@ -702,3 +702,115 @@ def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):
     assert sorted(p.name for p in exp.glob("trial_*")) == ["trial_aaaa_00000"]
     assert (exp / "orphaned" / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").read_bytes() == b"weights"
     assert load_experiment(exp).trials["trial_id"].tolist() == ["aaaa_00000"]
+
+
+# ---------------------------------------------------------------- Ray's own state files cut short by a kill
+
+
+def _session_files(exp: Path, session: str, trials: int = 1, cut: tuple[str, ...] = ()) -> dict[str, Path]:
+    """One driver session's state files as Ray writes them (an experiment state naming `trials` trials,
+    the searcher's and search generator's pickles), those named in `cut` cut short."""
+    infos = [[json.dumps({"trial_id": f"t{i}", "status": "TERMINATED", "config": {}}), json.dumps({})]
+             for i in range(trials)]
+    files = {"experiment_state": exp / f"experiment_state-{session}.json",
+             "searcher-state": exp / f"searcher-state-{session}.pkl",
+             "search_gen_state": exp / f"search_gen_state-{session}.json"}
+    files["experiment_state"].write_text(json.dumps({"trial_data": infos, "runner_data": {}}))
+    files["searcher-state"].write_bytes(pickle.dumps({"study": list(range(trials)), "session": session}))
+    files["search_gen_state"].write_bytes(pickle.dumps({"counter": trials}))
+    for kind in cut:
+        data = files[kind].read_bytes()
+        files[kind].write_bytes(data[: len(data) // 2])
+    return files
+
+
+def test_damaged_state_files_are_set_aside_so_ray_restores_the_newest_whole_session(tmp_path, capsys):
+    """Ray restores from the newest state files by name and, when one is unreadable, starts the
+    experiment over from nothing. set_aside_damaged_state moves what is cut short (with its session's
+    other files where they belong together) to damaged/, and refuses, moving nothing, when no whole
+    state is left. Real files in Ray's formats; no Ray cluster needed."""
+    from search.repairs import DAMAGED_DIR, set_aside_damaged_state
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    a = _session_files(exp, "2026-01-01_00-00-00", trials=1)
+    b = _session_files(exp, "2026-01-02_00-00-00", trials=2, cut=("experiment_state",))
+    # the newest trial list is cut short: its whole session goes (its searcher knew trials the older list does not)
+    assert sorted(p.name for p in set_aside_damaged_state(exp)) == sorted(p.name for p in b.values())
+    assert all(not p.exists() and (exp / DAMAGED_DIR / p.name).is_file() for p in b.values())
+    assert all(p.is_file() for p in a.values())
+    assert ray_statuses(exp).keys() == {"t0"}
+    assert "cut short" in capsys.readouterr().out
+    assert set_aside_damaged_state(exp) == []  # nothing left to do: a second resume moves nothing
+
+    # the trial list is whole but the newest searcher state is cut short: only that session's searcher files go
+    c = _session_files(exp, "2026-01-03_00-00-00", trials=3, cut=("searcher-state",))
+    moved = set_aside_damaged_state(exp)
+    assert sorted(p.name for p in moved) == sorted([c["searcher-state"].name, c["search_gen_state"].name])
+    assert c["experiment_state"].is_file() and ray_statuses(exp).keys() == {"t0", "t1", "t2"}
+    # a file in damaged/ is never overwritten by a later move of the same name: names carry the session
+    assert len(list((exp / DAMAGED_DIR).iterdir())) == 5
+
+    # nothing whole to resume from: a clear refusal, and every file stays where it was
+    only = tmp_path / "only"
+    only.mkdir()
+    d = _session_files(only, "2026-01-01_00-00-00", cut=("experiment_state",))
+    with pytest.raises(SystemExit, match="none of its experiment state files"):
+        set_aside_damaged_state(only)
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    e = _session_files(blind, "2026-01-01_00-00-00", cut=("searcher-state",))
+    with pytest.raises(SystemExit, match="every saved state of its searcher is cut short"):
+        set_aside_damaged_state(blind)
+    assert all(p.is_file() for p in [*d.values(), *e.values()])
+    assert not (only / DAMAGED_DIR).exists() and not (blind / DAMAGED_DIR).exists()
+
+
+def test_resume_after_the_newest_experiment_state_was_cut_short(digits_dir, tmp_path):
+    """CI once SIGKILLed a resumed driver while Ray copied its experiment state into the experiment
+    folder: the next --resume found that file empty, Ray logged "Failed to restore the run state" and
+    started the experiment over. Here two sessions end with Ctrl+C and the second's experiment state is
+    then cut in half: the resume continues from the first session's state, trains no finished epoch
+    again, and ends with exactly --samples finished trials."""
+    samples = 4
+    exp_dir, args = _search_args(digits_dir, tmp_path, "cut", samples, 2)
+
+    def finished() -> int:
+        return sum(s["status"] == "TERMINATED" for s in ray_statuses(exp_dir).values())
+
+    for run, n in ((args, 1), ([*args, "--resume"], 2)):
+        proc = _start(run)
+        assert _wait_for(lambda p=proc, n=n: p.poll() is not None or finished() >= n, every=0.05), "no progress"
+        assert proc.poll() is None, proc.stdout.read()  # (the search must not be over yet)
+        _interrupt(proc)
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    assert len(states) == 2, states
+    before = snapshot(exp_dir)
+    cut = states[-1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    # what the first session's state, the one the resume falls back to, knows as finished
+    known = {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "TERMINATED"}
+    assert known and known < {t for t, v in before.items() if v["status"] == "finished"}, (known, before.keys())
+
+    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Failed to restore the run state" not in r.stdout + r.stderr
+    assert f"{cut.name}: cut short" in r.stdout, r.stdout
+    assert (exp_dir / "damaged" / cut.name).is_file() and not cut.exists()
+    after = snapshot(exp_dir)
+    assert_nothing_finished_changed({t: before[t] for t in known}, after, "after resume")
+    for tid in {t for t, v in before.items() if v["status"] == "finished"} - known:
+        # finished in the session whose state was cut: Ray restores it as unfinished
+        if tid in after:  # named by the older state: its epochs are reported from its checkpoints, not trained again
+            assert after[tid]["checkpoints"] == before[tid]["checkpoints"], tid
+            assert after[tid]["events"] == before[tid]["events"], tid  # (no TensorBoard writer: nothing trained)
+            same = ("epoch", "epoch_seconds", "val_acc", "train_loss")  # (times never come out the same twice)
+            assert [{k: r[k] for k in same} for r in after[tid]["result"]] == \
+                [{k: r[k] for k in same} for r in before[tid]["result"]], tid
+        else:  # started after it: set aside with its files (search.repairs.set_aside_unknown_trials)
+            assert list((exp_dir / "orphaned" / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt")), tid
+    assert n_finished(after) == samples and len(after) == samples, {t: v["status"] for t, v in after.items()}
+    for tid, t in after.items():
+        assert t["epochs"] == [1, 2], (tid, t["epochs"])
+    assert f"trials {samples}/{samples} done" in r.stdout
+    assert_searcher_state(exp_dir, samples)
