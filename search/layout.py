@@ -3,13 +3,16 @@ knows Ray Tune's layout (with our trial names) and our own files beside it.
 
     <exp>/search.json                   the settings the search started with (search/run.py)
     <exp>/experiment_state-*.json       trial statuses, one per driver session (Ray; JSON)
-    <exp>/searcher-state-*.pkl          the Optuna study (Ray; pickled, read only by Ray)
+    <exp>/searcher-state-*.pkl          the Optuna study (Ray; pickled, unpickled only by Ray; search.repairs
+                                        checks that it is whole, opcode by opcode)
     <exp>/trial_<id>/params.json        the trial's config (TrainConfig overrides)
     <exp>/trial_<id>/result.json        one JSON line per epoch
     <exp>/trial_<id>/checkpoint_<n>/checkpoint.pt   (n counts up per trial)
     <exp>/trial_<id>/events.out.tfevents.*           TensorBoard
     <exp>/summary.json, trials.csv, best.pt          written when the search ends (search/summary.py)
     <exp>/final/                        the final stage (search/final.py), its refit a Tune experiment too
+    <exp>/orphaned/, <exp>/damaged/     set aside on --resume (search/repairs.py): trial folders no state
+                                        names; Ray state files cut short by a killed driver
 
 Readers never raise on a damaged or half-written file (a search still running, a killed driver,
 hostile content): they return what is usable. Given a results root, nothing whose real location is
