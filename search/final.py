@@ -32,7 +32,16 @@ from pathlib import Path
 
 import torch
 
-from search.layout import CHECKPOINT_FILE, SETTINGS_FILE, checkpoint_dirs, is_uri, ray_statuses, read_json, trial_dirs
+from search.layout import (
+    CHECKPOINT_FILE,
+    SETTINGS_FILE,
+    checkpoint_dirs,
+    has_whole_state,
+    is_uri,
+    ray_statuses,
+    read_json,
+    trial_dirs,
+)
 from search.resources import Resources
 from search.results import load_experiment
 from training import augment
@@ -221,7 +230,7 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
     from search.tuner import init_ray, resources, restore_tuner, run_config_for, trial_name
 
     refit_dir = final_dir / REFIT_NAME
-    started = any(refit_dir.glob("experiment_state-*.json"))
+    started = has_whole_state(refit_dir)  # (else no refit trial was recorded: it starts afresh)
     if started and _refit_done(refit_dir, members):
         return True
     own_ray = not ray.is_initialized()

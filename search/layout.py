@@ -167,6 +167,19 @@ def read_json(path: Path, max_bytes: int | None = None) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def whole_state(path: Path) -> bool:
+    """An experiment state file Ray can restore from: JSON holding its trial list (not one cut short by a
+    driver killed while Ray wrote it, see search.repairs.set_aside_damaged_state)."""
+    state = read_json(path)
+    return state is not None and isinstance(state.get("trial_data"), list)
+
+
+def has_whole_state(exp_dir: str | Path) -> bool:
+    """Whether a local experiment has a state Ray can restore from: else no trial was ever recorded (a
+    trial writes nothing before the state names it), and the search starts afresh."""
+    return Path(exp_dir).is_dir() and any(whole_state(f) for f in Path(exp_dir).glob(STATE_GLOB))
+
+
 MAX_SPACE_BYTES = 2**20  # a search space YAML (and its base config) is small: a bigger file is not one
 
 

@@ -47,9 +47,9 @@ from search.layout import (
     checkpoint_dirs,
     checkpoint_index,
     ray_statuses,
-    read_json,
     read_json_lines,
     trial_dirs,
+    whole_state,
 )
 from training.checkpoint import CheckpointError, load_checkpoint
 
@@ -216,11 +216,6 @@ _SESSION_FILE = re.compile(r"(experiment_state|search_gen_state|searcher-state|b
 DAMAGED_DIR = "damaged"
 
 
-def _whole_state(path: Path) -> bool:
-    state = read_json(path)
-    return state is not None and isinstance(state.get("trial_data"), list)
-
-
 def _whole_pickle(path: Path) -> bool:
     """A complete pickle stream, checked opcode by opcode without running any of it."""
     try:
@@ -255,7 +250,7 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
         return []
     newest_first = sorted(sessions, reverse=True)  # (Ray's order: the session's start time, by name)
     with_state = [s for s in newest_first if "experiment_state" in sessions[s]]
-    good = next((s for s in with_state if _whole_state(sessions[s]["experiment_state"])), None)
+    good = next((s for s in with_state if whole_state(sessions[s]["experiment_state"])), None)
     if good is None:
         raise SystemExit(f"error: cannot resume {exp_dir}: none of its experiment state files "
                          f"({', '.join(sessions[s]['experiment_state'].name for s in with_state) or 'none'}) can be "
@@ -278,7 +273,7 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
         (exp_dir / DAMAGED_DIR).mkdir(exist_ok=True)
     for f in moves:
         shutil.move(str(f), str(exp_dir / DAMAGED_DIR / f.name))
-        why = "cut short" if not (_whole_state(exp_dir / DAMAGED_DIR / f.name) or _whole_pickle(
+        why = "cut short" if not (whole_state(exp_dir / DAMAGED_DIR / f.name) or _whole_pickle(
             exp_dir / DAMAGED_DIR / f.name)) else "from the same driver session as a file cut short"
         print(f"  {f.name}: {why} (its driver was killed while Ray wrote it): moved to {exp_dir / DAMAGED_DIR}; "
               f"resuming from the state of {good}", flush=True)

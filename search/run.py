@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from search.final import FinalError, FinalSettings, add_final_args
-from search.layout import SETTINGS_FILE, is_uri, read_settings
+from search.layout import SETTINGS_FILE, has_whole_state, is_uri, read_settings
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
 from search.resources import Resources
 from search.space import SearchSpec, default_point, load_search_spec
@@ -207,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise ConfigError(f"cannot write the experiment folder {exp_dir}: {e.strerror or e}") from None
         if not is_uri(exp_dir):
-            started = Path(exp_dir).is_dir() and any(Path(exp_dir).glob("experiment_state-*.json"))
+            started = has_whole_state(exp_dir)
             if args.resume and not started:
                 if not (Path(exp_dir) / SETTINGS_FILE).is_file():
                     raise ConfigError(f"--resume: no experiment at {exp_dir}")
-                # Stopped before Ray's first snapshot: no trial had written anything (a trial waits
-                # until the experiment state names it, see search.trainable), so start it afresh.
+                # Stopped before Ray's first snapshot was whole: no trial had written anything (a trial
+                # waits until the experiment state names it, see search.trainable), so start it afresh.
                 print(f"{exp_dir} was stopped before its first trial was recorded; starting its search afresh")
                 args.resume = False
             elif not args.resume and any(p.name != LOCK_FILE for p in Path(exp_dir).iterdir()):

@@ -729,6 +729,7 @@ def test_damaged_state_files_are_set_aside_so_ray_restores_the_newest_whole_sess
     experiment over from nothing. set_aside_damaged_state moves what is cut short (with its session's
     other files where they belong together) to damaged/, and refuses, moving nothing, when no whole
     state is left. Real files in Ray's formats; no Ray cluster needed."""
+    from search.layout import has_whole_state
     from search.repairs import DAMAGED_DIR, set_aside_damaged_state
 
     exp = tmp_path / "exp"
@@ -757,6 +758,9 @@ def test_damaged_state_files_are_set_aside_so_ray_restores_the_newest_whole_sess
     d = _session_files(only, "2026-01-01_00-00-00", cut=("experiment_state",))
     with pytest.raises(SystemExit, match="none of its experiment state files"):
         set_aside_damaged_state(only)
+    # (search/run.py and the refit never get there: with no whole state no trial was recorded, so
+    # --resume starts the search afresh, as after a kill before Ray's first snapshot)
+    assert not has_whole_state(only) and has_whole_state(exp)
     blind = tmp_path / "blind"
     blind.mkdir()
     e = _session_files(blind, "2026-01-01_00-00-00", cut=("searcher-state",))
