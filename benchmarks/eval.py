@@ -18,7 +18,6 @@ every size sees the same machine state. fp32, channels_last as in training, no g
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import sys
@@ -26,6 +25,7 @@ import time
 
 import torch
 
+from benchmarks.train import device_name
 from models import build_model, list_models
 from training import trainer
 from training.trainer import predict_logits, resolve_device
@@ -85,10 +85,9 @@ def timed(model: torch.nn.Module, x: torch.Tensor, batch: int, cap: int | None) 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device = resolve_device(a.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     x, n_classes, source = images(a, device)
     cap = trainer.CPU_EVAL_BATCH
-    print(f"device: {device} ({name}), {torch.get_num_threads()} CPU threads; {len(x)} {source} images; "
+    print(f"device: {device_name(device)}, {torch.get_num_threads()} CPU threads; {len(x)} {source} images; "
           f"median of {a.repeats}; CPU_EVAL_BATCH = {cap}")
     # (label, raw batch, cap): every raw size with the cap lifted, then the project's default as it runs
     sizes = a.batch_sizes if 1024 in a.batch_sizes else [1024, *a.batch_sizes]  # (1024 uncapped: the baseline)

@@ -256,14 +256,17 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
                          f"({', '.join(sessions[s]['experiment_state'].name for s in with_state) or 'none'}) can be "
                          f"read, so Ray has no trial list to continue. The trials' results and checkpoints are "
                          f"untouched in {exp_dir}/trial_*; start a new search under another --name.")
-    moves = [f for s in newest_first if s > good for f in sessions[s].values()]
+    # file -> why it goes, decided as it is checked
+    moves = {f: "cut short" if k == "experiment_state" else "of a driver session whose experiment state is cut "
+             "short or was never written" for s in newest_first if s > good for k, f in sessions[s].items()}
     searcher_sessions = [s for s in newest_first if s <= good
                          and any(k != "experiment_state" for k in sessions[s])]
     for s in searcher_sessions:
-        files = [f for k, f in sessions[s].items() if k != "experiment_state"]
-        if all(_whole_pickle(f) for f in files):
+        whole = {f: _whole_pickle(f) for k, f in sessions[s].items() if k != "experiment_state"}
+        if all(whole.values()):
             break
-        moves += files
+        moves.update({f: "from the same driver session as a file cut short" if ok else "cut short"
+                      for f, ok in whole.items()})
     else:
         if searcher_sessions:
             raise SystemExit(f"error: cannot resume {exp_dir}: every saved state of its searcher is cut short, "
@@ -271,10 +274,8 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
                              f"untouched in {exp_dir}/trial_*; start a new search under another --name.")
     if moves:
         (exp_dir / DAMAGED_DIR).mkdir(exist_ok=True)
-    for f in moves:
+    for f, why in moves.items():
         shutil.move(str(f), str(exp_dir / DAMAGED_DIR / f.name))
-        why = "cut short" if not (whole_state(exp_dir / DAMAGED_DIR / f.name) or _whole_pickle(
-            exp_dir / DAMAGED_DIR / f.name)) else "from the same driver session as a file cut short"
         print(f"  {f.name}: {why} (its driver was killed while Ray wrote it): moved to {exp_dir / DAMAGED_DIR}; "
               f"resuming from the state of {good}", flush=True)
-    return moves
+    return list(moves)
