@@ -93,11 +93,22 @@ def _sha256(path: Path) -> str:
 DATA_KEYS = ("split", "val_fraction", "seed", "train_limit", "val_limit")
 
 
+def space_copy(config: Path) -> dict:
+    """The search space's own text and its base config's, kept with the experiment: the summary and the
+    dashboard replay trials into the space the search really sampled from, also after the file in the
+    repository was edited or removed (search.layout.saved_space)."""
+    from training.config import load_yaml
+
+    base = load_yaml(config).get("base")
+    return {"space_text": config.read_text(),
+            "base_text": (config.parent / str(base)).resolve().read_text() if base else None}
+
+
 def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
     """The settings to save with a new experiment (written by search.tuner just before it starts);
     `data` is how the training split was divided (the final stage reads the same validation images)."""
     config = Path(args.config).resolve()
-    return {"config": str(config), "config_sha256": _sha256(config), "samples": args.samples,
+    return {"config": str(config), "config_sha256": _sha256(config), **space_copy(config), "samples": args.samples,
             "max_epochs": args.max_epochs, "split": args.split, "seed": args.seed, "device": args.device,
             "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
             "data": {k: base[k] for k in DATA_KEYS} if base else None}
