@@ -181,40 +181,102 @@ def has_whole_state(exp_dir: str | Path) -> bool:
 
 
 MAX_SPACE_BYTES = 2**20  # a search space YAML (and its base config) is small: a bigger file is not one
+MAX_SETTINGS_BYTES = 4 * MAX_SPACE_BYTES  # search.json, which holds both texts (JSON-escaped) beside the settings
+REPO_SPACES = Path(__file__).resolve().parents[1] / "configs" / "search"  # where this repository's spaces are
 
 
 def saved_space(exp_dir: str | Path):
     """(the search space a local experiment was started with, its ASHA budget in epochs, None), or
-    (None, None, why not). The space is the file search.json names, used only while it still has the
-    checksum search.json saved: an edited space would put trials' configs into the wrong parameters.
-    The one reader of it for the summary and the dashboard."""
+    (None, None, why not). The one reader of it for the summary and the dashboard.
+
+    A search saves the text of its space and of its base config in search.json (space_text, base_text:
+    search.run.space_copy), so the space is replayed from that copy whatever became of the file. The copy is
+    used when it is text of a bounded size, matches the checksum saved beside it (config_sha256, where there
+    is one) and is a valid space. Older experiments have no copy: the file search.json names (or, where that
+    path is not on this machine, the file of the same name in this repository's configs/search/) is used
+    only while it still has the saved checksum, since an edited space would put trials' configs into the
+    wrong parameters. Never raises: a damaged or hostile search.json is a reason."""
+    settings = read_json(Path(exp_dir) / SETTINGS_FILE, max_bytes=MAX_SETTINGS_BYTES)
+    if settings is None:
+        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
+    path = settings.get("config")
+    if not isinstance(path, str) or not path or len(path) > 4096:
+        return None, None, f"{SETTINGS_FILE} names no search space file"
+    path = Path(path)
+    saved = settings.get("config_sha256")
+    saved = saved if isinstance(saved, str) else None
+    spec, why = None, None
+    if "space_text" in settings:
+        spec, why = _space_from_copy(settings, path, saved)
+    if spec is None:
+        spec, why_file = _space_from_file(path, saved)
+        if spec is None:  # both reasons, the copy's first: it is what a newer experiment relies on
+            why = f"{why}, and {why_file}" if why else why_file
+    if spec is None:
+        return None, None, why
+    max_epochs = settings.get("max_epochs")
+    ok = isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and 1 <= max_epochs <= MAX_EPOCH
+    return spec, max_epochs if ok else spec.max_epochs, None
+
+
+_SPACE_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError)
+
+
+def _space_from_copy(settings: dict, path: Path, saved: str | None):
+    """(the space from search.json's own copy of it, None), or (None, why the copy cannot be used)."""
+    import hashlib
+
+    from search.space import spec_from_texts
+    from training.config import ConfigError
+
+    texts = settings.get("space_text"), settings.get("base_text")
+    if not isinstance(texts[0], str) or not (texts[1] is None or isinstance(texts[1], str)):
+        return None, f"the copy of the search space in {SETTINGS_FILE} is not text"
+    try:
+        encoded = [t.encode() for t in texts if t is not None]
+    except UnicodeError:  # (a lone surrogate from a \ud800 escape)
+        return None, f"the copy of the search space in {SETTINGS_FILE} is not valid text"
+    if any(len(t) > MAX_SPACE_BYTES for t in encoded):
+        return None, f"the copy of the search space in {SETTINGS_FILE} is larger than a search space"
+    # (the copy was read as text: a file with CRLF line ends has the checksum of the text with them)
+    sums = {hashlib.sha256(t).hexdigest() for t in (encoded[0], encoded[0].replace(b"\n", b"\r\n"))}
+    if saved is not None and saved not in sums:
+        return None, f"the copy of the search space in {SETTINGS_FILE} does not match its checksum"
+    try:
+        return spec_from_texts(texts[0], texts[1], path), None
+    except (ConfigError, *_SPACE_ERRORS) as e:
+        return None, f"the copy of the search space in {SETTINGS_FILE} cannot be used ({type(e).__name__})"
+
+
+def _space_from_file(path: Path, saved: str | None):
+    """(the space from the file search.json names, None), or (None, why not): see saved_space."""
     import hashlib
 
     from search.space import load_search_spec
     from training.config import ConfigError, load_yaml
 
-    settings = read_json(Path(exp_dir) / SETTINGS_FILE, max_bytes=MAX_SPACE_BYTES)
-    if settings is None:
-        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
-    path = settings.get("config")
-    if not isinstance(path, str) or not path:
-        return None, None, f"{SETTINGS_FILE} names no search space file"
-    path = Path(path)
-    if not _small_file(path, MAX_SPACE_BYTES):
-        return None, None, f"the search space file {path.name} is not there any more"
+    where = str(path)
     try:
-        saved = settings.get("config_sha256")
-        if isinstance(saved, str) and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
-            return None, None, f"the search space file {path.name} has changed since the search started"
+        here = _small_file(path, MAX_SPACE_BYTES)
+        if not here and path.name and _small_file(REPO_SPACES / path.name, MAX_SPACE_BYTES):
+            repo = REPO_SPACES / path.name
+            if saved is not None and hashlib.sha256(repo.read_bytes()).hexdigest() == saved:
+                path, here = repo, True  # the same file, in this repository (an experiment from another machine)
+            else:
+                return None, (f"the search space file {where} that {SETTINGS_FILE} names is not on this machine, and "
+                              f"configs/search/{path.name} in this repository " + (
+                                  "has been edited since the search started (its checksum differs)"
+                                  if saved is not None else "may not be the same file (no checksum was saved)"))
+        if not here:
+            return None, f"the search space file {where} that {SETTINGS_FILE} names is not on this machine"
+        if saved is not None and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
+            return None, f"the search space file {where} has been edited since the search started"
         base = load_yaml(path).get("base")
         if base and not _small_file((path.parent / str(base)).resolve(), MAX_SPACE_BYTES):
-            return None, None, f"the base config of {path.name} is not there any more"
-        spec = load_search_spec(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, ConfigError) as e:
-        return None, None, f"the search space file {path.name} cannot be read ({type(e).__name__})"
-    max_epochs = settings.get("max_epochs")
-    max_epochs = max_epochs if isinstance(max_epochs, int) and max_epochs >= 1 else spec.max_epochs
-    return spec, max_epochs, None
+            return None, f"the base config of the search space file {where} is not there any more"
+        return load_search_spec(path), None
+    except (ConfigError, *_SPACE_ERRORS) as e:
+        return None, f"the search space file {where} cannot be read ({type(e).__name__})"
 
 
 def is_inside(root: str | Path, path: str | Path) -> bool:

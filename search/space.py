@@ -107,17 +107,84 @@ def _check_value(key: str, value: Any, where: str) -> None:
         raise _err(where, f"{key}={value!r} is not a valid value: {e}") from None
 
 
+MAX_NODES = 100_000  # values in a search space document (a real one has a few hundred)
+MAX_DEPTH = 50  # nesting of mappings and lists in it
+
+
+def _check_shape(doc: Any, where: str) -> None:
+    """Refuse a document that is no search space by its size: YAML's anchors can make a short text a
+    structure of billions of values (or one that contains itself), and every check below walks it
+    (and quotes values in its messages)."""
+    stack, seen = [(doc, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_NODES or depth > MAX_DEPTH:
+            raise _err(where, f"more than {MAX_NODES} values or {MAX_DEPTH} levels: not a search space")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def _yaml_mapping(text: str, where: str) -> dict[str, Any]:
+    """A YAML text that holds a mapping (as training.config.load_yaml reads a file), shape-checked."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:  # (RecursionError: nesting beyond the parser's stack)
+        raise ConfigError(f"{where}: invalid YAML: {type(e).__name__}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    _check_shape(data, where)
+    return data
+
+
 def load_search_spec(path: str | Path) -> SearchSpec:
+    """The search space file at `path` (and the base config it names, relative to it), validated."""
     path = Path(path)
     doc = load_yaml(path)
-    unknown = set(doc) - TOP_KEYS
-    if unknown:
-        raise _err(str(path), f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    _check_shape(doc, str(path))
+    _check_top(doc, str(path))
     base_path = doc.get("base")
     base = load_yaml((path.parent / base_path).resolve()) if base_path else {}
+    _check_shape(base, str(path))
+    return _spec(doc, base, path)
+
+
+def spec_from_texts(space_text: str, base_text: str | None, path: str | Path) -> SearchSpec:
+    """The search space held as text (an experiment's own copy in search.json: search.run.space_copy), with
+    the text of the base config it names (None when it names none), validated as load_search_spec validates
+    a file. `path`: where the file was, for messages and SearchSpec.path (nothing is read from it)."""
+    path = Path(path)
+    if not isinstance(space_text, str) or not (base_text is None or isinstance(base_text, str)):
+        raise _err(str(path), "the saved copy is not text")
+    doc = _yaml_mapping(space_text, str(path))
+    _check_top(doc, str(path))
+    if bool(doc.get("base")) != (base_text is not None):
+        raise _err(str(path), "names a base config but its copy is missing" if doc.get("base")
+                   else "has a copy of a base config it does not name")
+    base = _yaml_mapping(base_text, f"{path} (base {doc['base']})") if base_text is not None else {}
+    return _spec(doc, base, path)
+
+
+def _check_top(doc: dict[str, Any], where: str) -> None:
+    unknown = {str(k) for k in doc} - TOP_KEYS
+    if unknown:
+        raise _err(where, f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+
+
+def _spec(doc: dict[str, Any], base: dict[str, Any], path: Path) -> SearchSpec:
+    """Validate a search space document and its base config (both read already) into a SearchSpec."""
     try:
         base = make_config(base).to_dict()
-        fixed = dict(doc.get("fixed") or {})
+        fixed = doc.get("fixed") or {}
+        if not isinstance(fixed, dict):
+            raise ConfigError(f"fixed must be a mapping of config keys, got {type(fixed).__name__}")
+        fixed = dict(fixed)
         make_config(fixed, base=base)
     except ConfigError as e:
         raise _err(str(path), str(e)) from None
@@ -133,19 +200,19 @@ def load_search_spec(path: str | Path) -> SearchSpec:
     if "epochs" in seen:
         raise _err(str(path), "epochs is the ASHA budget: set it with max_epochs, not in the space")
     asha = doc.get("asha") or {}
-    if set(asha) - ASHA_KEYS:
-        raise _err(str(path), f"asha takes {sorted(ASHA_KEYS)}, got {sorted(asha)}")
+    if not isinstance(asha, dict) or set(asha) - ASHA_KEYS:
+        raise _err(str(path), f"asha takes {sorted(ASHA_KEYS)}, got {asha!r}"[:300])
     max_epochs = doc.get("max_epochs", base["epochs"])
     grace, factor = asha.get("grace_period", 1), asha.get("reduction_factor", 3)
     for name, v, low in (("max_epochs", max_epochs, 1), ("asha.grace_period", grace, 1),
                          ("asha.reduction_factor", factor, 2)):
-        if not isinstance(v, int) or v < low:
-            raise _err(str(path), f"{name} must be an integer >= {low}, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise _err(str(path), f"{name} must be an integer >= {low}, got {v!r}"[:300])
     if grace > max_epochs:
         raise _err(str(path), f"asha.grace_period ({grace}) exceeds max_epochs ({max_epochs})")
     samples = doc.get("samples")
-    if samples is not None and (not isinstance(samples, int) or samples < 1):
-        raise _err(str(path), f"samples must be a positive integer, got {samples!r}")
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
+        raise _err(str(path), f"samples must be a positive integer, got {samples!r}"[:300])
     for corner in _largest_models(space):  # each value is fine alone; together they may be too big
         try:
             make_config({**fixed, **corner}, base=base)

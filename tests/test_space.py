@@ -120,7 +120,8 @@ def test_default_space_largest_models_stay_fast():
 
 def test_saved_space_is_the_one_the_search_started_with(tmp_path):
     """search.layout.saved_space, the one reader of an experiment's space for the summary and the
-    dashboard: used while the file is what the search started with, refused with a reason otherwise."""
+    dashboard: an older experiment (no copy of its space in search.json) uses the file while it is what
+    the search started with, and is refused with a reason otherwise."""
     import hashlib
     import json
     import os
@@ -147,16 +148,162 @@ def test_saved_space_is_the_one_the_search_started_with(tmp_path):
     settings()  # no checksum saved (an older search), no budget: the space file's own
     assert saved_space(exp)[1] == 4
 
-    settings(config_sha256="0" * 64)  # the file was edited after the search started
-    assert saved_space(exp)[::2] == (None, "the search space file space.yaml has changed since the search started")
+    settings(config_sha256="0" * 64)  # the file was edited after the search started: it is there, edited
+    assert saved_space(exp)[::2] == (None, f"the search space file {space} has been edited since the search started")
     assert _sampled_names(exp)({**trial, "optimizer": "sgd"}) is None  # the summary shows what varied instead
     settings()
     (tmp_path / "base.yaml").unlink()
-    assert saved_space(exp)[2] == "the base config of space.yaml is not there any more"
+    assert saved_space(exp)[2] == f"the base config of the search space file {space} is not there any more"
     space.unlink()
     os.mkfifo(space)  # a FIFO would block the reader
-    assert saved_space(exp)[2] == "the search space file space.yaml is not there any more"
+    assert saved_space(exp)[2] == f"the search space file {space} that search.json names is not on this machine"
     (exp / "search.json").write_text("[1, 2]")
     assert saved_space(exp)[2] == "the experiment has no readable search.json"
     (exp / "search.json").write_text(json.dumps({"config": 7}))
     assert saved_space(exp)[2] == "search.json names no search space file"
+
+
+def test_saved_space_from_another_machine_is_found_in_the_repository(tmp_path):
+    """An older experiment copied from another machine names a path that is not here: the file of the same
+    name in configs/search/ is used when it has the saved checksum, and said to be edited when it has not
+    (the issue's page said "not there any more" of a file that was there, edited)."""
+    import hashlib
+    import json
+
+    from search.layout import saved_space
+    from search.run import DEFAULT_SEARCH
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    elsewhere = "/elsewhere/emnist-tune/configs/search/default.yaml"
+    good = hashlib.sha256(DEFAULT_SEARCH.read_bytes()).hexdigest()
+    (exp / "search.json").write_text(json.dumps({"config": elsewhere, "config_sha256": good}))
+    spec, _, why = saved_space(exp)
+    assert why is None and spec.path == DEFAULT_SEARCH
+    (exp / "search.json").write_text(json.dumps({"config": elsewhere, "config_sha256": "0" * 64}))
+    assert saved_space(exp)[::2] == (None, (f"the search space file {elsewhere} that search.json names is not on "
+                                            "this machine, and configs/search/default.yaml in this repository has "
+                                            "been edited since the search started (its checksum differs)"))
+
+
+def _experiment_with_copy(tmp_path, space_text: str, base_text: str | None = "split: digits\n", **extra):
+    """An experiment whose search.json holds its space's text as search.run.settings_of writes it; the file it
+    names is then edited (widened, a parameter moved into a branch) and its base removed."""
+    import hashlib
+    import json
+
+    from search.run import space_copy
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "base.yaml").write_text(base_text or "")
+    space = cfg / "space.yaml"
+    space.write_text(space_text)
+    settings = {"config": str(space), "config_sha256": hashlib.sha256(space.read_bytes()).hexdigest(),
+                **space_copy(space), "max_epochs": 3, **extra}
+    space.write_text(space_text.replace("[0.5, 2.0]", "[0.25, 4.0]").replace("  width:", "  depth: {int: [1, 3]}\n"
+                                                                              "  width:"))
+    (cfg / "base.yaml").unlink()
+    exp = tmp_path / "exp"
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / "search.json").write_text(json.dumps(settings))
+    return exp, space
+
+
+def test_saved_space_is_the_experiments_own_copy(tmp_path):
+    from search.layout import saved_space
+
+    exp, space = _experiment_with_copy(tmp_path, GOOD.format(base="base.yaml"))
+    spec, max_epochs, why = saved_space(exp)
+    assert why is None and max_epochs == 3 and spec.path == space
+    assert spec.space["width"] == {"uniform": [0.5, 2.0]} and "depth" not in spec.params  # not the edited file
+    assert spec.base["split"] == "digits" and spec.fixed == {"split": "digits"}  # the base from its copy too
+    # a space without a base config
+    exp2, _ = _experiment_with_copy(tmp_path / "b", GOOD.replace("base: {base}\n", "").format())
+    assert saved_space(exp2)[2] is None
+
+
+def _hostile(tmp_path, **fields):
+    import json
+
+    exp = tmp_path / "hostile"
+    exp.mkdir(exist_ok=True)
+    (exp / "search.json").write_text(json.dumps({"config": str(tmp_path / "gone.yaml"), **fields}))
+    return exp
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({"space_text": 7}, "is not text"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}", "base_text": ["x"]}, "is not text"),
+    ({"space_text": "x" * (2**20 + 1)}, "larger than a search space"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}", "config_sha256": "0" * 64}, "does not match its checksum"),
+    ({"space_text": "space: [1, 2\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "- just a list\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "base: b.yaml\nspace: {lr: {uniform: [0.1, 1]}}\n"}, "cannot be used (ConfigError)"),  # no base
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}\n", "base_text": "lr: 1\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "base: b.yaml\nspace: {lr: {uniform: [0.1, 1]}}\n", "base_text": "nonsense_key: 1\n"},
+     "cannot be used (ConfigError)"),
+    ({"space_text": "space: {lrr: {uniform: [0.1, 1]}}\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "{1: 2, space: {lr: {uniform: [0.1, 1]}}}\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}\nfixed: [1, 2]\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}\nasha: 3\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}\nmax_epochs: true\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "[" * 100_000}, "cannot be used (ConfigError)"),  # nesting deeper than the parser's stack
+    ({"space_text": "a: &a [*a]\nspace: {lr: {uniform: [0.1, 1]}}\n"}, "cannot be used (ConfigError)"),  # itself
+    # billion laughs: a few lines that are 10^9 values
+    ({"space_text": "a: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+      + "space: {model: {choice: *i}}\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "space: {model: {choice: {small_cnn: [1]}}}\n"}, "cannot be used (ConfigError)"),
+    ({"space_text": "space: {lr: {uniform: [0.1, 1]}}\x00\n"}, "cannot be used (ConfigError)"),
+])
+def test_a_damaged_copy_of_the_space_is_a_reason(tmp_path, fields, why):
+    """Whatever the copy holds, saved_space answers (None, None, why) and never raises; with the file it
+    names gone too, the reason says both."""
+    from search.layout import saved_space
+
+    spec, max_epochs, reason = saved_space(_hostile(tmp_path, **fields))
+    assert spec is None and max_epochs is None
+    assert reason.startswith("the copy of the search space in search.json ") and why in reason, reason
+    assert reason.endswith("that search.json names is not on this machine")
+
+
+def test_a_damaged_copy_falls_back_to_the_unedited_file(tmp_path):
+    """A copy that does not match the saved checksum is not used; the file itself still has it, so it is."""
+    import hashlib
+    import json
+
+    from search.layout import saved_space
+
+    (tmp_path / "train.yaml").write_text("split: digits\n")
+    space = tmp_path / "s.yaml"
+    space.write_text(GOOD.format(base="train.yaml"))
+    exp = _hostile(tmp_path, config=str(space), config_sha256=hashlib.sha256(space.read_bytes()).hexdigest(),
+                   space_text=GOOD.format(base="train.yaml").replace("0.99", "0.999"), base_text="split: digits\n")
+    spec, _, why = saved_space(exp)
+    assert why is None and spec.space["optimizer"]["choice"]["sgd"]["momentum"] == {"uniform": [0.8, 0.99]}
+    # a copy of a file written with CRLF line ends (read back as text with \n) still matches its checksum
+    space.write_bytes(GOOD.format(base="train.yaml").replace("\n", "\r\n").encode())
+    json.loads((exp / "search.json").read_text())
+    exp = _hostile(tmp_path, config=str(tmp_path / "moved.yaml"),
+                   config_sha256=hashlib.sha256(space.read_bytes()).hexdigest(), space_text=space.read_text(),
+                   base_text="split: digits\n")
+    assert saved_space(exp)[2] is None
+
+
+def test_search_json_too_large_or_odd_is_a_reason(tmp_path):
+    import json
+
+    from search.layout import saved_space
+
+    exp = _hostile(tmp_path)
+    (exp / "search.json").write_text(json.dumps({"config": "x", "pad": "x" * (4 * 2**20)}))
+    assert saved_space(exp) == (None, None, "the experiment has no readable search.json")
+    (exp / "search.json").write_text(json.dumps({"config": "x" * 5000}))
+    assert saved_space(exp)[2] == "search.json names no search space file"
+    (exp / "search.json").write_text('{"config": "a", "space_text": "\\ud800"}')  # a lone surrogate
+    assert "is not valid text" in saved_space(exp)[2]
+    (exp / "search.json").write_text("[" * 100_000)
+    assert saved_space(exp)[2] == "the experiment has no readable search.json"
+    (exp / "search.json").write_text(json.dumps({"config": "a\x00b"}))
+    assert "not on this machine" in saved_space(exp)[2]
