@@ -277,15 +277,36 @@ def _budget(trials: pd.DataFrame, histories: dict, rungs: list[int] | None) -> t
     return data, BUDGET_COLUMN, f"val acc at epoch {epoch}"
 
 
+@st.cache_data(max_entries=16, show_spinner="Resampling the trials…")
+def _importance(data: pd.DataFrame, metric: str, params: tuple[str, ...], space: tuple, _distributions: dict):
+    """figures.importance (Optuna's PED-ANOVA, and its intervals over resamples of the trials: about a
+    second for 30 trials), once per table; `space`: the distributions as text (the cache's key for them)."""
+    return figures.importance(data, metric, list(params), _distributions)
+
+
+def _space_note(found: figures.Searched) -> str:
+    """What the figures use when the space is unknown, and which parameters importance leaves out."""
+    text = (f"Which parameters each trial sampled is not known ({md_text(found.note)}), so the figures use every "
+            "setting that differs between the trials: a conditional parameter also counts in the trials "
+            "where its branch was not taken.")
+    if not found.left_out:
+        return text + (" None of them shows in its values that it was conditional (one that does not would be "
+                       "ranked with its default in the trials that did not sample it).")
+    lines = [f"- {md_text(figures.param_name(c))}: {md_text(why)}" for c, why in found.left_out.items()]
+    return (text + " Hyperparameter importance leaves out those whose values show they were conditional (the "
+            "trials that did not sample one hold its default) rather than rank their defaults:\n" + "\n".join(lines))
+
+
 def _hyperparameters(exp: Experiment, found: figures.Searched, rungs: list[int] | None = None) -> None:
     st.subheader("Hyperparameters")
     trials, params = found.trials, found.params
     if found.note:
-        st.info(f"Which parameters each trial sampled is not known ({md_text(found.note)}), so the figures use every "
-                "setting that differs between the trials: a conditional parameter also counts in the trials "
-                "where its branch was not taken.")
+        st.info(_space_note(found))
     data, metric, label = _budget(trials, exp.histories, rungs)
-    importance = figures.importance_values(data, metric, params, found.distributions) or {}
+    ranked = [c for c in params if c not in found.left_out]
+    space = tuple(sorted((k, repr(v)) for k, v in found.distributions.items()))
+    result = _importance(data, metric, tuple(ranked), space, found.distributions)
+    importance = result.values if result is not None else {}
     names = [figures.param_name(c) for c in params]
     order = [n for n in importance if n in names] + [n for n in names if n not in importance]
     axes = st.multiselect("Parallel-coordinates axes", order, default=order[:figures.PARCOORDS_DEFAULT_AXES],
@@ -300,12 +321,33 @@ def _hyperparameters(exp: Experiment, found: figures.Searched, rungs: list[int] 
         else:
             st.info("No hyperparameter differs between the trials yet, so there is nothing to compare.")
     with right:
-        fig = figures.param_importance(data, metric, label, params, values=importance or None)
+        fig = figures.param_importance(data, metric, label, ranked, result=result)
         if fig is None:
-            reason = figures.importance_inputs(data, metric, params)[2]
+            reason = figures.importance_inputs(data, metric, ranked)[2]
             st.info(f"Hyperparameter importance is not available yet: {reason}.")
         else:
             st.plotly_chart(fig, key="explorer_importance")
+            _importance_notes(result)
+
+
+def _importance_notes(result: figures.Importance) -> None:
+    """How sure the bars are, and how a conditional parameter's bar was measured."""
+    share, k = f"{figures.BOOTSTRAP_LEVEL:.0%}", result.resamples
+    if not result.supported:
+        st.info(f"These bars are not a ranking: {result.caveat}. The values are Optuna's all the same, drawn "
+                   f"pale; the lines show where {share} of {k} resamples of the trials put each of them.")
+    else:
+        places = ", ".join(f"{md_text(n)} (rank {result.rank_low[n]}–{result.rank_high[n]})" for n in result.settled)
+        rest = "" if len(result.settled) == len(result.values) else (
+            " The order of the other (pale) bars is not supported: their ranks move over more than two places.")
+        st.caption(f"Places the trials support, in {share} of {k} resamples of them (drawn with replacement): "
+                   f"{places}.{rest} Lines: where {share} of the resamples put each value.")
+    conditional = [n for n in result.values if result.sampled_in.get(n, result.n_trials) < result.n_trials]
+    if conditional:
+        st.caption(f"A bar marked \"N of {result.n_trials} trials\" is a conditional parameter "
+                   f"({md_text(', '.join(conditional))}): PED-ANOVA measures it only among the N trials that sampled "
+                   "it, and weights that by (share of the best trials among them)² / (share of all trials among "
+                   "them), Optuna's conditional PED-ANOVA; all the bars together sum to 1.")
 
 
 def _curves(exp: Experiment) -> None:

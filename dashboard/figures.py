@@ -35,6 +35,16 @@ METRIC_LABELS = {"val_acc": "validation accuracy", "val_loss": "validation loss"
                  "train_acc": "training accuracy", "lr": "learning rate"}
 IMPORTANCE_MIN_TRIALS = 3
 IMPORTANCE_TOP_TRIALS = 10  # trials in the best part PED-ANOVA compares (see importance_values)
+# Below this many trials the page draws no ranking (see importance): PED-ANOVA compares the best
+# IMPORTANCE_TOP_TRIALS with all of them, and with fewer than twice that many the best part is half the
+# trials or more, so hardly different from all of them (Optuna advises at least 5 trials in it, too).
+RANKING_MIN_TRIALS = 2 * IMPORTANCE_TOP_TRIALS
+BOOTSTRAP_RESAMPLES = 100  # resamples of the trials for the intervals (about 15 ms each for 30 trials) ...
+BOOTSTRAP_MIN_RESAMPLES = 30  # ... fewer for a large search (bootstrap_resamples), never fewer than this
+BOOTSTRAP_WORK = 200_000  # trials x parameters evaluated over all resamples: ~100 resamples take ~1.5-5 s
+BOOTSTRAP_LEVEL = 0.9  # the intervals hold this share of the resamples
+CHOICE_LEVELS = 12  # a parameter with at most this many values can be a choice others depend on
+CONDITIONAL_ALPHA = 0.01  # chance of a false "conditional" among all pairs tested (see conditional_in_values)
 MAX_EPOCH_TICKS = 40  # one tick per epoch up to this many epochs, then plotly's own spacing
 MAX_BARS = 60  # bars of the ASHA figure: one per epoch up to this many, else one per epoch some trial stopped at
 USABLE_STATUSES = ("finished", "stopped")
@@ -153,6 +163,9 @@ class Searched(NamedTuple):
     params: list[str]  # the searched `config/*` columns
     distributions: dict[str, Any]  # {param name: its Optuna distribution in the space}, {} without it
     note: str | None  # why the space was not used, or None
+    # without the space: {column: why} of the searched parameters whose values show they were conditional
+    # (conditional_in_values); importance leaves them out rather than rank their defaults
+    left_out: Mapping[str, str] = {}
 
 
 def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], Mapping[str, Any] | None] | None) -> Searched:
@@ -160,12 +173,13 @@ def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], Mapping[str, An
     scheduler) shows its default in every other trial. `sampled(config)` gives {name: distribution} of
     what one trial sampled (search.space.sampled_params, replaying the saved space): every other config
     cell becomes NaN. Without it, or where it does not know a trial's config, the searched parameters are
-    those whose value differs between the trials (the table as it is), and the note says so."""
+    those whose value differs between the trials (the table as it is), the note says so, and `left_out`
+    names those of them whose values show they were conditional (conditional_in_values)."""
     if trials is None or trials.empty:
         return Searched(trials, [], {}, None)
     cols = [c for c in trials.columns if c.startswith(CONFIG)]
     if sampled is None:
-        return Searched(trials, varying_params(trials), {}, "the search space is unknown")
+        return _as_they_are(trials, "the search space is unknown")
     keep = pd.DataFrame(False, index=trials.index, columns=cols)
     unknown, distributions = [], {}
     for idx in _with_config(trials).index:
@@ -178,14 +192,93 @@ def only_sampled(trials: pd.DataFrame, sampled: Callable[[dict], Mapping[str, An
         keep.loc[idx, [c for c in cols if param_name(c) in names]] = True
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        return Searched(trials, varying_params(trials), {}, (f"the saved search space does not fit the config of "
-                                                             f"trial(s) {', '.join(unknown[:3])}{more}"))
+        return _as_they_are(trials, f"the saved search space does not fit the config of trial(s) "
+                                    f"{', '.join(unknown[:3])}{more}")
     out = trials.copy()
     for c in cols:
         if not keep[c].all():
             values = trials[c].astype("Int64") if pd.api.types.is_integer_dtype(trials[c].dtype) else trials[c]
             out[c] = values.where(keep[c])  # an int parameter stays an int one (nullable)
     return Searched(out, [c for c in cols if keep[c].any()], distributions, None)
+
+
+def _as_they_are(trials: pd.DataFrame, note: str) -> Searched:
+    params = varying_params(trials)
+    return Searched(trials, params, {}, note, conditional_in_values(trials, params))
+
+
+def _same(v, d) -> bool:
+    """A table value equals a config value (64.0 is 64; True is not 1)."""
+    v = _plain(v)
+    if isinstance(v, bool) or isinstance(d, bool):
+        return isinstance(v, bool | np.bool_) and isinstance(d, bool) and bool(v) == d
+    if isinstance(v, int | float) and isinstance(d, int | float):
+        return float(v) == float(d)
+    return v == d
+
+
+def _listed(values: Sequence) -> str:
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def conditional_in_values(trials: pd.DataFrame, params: Sequence[str] | None = None) -> dict[str, str]:
+    """{column: why} of the parameters (`params`, default those that vary) whose values show they were
+    conditional, for a search whose space is unknown: the trials' configs hold every setting, so a
+    parameter a trial did not sample holds its default there. The rule, over the trials with a config:
+
+    P is conditional on C (another varying parameter with at most CHOICE_LEVELS values: a choice) when
+      - P is exactly its TrainConfig default d in every trial of some values of C (each seen in at least 2
+        trials): the branches not taken, n_off trials in all;
+      - P takes another value in some trial with another value of C (the branches that sample it);
+      - that is not chance: if P did not depend on C, n_off trials would all hold d with probability about
+        f ** n_off, f the share of d among the other trials; it must be at most CONDITIONAL_ALPHA divided
+        by the number of (P, C) pairs tested (Bonferroni). (A continuous parameter sampled in every trial
+        repeats no value, so it is never taken for conditional; a discrete one needs many trials at d.)
+    Where P and C each look conditional on the other (a two-way link), the one with more distinct values
+    is the conditional one; with as many, both are named ("cannot tell which one"). A conditional parameter
+    whose base config overrides its default is not recognised (its value in the other trials is not d)."""
+    from training.config import make_config
+
+    rows = _with_config(trials) if trials is not None else pd.DataFrame()
+    cols = [c for c in (varying_params(rows) if params is None else params) if c in rows]
+    if rows.empty or not cols:
+        return {}
+    defaults = make_config({}).to_dict()
+    values = {c: _hashable(rows[c]).map(lambda v: "n/a" if not _present(v) else _plain(v)) for c in cols}
+    levels = {c: values[c].map(str).nunique() for c in cols}
+    choices = [c for c in cols if 2 <= levels[c] <= CHOICE_LEVELS]
+    limit = CONDITIONAL_ALPHA / max(1, len(cols) * len(choices))
+    found: dict[str, tuple[str, list, int, float]] = {}  # P -> (C, C's values where P is off, n_off, chance)
+    for p in cols:
+        if param_name(p) not in defaults:
+            continue
+        d = defaults[param_name(p)]
+        at_d = values[p].map(lambda v, d=d: _same(v, d)).astype(bool)
+        if at_d.sum() < 2 or at_d.all():
+            continue
+        for c in (c for c in choices if c != p):
+            keys = values[c].map(str)
+            off = [k for k, idx in keys.groupby(keys).groups.items() if len(idx) >= 2 and at_d[idx].all()]
+            off_rows = keys.isin(off)
+            if not off or off_rows.all() or at_d[~off_rows].all():
+                continue
+            chance = float(at_d[~off_rows].mean()) ** int(off_rows.sum())
+            if chance <= limit and (p not in found or chance < found[p][3]):
+                shown = sorted({values[c][i] for i in keys.index[off_rows]}, key=str)
+                found[p] = (c, shown, int(off_rows.sum()), chance)
+    out = {}
+    for p, (c, off, n_off, _) in found.items():
+        d = defaults[param_name(p)]
+        if c in found and found[c][0] == p:  # each looks conditional on the other
+            if levels[p] < levels[c]:
+                continue  # p is the choice, c the conditional one
+            if levels[p] == levels[c]:
+                out[p] = (f"its values and {param_name(c)}'s go together (cannot tell which one was "
+                          "conditional on the other)")
+                continue
+        out[p] = f"always {_value_text(d)} (its default) where {param_name(c)} is {_listed(off)} ({n_off} trials)"
+    return out
 
 
 def _present(v) -> bool:
@@ -446,43 +539,49 @@ def _choice(v):
     return v if isinstance(v, bool | int | float | str) or v is None else str(v)
 
 
-def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None,
-                      distributions: Mapping[str, Any] | None = None) -> dict[str, float] | None:
-    """{param: importance} (normalised, descending) of `metric` by Optuna's default evaluator (PED-ANOVA)
-    on an in-memory study built from the trials; None when it cannot be computed (see importance_inputs).
-    A NaN cell is a parameter the trial did not sample: that trial has no such parameter in the study, and
-    PED-ANOVA measures a conditional parameter only on the trials where it is active. `distributions`
-    ({name: Optuna distribution}, from `only_sampled`): the ranges the search sampled from, which
-    PED-ANOVA's density estimates span; without them (or where a value falls outside), the values' range."""
-    rows, params, reason = importance_inputs(trials, metric, params)
-    if reason:
-        return None
-    import optuna
+def importance_quantile(n_trials: int) -> float:
+    """The target_quantile the page gives Optuna's PED-ANOVA for n trials: its best IMPORTANCE_TOP_TRIALS
+    of them (Optuna's default, 0.1, from 100 trials on), at most half. PED-ANOVA compares the best part of
+    the trials with all of them; the default leaves 3 trials of 30 in that part, and 3 points that happen
+    to share a value of any of ~12 parameters outrank the one that decides the accuracy (measured:
+    synthetic searches where lr decides, tests/test_dashboard_analyses.py); with 10 it ranks lr first.
+    Optuna's documentation, too, advises at least 5 trials in the best part."""
+    return min(0.5, max(0.1, IMPORTANCE_TOP_TRIALS / max(1, n_trials)))
+
+
+def _frozen_trials(rows: pd.DataFrame, metric: str, params: Sequence[str], given: Mapping[str, Any]) -> list:
+    """One Optuna trial per row: its value, and only the parameters it sampled (a NaN cell: not sampled)."""
     from optuna.trial import create_trial
 
-    given = distributions or {}
+    columns = {c: _hashable(rows[c]).tolist() for c in params}
     dists = {c: _distribution(_hashable(rows[c]), given.get(param_name(c))) for c in params}
+    out = []
+    for i, value in enumerate(_numeric(rows[metric]).tolist()):
+        p, d = {}, {}
+        for c in params:
+            v = columns[c][i]
+            if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+                continue  # conditional parameter not active in this trial
+            p[param_name(c)], d[param_name(c)] = _as(dists[c], v), dists[c]
+        out.append(create_trial(value=value, params=p, distributions=d))
+    return out
+
+
+def ped_anova(trials: Sequence, quantile: float) -> dict[str, float]:
+    """Optuna's own evaluator on a study of these trials (maximised), every parameter they hold, as
+    `optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(target_quantile=
+    quantile))` gives it: normalised to sum to 1, descending. Its conditional PED-ANOVA (Optuna 5) measures a
+    parameter that only some trials hold on those trials alone (the others are its inactive regime, which
+    adds nothing), weighted by (share of the best trials among them)^2 / (share of all trials among them)."""
+    import optuna
+
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # few-trial warnings and ExperimentalWarning
             study = optuna.create_study(direction="maximize")
-            for _, row in rows.iterrows():
-                values = _hashable(rows.loc[[row.name], params].iloc[0])
-                p, d = {}, {}
-                for c in params:
-                    v = values[c]
-                    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-                        continue  # conditional parameter not active in this trial
-                    p[param_name(c)], d[param_name(c)] = _as(dists[c], v), dists[c]
-                study.add_trial(create_trial(value=float(row[metric]), params=p, distributions=d))
-            # PED-ANOVA compares the best target_quantile of the trials with all of them. Its default (0.1)
-            # leaves 3 trials of 30 in that part, and 3 points that happen to share a value of any of ~12
-            # parameters outrank the one that decides the accuracy (measured: synthetic searches where lr
-            # decides, tests/test_dashboard_analyses.py). With 10 trials there it ranks lr first; the
-            # default from 100 trials on, and at most half of them.
-            quantile = min(0.5, max(0.1, IMPORTANCE_TOP_TRIALS / len(rows)))
+            study.add_trials(list(trials))
             evaluator = optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile)
             result = optuna.importance.get_param_importances(study, evaluator=evaluator)
     finally:
@@ -490,24 +589,151 @@ def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequen
     return {k: float(v) for k, v in result.items()}
 
 
-def param_importance(trials: pd.DataFrame, metric: str = METRIC, label: str | None = None,
-                     params: Sequence[str] | None = None, values: Mapping[str, float] | None = None
-                     ) -> go.Figure | None:
-    """Horizontal bars of hyperparameter importance for `metric` (most important on top), or None with
-    fewer than 3 usable trials or no varying parameter; `importance_inputs` says why. `values`: the
-    importance_values of the same arguments, when already computed."""
-    values = importance_values(trials, metric, params) if values is None else values
-    if values is None:
+def importance_values(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None,
+                      distributions: Mapping[str, Any] | None = None) -> dict[str, float] | None:
+    """{param: importance} (normalised, descending) of `metric` by Optuna's PED-ANOVA (`ped_anova`, with
+    importance_quantile) on an in-memory study built from the trials; None when it cannot be computed (see
+    importance_inputs). A NaN cell is a parameter the trial did not sample: that trial has no such parameter
+    in the study, and PED-ANOVA measures a conditional parameter only on the trials where it is active.
+    `distributions` ({name: Optuna distribution}, from `only_sampled`): the ranges the search sampled from,
+    which PED-ANOVA's density estimates span; without them (or where a value falls outside), the values'
+    range. The same numbers as `importance(...).values`, without the resampling."""
+    rows, params, reason = importance_inputs(trials, metric, params)
+    if reason:
         return None
-    names = list(values)[::-1]
-    imp = [values[n] for n in names]
-    n = len(importance_inputs(trials, metric, params)[0])
-    fig = go.Figure(go.Bar(x=imp, y=names, orientation="h", marker_color="#9467bd",
+    return ped_anova(_frozen_trials(rows, metric, params, distributions or {}), importance_quantile(len(rows)))
+
+
+class Importance(NamedTuple):
+    values: dict[str, float]  # Optuna's PED-ANOVA on the trials (importance_values), descending
+    low: dict[str, float]  # the BOOTSTRAP_LEVEL interval of each value over resamples of the trials
+    high: dict[str, float]
+    rank_low: dict[str, int]  # ... and of its rank (1 = most important; tied values share the best rank)
+    rank_high: dict[str, int]
+    sampled_in: dict[str, int]  # how many of the trials sampled it (n_trials unless it is conditional)
+    n_trials: int
+    resamples: int
+    settled: list[str]  # the parameters whose place the resamples support (see `importance`)
+    caveat: str | None  # why the bars are not a supported ranking, or None
+
+    @property
+    def supported(self) -> bool:
+        return self.caveat is None
+
+
+def bootstrap_resamples(n_trials: int, n_params: int) -> int:
+    """How many resamples `importance` draws: BOOTSTRAP_RESAMPLES, fewer for a large search so that the
+    work (trials x parameters per resample) stays within BOOTSTRAP_WORK, at least BOOTSTRAP_MIN_RESAMPLES
+    (1000 trials of 16 parameters: 30 resamples, about 5 s). Counted, not timed: the same every time."""
+    return max(BOOTSTRAP_MIN_RESAMPLES, min(BOOTSTRAP_RESAMPLES, BOOTSTRAP_WORK // max(1, n_trials * n_params)))
+
+
+def importance(trials: pd.DataFrame, metric: str = METRIC, params: Sequence[str] | None = None,
+               distributions: Mapping[str, Any] | None = None, resamples: int | None = None,
+               seed: int = 0) -> Importance | None:
+    """importance_values, and how sure each value and its rank is: the same evaluation on `resamples`
+    (default bootstrap_resamples) bootstrap resamples of the trials (n drawn with replacement from n,
+    seeded, so the page shows the same intervals each time), each parameter's value and rank at every
+    resample (0 where a resample has no trial that sampled it), their BOOTSTRAP_LEVEL intervals (a bar may
+    end outside its interval: PED-ANOVA's value moves when trials repeat). A parameter's place is settled
+    when its rank stays within two neighbouring places (one, with two parameters or fewer) in that share of
+    the resamples, and it is not 0 in nearly all of them (tied at 0, its place says nothing).
+
+    The bars are no supported ranking (`caveat`) below RANKING_MIN_TRIALS trials, or when no parameter's
+    place is settled: the issue's 28-trial search had most ranks spanning 1 to 9 in 30 resamples."""
+    rows, cols, reason = importance_inputs(trials, metric, params)
+    if reason:
+        return None
+    frozen = _frozen_trials(rows, metric, cols, distributions or {})
+    quantile = importance_quantile(len(rows))
+    values = ped_anova(frozen, quantile)
+    names = list(values)
+    if not names:
+        return None
+    resamples = bootstrap_resamples(len(rows), len(names)) if resamples is None else resamples
+    sampled_in = {param_name(c): int(rows[c].notna().sum()) for c in cols if param_name(c) in values}
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((max(0, resamples), len(names)))
+    for b in range(len(draws)):
+        sample = ped_anova([frozen[i] for i in rng.integers(0, len(frozen), len(frozen))], quantile)
+        draws[b] = [sample.get(n, 0.0) for n in names]
+    if len(draws):
+        ranks = 1 + (draws[:, None, :] > draws[:, :, None]).sum(axis=2)  # [b, j]: params above j in resample b
+        tail = (1 - BOOTSTRAP_LEVEL) / 2
+        low, high = np.quantile(draws, tail, axis=0), np.quantile(draws, 1 - tail, axis=0)
+        rank_low = np.floor(np.quantile(ranks, tail, axis=0)).astype(int)
+        rank_high = np.ceil(np.quantile(ranks, 1 - tail, axis=0)).astype(int)
+    else:
+        low = high = np.array([values[n] for n in names])
+        rank_low, rank_high = np.ones(len(names), int), np.full(len(names), len(names))
+    width = max(0, min(1, len(names) - 2))
+    settled = [n for j, n in enumerate(names) if len(draws) and rank_high[j] - rank_low[j] <= width and high[j] > 0]
+    caveat = None
+    if len(rows) < RANKING_MIN_TRIALS:
+        caveat = (f"{len(rows)} trials are too few to rank the hyperparameters: it takes at least "
+                  f"{RANKING_MIN_TRIALS}, as PED-ANOVA compares the best {IMPORTANCE_TOP_TRIALS} of them with all")
+    elif len(names) >= 2 and not settled:
+        caveat = (f"in {len(draws)} resamples of these {len(rows)} trials, every parameter's rank moves over more "
+                  "than two places, so they support no order of the parameters")
+    return Importance(values, dict(zip(names, map(float, low), strict=True)),
+                      dict(zip(names, map(float, high), strict=True)),
+                      dict(zip(names, map(int, rank_low), strict=True)),
+                      dict(zip(names, map(int, rank_high), strict=True)),
+                      sampled_in, len(rows), len(draws), settled, caveat)
+
+
+def importance_label(name: str, result: Importance) -> str:
+    """A bar's label: the name, and for a conditional parameter how many of the trials it was ranked among."""
+    n = result.sampled_in.get(name, result.n_trials)
+    return name if n >= result.n_trials else f"{name} · {n} of {result.n_trials} trials"
+
+
+def param_importance(trials: pd.DataFrame, metric: str = METRIC, label: str | None = None,
+                     params: Sequence[str] | None = None, values: Mapping[str, float] | None = None,
+                     result: Importance | None = None) -> go.Figure | None:
+    """Horizontal bars of hyperparameter importance for `metric` (most important on top), each with the
+    BOOTSTRAP_LEVEL interval of its value over resamples of the trials (a line) and its rank's interval in
+    its hover text; a conditional parameter's bar says among how many of the trials it was measured. None
+    with fewer than 3 usable trials or no varying parameter; `importance_inputs` says why. Bars that are no
+    supported ranking (Importance.caveat) are pale and the title says so; otherwise only settled places
+    are drawn in full colour. `result`: the `importance` of the same arguments, when already computed
+    (`values` alone: bars without intervals)."""
+    if result is None and values is not None:
+        n = len(importance_inputs(trials, metric, params)[0])
+        result = Importance(dict(values), dict(values), dict(values), {}, {}, {}, n, 0, [], None)
+    result = importance(trials, metric, params) if result is None else result
+    if result is None or not result.values:
+        return None
+    names = list(result.values)[::-1]
+    imp = [result.values[n] for n in names]
+    labels = [importance_label(n, result) for n in names]
+    ranks = [f"rank {result.rank_low[n]}–{result.rank_high[n]}" if n in result.rank_low else "" for n in names]
+    among = [f"measured among the {result.sampled_in.get(n, result.n_trials)} of {result.n_trials} trials that "
+             "sampled it" if result.sampled_in.get(n, result.n_trials) < result.n_trials else
+             f"all {result.n_trials} trials" for n in names]
+    sure = [result.supported and n in result.settled for n in names]
+    fig = go.Figure(go.Bar(x=imp, y=labels, orientation="h", marker_color=["#9467bd" if s else "#cdb9e0" for s in sure],
                            text=[f"{v:.2f}" for v in imp], textposition="auto",
-                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(title=f"Hyperparameter importance for {label or 'best val acc'}<br><sup>({n} trials, "
-                            "Optuna PED-ANOVA)</sup>",  # two lines: it fits a half-width column
-                      xaxis={"title": {"text": "importance (sums to 1)"}}, height=max(250, 60 + 40 * len(names)))
+                           customdata=np.array([ranks, among, [result.low[n] for n in names],
+                                                [result.high[n] for n in names]], dtype=object).T,
+                           hovertemplate="%{y}: %{x:.3f}" + (
+                               f"<br>{BOOTSTRAP_LEVEL:.0%} of {result.resamples} resamples: %{{customdata[2]:.3f}}–"
+                               "%{customdata[3]:.3f}, %{customdata[0]}" if result.resamples else "")
+                           + "<br>%{customdata[1]}<extra></extra>", name="importance"))
+    if result.resamples:
+        xs, ys = [], []
+        for n, lab in zip(names, labels, strict=True):
+            xs += [result.low[n], result.high[n], None]
+            ys += [lab, lab, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", line={"color": "#333333", "width": 2},
+                                 marker={"symbol": "line-ns-open", "size": 10, "color": "#333333"},
+                                 hoverinfo="skip", name=f"{BOOTSTRAP_LEVEL:.0%} of {result.resamples} resamples"))
+    what = (f"lines: {BOOTSTRAP_LEVEL:.0%} of {result.resamples} resamples" if result.resamples else "")
+    verdict = "" if result.supported else "<br><sup>not a supported ranking: see below</sup>"
+    fig.update_layout(title=f"Hyperparameter importance for {label or 'best val acc'}<br><sup>({result.n_trials} "
+                            f"trials, Optuna PED-ANOVA{'; ' + what if what else ''})</sup>{verdict}",
+                      xaxis={"title": {"text": "importance (sums to 1)"}}, showlegend=False,
+                      height=max(250, 80 + 40 * len(names)))
     return fig
 
 

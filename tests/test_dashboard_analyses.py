@@ -2,7 +2,11 @@
 parameters a trial sampled enter importance, the parallel coordinates, "parameter vs accuracy" and
 the table (a conditional parameter is blank where its branch was not taken); trials are compared at
 one epoch every compared trial reached (an ASHA rung), not by best val acc after 2, 6 or 12 epochs;
-the parallel coordinates show the 8 most important parameters by default."""
+the parallel coordinates show the 8 most important parameters by default. Issue 18: the importance is
+Optuna's own evaluator on the trials as Optuna sampled them (also after the space file was edited: the
+experiment's own copy is replayed); without a copy, the parameters whose values show they were conditional
+are left out and named; a conditional bar says among how many trials it was measured; intervals over
+resamples of the trials, and no ranking drawn where the trials cannot support one."""
 
 from __future__ import annotations
 
@@ -53,22 +57,32 @@ def _acc(config: dict, epoch: int, rng) -> float:
     return float(np.clip(peak * (1 - 0.3 / epoch) + rng.normal(0, 0.003), 0.05, 0.99))
 
 
-def _sample(space: DefineByRun, rng) -> dict:
-    """One trial's full config (what params.json holds): the sampled values over every default."""
+def _sample(space: DefineByRun, rng) -> tuple[dict, dict]:
+    """One trial's full config (what params.json holds: the sampled values over every default), and what
+    Optuna itself recorded of it ({"params", "distributions"} as JSON): the reference the page must match."""
     import optuna
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(rng.integers(1 << 30))))
     trial = study.ask()
     fixed = space(trial)
-    return {**fixed, **trial.params}
+    dists = {k: optuna.distributions.distribution_to_json(d) for k, d in trial.distributions.items()}
+    return {**fixed, **trial.params}, {"params": trial.params, "distributions": dists}
 
 
-def write_experiment(root: Path, name: str = "synthetic", seed: int = 0) -> Path:
+def write_experiment(root: Path, name: str = "synthetic", seed: int = 0, n_trials: int = N_TRIALS,
+                     copy: bool = False, edit: bool = False) -> Path:
     """An experiment folder as a Ray Tune + ASHA search leaves it: search.json naming the space file,
-    trial_<id>/params.json (full config) and result.json (one line per epoch). 30 trials run 2
+    trial_<id>/params.json (full config) and result.json (one line per epoch). `n_trials` trials run 2
     epochs; ASHA keeps the best third of those by val acc at epoch 2 up to epoch 6, and the best
-    third of those at epoch 6 up to 12."""
+    third of those at epoch 6 up to 12. `copy`: search.json also holds the space's checksum and text, as a
+    search of today writes it (search.run.settings_of); else it is an older experiment's, with the checksum
+    only. `edit`: the space file is edited afterwards (its ranges widened, a parameter added to a branch), as
+    in the issue. Next to the space: <name>-optuna.json, what Optuna recorded of each trial (see _sample)."""
+    import hashlib
+
     import optuna
+
+    from search.run import space_copy
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     rng = np.random.default_rng(seed)
@@ -76,13 +90,19 @@ def write_experiment(root: Path, name: str = "synthetic", seed: int = 0) -> Path
     exp.mkdir(parents=True)
     space_file = root.parent / f"{name}-space.yaml"
     space_file.write_text(SPACE)
-    (exp / "search.json").write_text(json.dumps({"config": str(space_file), "max_epochs": 12}))
+    settings = {"config": str(space_file), "max_epochs": 12}
+    if copy or edit:
+        settings["config_sha256"] = hashlib.sha256(space_file.read_bytes()).hexdigest()
+    if copy:
+        settings.update(space_copy(space_file))
+    (exp / "search.json").write_text(json.dumps(settings))
     space = DefineByRun(load_search_spec(space_file))
-    configs = [_sample(space, rng) for _ in range(N_TRIALS)]
+    configs, recorded = zip(*[_sample(space, rng) for _ in range(n_trials)], strict=True)
+    (root.parent / f"{name}-optuna.json").write_text(json.dumps(recorded))
     curves = [[_acc(c, e, rng) for e in range(1, 13)] for c in configs]
-    alive = list(range(N_TRIALS))
+    alive = list(range(n_trials))
     stop_at = {}
-    for rung, keep in ((2, N_TRIALS // 3), (6, N_TRIALS // 9)):
+    for rung, keep in ((2, n_trials // 3), (6, n_trials // 9)):
         ranked = sorted(alive, key=lambda i: curves[i][rung - 1], reverse=True)
         stop_at.update({i: rung for i in ranked[keep:]})
         alive = ranked[:keep]
@@ -95,6 +115,10 @@ def write_experiment(root: Path, name: str = "synthetic", seed: int = 0) -> Path
         (d / "result.json").write_text("".join(
             json.dumps({"epoch": e, "training_iteration": e, "val_acc": curve[e - 1], "val_loss": 1 - curve[e - 1],
                         "done": e == last, "time_total_s": float(e)}) + "\n" for e in range(1, last + 1)))
+    if edit:  # the default space widened after the search (the issue), and a parameter added to a branch
+        space_file.write_text(SPACE.replace("[1.0e-4, 1.0e-1]", "[1.0e-5, 1.0]").replace(
+            "sgd: {momentum: {uniform: [0.8, 0.99]}}", "sgd: {momentum: {uniform: [0.5, 0.999]}, nesterov: "
+                                                      "{choice: [true, false]}}"))
     return exp
 
 
@@ -133,8 +157,8 @@ def test_sampled_params_follow_the_branches(space):
 def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     trials = loaded.trials
     assert trials["config/momentum"].notna().all() and trials["config/gamma"].notna().all()  # the full config
-    masked, params, dists, note = figures.only_sampled(trials, lambda c: sampled_params(space, c))
-    assert note is None
+    masked, params, dists, note, left_out = figures.only_sampled(trials, lambda c: sampled_params(space, c))
+    assert note is None and left_out == {}
     assert {figures.param_name(c) for c in params} == {
         "lr", "width", "dropout", "weight_decay", "label_smoothing", "aug_strength", "aug_rotate", "batch_size",
         "optimizer", "scheduler", "momentum", "gamma"}  # not split, epochs, seed, ... (fixed)
@@ -149,9 +173,9 @@ def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     assert dists["gamma"] == FloatDistribution(0.2, 0.6) and set(dists) == {figures.param_name(c) for c in params}
 
     # without the space: what varies between the trials, and the note says why
-    same, varying, _, note = figures.only_sampled(trials, None)
+    same, varying, _, note, _ = figures.only_sampled(trials, None)
     assert same is trials and set(varying) == set(figures.varying_params(trials)) and "unknown" in note
-    _, _, _, note = figures.only_sampled(trials, lambda c: None)
+    _, _, _, note, _ = figures.only_sampled(trials, lambda c: None)
     assert "does not fit the config of trial(s) 00000, 00001, 00002 and 27 more" in note
 
 
@@ -169,7 +193,7 @@ def test_importance_of_a_conditional_parameter_uses_only_the_trials_that_sampled
                      "config/momentum": rng.uniform(0.8, 0.99) if sgd else 0.9, "config/scheduler": "none"})
     full = pd.DataFrame(rows)
     names = lambda c: sampled_params(space, {**make_config({}).to_dict(), **c})  # noqa: E731
-    masked, params, dists, _ = figures.only_sampled(full, names)
+    masked, params, dists, _, _ = figures.only_sampled(full, names)
     assert set(params) == {"config/optimizer", "config/lr", "config/momentum", "config/scheduler"}  # (constant)
     values = figures.importance_values(masked, params=params)
 
@@ -223,7 +247,7 @@ def test_budget_counts_and_default():
 
 
 def test_a_parameter_that_drives_accuracy_at_the_rung_ranks_first(loaded, space):
-    masked, params, dists, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
     counts = figures.budget_counts(masked, loaded.histories, figures.asha_rungs(12, 2, 3))
     assert counts == {2: 30, 6: 10, 12: 3}
     assert figures.budget_counts(masked, loaded.histories) == {2: 30, 6: 10, 12: 3}  # from epochs_run
@@ -304,3 +328,202 @@ def test_page_without_the_saved_space_says_so(monkeypatch, tmp_path):
     assert at.selectbox(key="explorer_budget").value == 2  # budgets from the epochs the trials ran
     table = next(d.value for d in at.dataframe if "trial_id" in d.value.columns)
     assert (table.loc[table["optimizer"] == "adamw", "momentum"] == 0.9).all()  # the table as it is
+
+
+# ---------------------------------------------------------------- issue 18: what importance can and cannot say
+
+
+def _at_epoch(exp: Path, epoch: int) -> dict[str, float]:
+    """Each trial's val acc at `epoch`, read straight from its result.json (not through the page's readers)."""
+    out = {}
+    for d in sorted(exp.glob("trial_*")):
+        rows = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        out[d.name.removeprefix("trial_")] = next(r["val_acc"] for r in rows if r["epoch"] == epoch)
+    return out
+
+
+def _optuna_reference(root: Path, name: str, epoch: int = 2, quantile: float | None = None,
+                      params: list[str] | None = None) -> dict[str, float]:
+    """Optuna's own PedAnovaImportanceEvaluator on a study of the trials as Optuna sampled them (each one's
+    params and distributions as the sampler recorded them: conditional ones only on their branch), valued
+    by the val acc at `epoch` (the page's default ASHA rung): what the page's bars must equal."""
+    import optuna
+    from optuna.trial import create_trial
+
+    values = _at_epoch(root / name, epoch)
+    recorded = json.loads((root.parent / f"{name}-optuna.json").read_text())
+    study = optuna.create_study(direction="maximize")
+    for i, r in enumerate(recorded):
+        dists = {k: optuna.distributions.json_to_distribution(v) for k, v in r["distributions"].items()}
+        study.add_trial(create_trial(value=values[f"{i:05d}"], params=r["params"], distributions=dists))
+    evaluator = (optuna.importance.PedAnovaImportanceEvaluator() if quantile is None
+                 else optuna.importance.PedAnovaImportanceEvaluator(target_quantile=quantile))
+    return optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+
+
+def _page_bars(at) -> dict[str, tuple[float, str]]:
+    """{parameter: (the importance bar's value, its label)} as the page drew them."""
+    bar = _chart(at, "explorer_importance")["data"][0]
+    return {label.split(" · ")[0]: (x, label) for x, label in zip(bar["x"], bar["y"], strict=True)}
+
+
+def _same_values(page: dict[str, float], reference: dict[str, float]) -> None:
+    for name in set(page) | set(reference):
+        assert page.get(name, 0.0) == pytest.approx(reference.get(name, 0.0), abs=1e-9), name
+
+
+UNCONDITIONAL = ["lr", "width", "dropout", "weight_decay", "label_smoothing", "aug_strength", "aug_rotate",
+                 "batch_size", "optimizer", "scheduler"]
+
+
+def _renormalised(values: dict[str, float], names: list[str]) -> dict[str, float]:
+    total = sum(values.get(n, 0.0) for n in names)
+    return {n: values.get(n, 0.0) / total for n in names}
+
+
+def test_importance_is_optunas_on_the_same_trials(synthetic, loaded, space):
+    """Conditional parameters (momentum, gamma) and ASHA-stopped trials (20 stopped at epoch 2, 7 at 6): the
+    page's numbers are Optuna's PedAnovaImportanceEvaluator on the trials as Optuna sampled them, at the page's
+    target quantile (its best 10 of 30 trials); and, on the parameters every trial sampled, Optuna's run on
+    those parameters alone."""
+    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    assert (loaded.trials["status"] == "stopped").sum() == 27
+    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
+    page = figures.importance_values(data, "at2", params, dists)
+    assert {"momentum", "gamma"} <= set(page)
+    _same_values(page, _optuna_reference(synthetic, "synthetic", quantile=1 / 3))
+    alone = _optuna_reference(synthetic, "synthetic", quantile=1 / 3, params=UNCONDITIONAL)
+    _same_values(_renormalised(page, UNCONDITIONAL), alone)
+    result = figures.importance(data, "at2", params, dists)
+    assert result.values == page  # the resampling does not change the values drawn
+
+
+def test_importance_is_optunas_with_its_defaults_from_100_trials(tmp_path):
+    """From 100 trials on, the page's quantile is Optuna's default: the page equals
+    PedAnovaImportanceEvaluator() as it comes, the issue's reference computation."""
+    from search.results import load_experiment
+
+    root = tmp_path / "results"
+    exp = write_experiment(root, seed=3, n_trials=120)
+    space = DefineByRun(load_search_spec(root.parent / "synthetic-space.yaml"))
+    loaded = load_experiment(exp)
+    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
+    assert figures.importance_quantile(120) == 0.1
+    _same_values(figures.importance_values(data, "at2", params, dists), _optuna_reference(root, "synthetic"))
+
+
+def test_page_importance_after_the_space_file_was_edited(monkeypatch, tmp_path):
+    """The issue's case: the space file was edited (widened) after the search. The page replays the trials
+    into the experiment's own copy of its space, says nothing is unknown, and its bars are Optuna's on the
+    trials as they were sampled (the widened ranges would change them); a conditional parameter's bar says
+    among how many trials it was measured."""
+    root = tmp_path / "results"
+    exp = write_experiment(root, copy=True, edit=True)
+    at = _page(monkeypatch, root)
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    assert not [i.value for i in at.info if "not known" in str(i.value)]
+    bars = _page_bars(at)
+    _same_values({k: x for k, (x, _) in bars.items()}, _optuna_reference(root, "synthetic", quantile=1 / 3))
+    configs = [json.loads((d / "params.json").read_text()) for d in sorted(exp.glob("trial_*"))]
+    step = sum(c["scheduler"] == "step" for c in configs)
+    sgd = sum(c["optimizer"] == "sgd" for c in configs)
+    assert bars["gamma"][1] == f"gamma · {step} of 30 trials"
+    assert bars["momentum"][1] == f"momentum · {sgd} of 30 trials"
+    assert bars["lr"][1] == "lr" and "nesterov" not in bars  # (only the edited file has nesterov)
+    hover = _chart(at, "explorer_importance")["data"][0]["customdata"]
+    assert f"measured among the {step} of 30 trials that sampled it" in [h[1] for h in hover]
+    assert any("is a conditional parameter" in str(c.value) and "gamma" in str(c.value) for c in at.caption)
+
+
+def test_page_without_the_copy_leaves_out_what_was_conditional(monkeypatch, tmp_path):
+    """An older experiment (no copy of its space) whose space file was edited: the page says the file was
+    edited (not that it is gone), and importance leaves out the parameters whose values show they were
+    conditional, naming them and why, instead of ranking momentum's 0.9 and gamma's 0.1 in the trials that
+    never sampled them."""
+    root = tmp_path / "results"
+    write_experiment(root, edit=True)
+    at = _page(monkeypatch, root)
+    assert not at.exception and not at.error
+    bars = _page_bars(at)
+    assert "gamma" not in bars and "momentum" not in bars and {"lr", "scheduler", "optimizer"} <= set(bars)
+    (note,) = [str(i.value).replace("\\", "") for i in at.info if "not known" in str(i.value)]  # (markdown escapes)
+    assert "has been edited since the search started" in note and "not there" not in note
+    assert "- gamma: always 0.1 (its default) where scheduler is none (" in note
+    assert "- momentum: always 0.9 (its default) where optimizer is adamw (" in note
+    table = next(d.value for d in at.dataframe if "trial_id" in d.value.columns)
+    assert "gamma" in table.columns  # the table still shows every setting that differs
+
+
+def test_conditional_in_values_rule(loaded):
+    assert set(figures.conditional_in_values(loaded.trials)) == {"config/gamma", "config/momentum"}
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        model = "mobile_cnn" if i < 3 else ["small_cnn", "vgg"][i % 2]
+        rows.append({"trial_id": f"t{i}", "config/model": model, "config/lr": 10 ** rng.uniform(-4, -2),
+                     # batch_size is 128 (its default) in the 3 mobile_cnn trials by chance: (1/3)^3 is no proof
+                     "config/batch_size": 128 if model == "mobile_cnn" else int(rng.choice([64, 128, 256])),
+                     "config/depth": int(rng.integers(1, 5)) if model == "vgg" else 2,  # vgg only (default 2)
+                     "config/odd": [{"a": i % 2}] if i % 3 else None})  # values of no config type
+    found = figures.conditional_in_values(pd.DataFrame(rows))
+    assert list(found) == ["config/depth"]
+    assert found["config/depth"] == "always 2 (its default) where model is mobile_cnn or small_cnn (16 trials)"
+    assert figures.conditional_in_values(pd.DataFrame(rows[:2])) == {}  # too few to show anything
+    assert figures.conditional_in_values(pd.DataFrame()) == {}
+
+
+def test_importance_says_how_sure_it_is(synthetic, loaded, space):
+    """Intervals over 100 seeded resamples of the trials for every value and rank, drawn as lines beside the
+    bars; with these 30 trials (lr decides, the rest is noise) most ranks move over many places."""
+    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
+    result = figures.importance(data, "at2", params, dists)
+    assert result == figures.importance(data, "at2", params, dists)  # seeded: the same on every page load
+    assert result.resamples == figures.BOOTSTRAP_RESAMPLES and result.n_trials == 30
+    for n in result.values:
+        assert 0 <= result.low[n] <= result.high[n] <= 1 and 1 <= result.rank_low[n] <= result.rank_high[n] <= 12
+    assert sum(result.rank_high[n] - result.rank_low[n] >= 5 for n in result.values) >= 6
+    assert result.sampled_in["gamma"] == int(masked["config/gamma"].notna().sum()) < 30
+    fig = figures.param_importance(data, "at2", "val acc at epoch 2", params, result=result)
+    bar, lines = fig.data
+    low = dict(zip(lines.y[0::3], lines.x[0::3], strict=True))
+    assert low[bar.y[-1]] == result.low[list(result.values)[0]]
+    assert any("rank" in h[0] for h in bar.customdata)
+
+
+def _noise_trials(n: int, decides: bool, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        lr = 10 ** rng.uniform(-4, -1)
+        acc = 0.9 - (0.2 * abs(math.log10(lr) - math.log10(3e-3)) if decides else 0) + rng.normal(0, 0.003)
+        rows.append({"trial_id": f"t{i}", "status": "finished", "best_val_acc": acc, "config/lr": lr,
+                     "config/width": rng.uniform(0.5, 2), "config/dropout": rng.uniform(0, 0.5),
+                     "config/label_smoothing": rng.uniform(0, 0.2), "config/aug_strength": rng.uniform(0, 1),
+                     "config/batch_size": int(rng.choice([64, 128, 256]))})
+    return pd.DataFrame(rows)
+
+
+def test_a_ranking_only_where_the_trials_support_one():
+    few = figures.importance(_noise_trials(12, decides=True))
+    assert few.caveat.startswith("12 trials are too few to rank the hyperparameters: it takes at least 20")
+    fig = figures.param_importance(_noise_trials(12, decides=True), result=few)
+    assert set(fig.data[0].marker.color) == {"#cdb9e0"} and "not a supported ranking" in fig.layout.title.text
+    noise = figures.importance(_noise_trials(28, decides=False))  # the issue: 28 trials, nothing decides
+    assert noise.caveat.startswith("in 100 resamples of these 28 trials, every parameter's rank moves")
+    assert not noise.settled
+    clear = figures.importance(_noise_trials(40, decides=True))
+    assert clear.supported and clear.settled == ["lr"] and clear.rank_low["lr"] == 1
+    fig = figures.param_importance(_noise_trials(40, decides=True), result=clear)
+    colours = dict(zip(fig.data[0].y, fig.data[0].marker.color, strict=True))
+    assert colours["lr"] == "#9467bd" and colours["width"] == "#cdb9e0"  # only the settled place in full colour
+
+
+def test_page_says_when_the_trials_cannot_support_a_ranking(monkeypatch, tmp_path):
+    root = tmp_path / "results"
+    write_experiment(root, n_trials=12, copy=True)
+    at = _page(monkeypatch, root)
+    assert not at.exception and not at.error
+    assert any(str(i.value).startswith("These bars are not a ranking: 12 trials are too few") for i in at.info)
+    assert "not a supported ranking" in _chart(at, "explorer_importance")["layout"]["title"]["text"]

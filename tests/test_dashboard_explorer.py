@@ -118,11 +118,13 @@ def test_asha_milestones_real(tiny):
 def test_param_importance_real(tiny):
     fig = figures.param_importance(tiny.trials)
     assert fig is not None
-    (bar,) = fig.data
+    bar, spread = fig.data  # the bars, and where the resamples of the trials put each value
     assert bar.type == "bar" and bar.orientation == "h"
     assert set(bar.y) == {"lr", "width", "aug_strength"}
     assert sum(bar.x) == pytest.approx(1.0)
     assert list(bar.x) == sorted(bar.x)  # least important at the bottom, most important on top
+    assert [y for y in spread.y if y is not None] == [y for y in bar.y for _ in range(2)]
+    assert "not a supported ranking" in fig.layout.title.text  # 4 trials
 
 
 def test_per_class_table_real(best_val):
