@@ -149,7 +149,7 @@ def _body(root: Path, name: str) -> None:
     try:
         found, rungs = searched(exp)
     except Exception as e:  # noqa: BLE001 - the table as it is, and say so
-        found = figures.Searched(trials, figures.varying_params(trials), {}, f"{type(e).__name__}: {e}")
+        found = figures.only_sampled(trials, None)._replace(note=f"{type(e).__name__}: {e}")
         rungs = None
     _section("trials table", _trials_table, trials, found.trials, found.params)
     _section("hyperparameter figures", _hyperparameters, exp, found, rungs)

@@ -212,9 +212,10 @@ def _same(v, d) -> bool:
     v = _plain(v)
     if isinstance(v, bool) or isinstance(d, bool):
         return isinstance(v, bool | np.bool_) and isinstance(d, bool) and bool(v) == d
-    if isinstance(v, int | float) and isinstance(d, int | float):
-        return float(v) == float(d)
-    return v == d
+    try:
+        return bool(v == d)  # (numbers compare exactly, an int beyond float range too)
+    except (TypeError, ValueError):
+        return False
 
 
 def _listed(values: Sequence) -> str:
@@ -245,7 +246,7 @@ def conditional_in_values(trials: pd.DataFrame, params: Sequence[str] | None = N
     if rows.empty or not cols:
         return {}
     defaults = make_config({}).to_dict()
-    values = {c: _hashable(rows[c]).map(lambda v: "n/a" if not _present(v) else _plain(v)) for c in cols}
+    values = {c: _hashable(rows[c]).map(_plain) for c in cols}
     levels = {c: values[c].map(str).nunique() for c in cols}
     choices = [c for c in cols if 2 <= levels[c] <= CHOICE_LEVELS]
     limit = CONDITIONAL_ALPHA / max(1, len(cols) * len(choices))
@@ -254,11 +255,12 @@ def conditional_in_values(trials: pd.DataFrame, params: Sequence[str] | None = N
         if param_name(p) not in defaults:
             continue
         d = defaults[param_name(p)]
-        at_d = values[p].map(lambda v, d=d: _same(v, d)).astype(bool)
+        present = rows[p].map(lambda v: _present(v) and v is not pd.NA).astype(bool)
+        at_d = values[p][present].map(lambda v, d=d: _same(v, d)).astype(bool)  # (a trial without it: no evidence)
         if at_d.sum() < 2 or at_d.all():
             continue
         for c in (c for c in choices if c != p):
-            keys = values[c].map(str)
+            keys = values[c][present].map(str)
             off = [k for k, idx in keys.groupby(keys).groups.items() if len(idx) >= 2 and at_d[idx].all()]
             off_rows = keys.isin(off)
             if not off or off_rows.all() or at_d[~off_rows].all():

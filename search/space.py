@@ -328,10 +328,11 @@ def replay(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> ReplayTri
 def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> dict[str, Any] | None:
     """{name: Optuna distribution} of what a trial with this config actually sampled (a conditional
     parameter only where its branch was chosen); None where the config lacks a value the space asks for
-    (another space, or a trial without params.json)."""
+    (another space, or a trial without params.json), or where a choice holds a value no option could be
+    (a list or mapping: a damaged params.json)."""
     try:
         return replay(space, config).distributions
-    except KeyError:
+    except (KeyError, TypeError):
         return None
 
 

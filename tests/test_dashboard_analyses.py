@@ -527,3 +527,23 @@ def test_page_says_when_the_trials_cannot_support_a_ranking(monkeypatch, tmp_pat
     assert not at.exception and not at.error
     assert any(str(i.value).startswith("These bars are not a ranking: 12 trials are too few") for i in at.info)
     assert "not a supported ranking" in _chart(at, "explorer_importance")["layout"]["title"]["text"]
+
+
+def test_page_on_damaged_trial_configs(monkeypatch, tmp_path):
+    """params.json files with values of no config type (a string learning rate, an int beyond float range, a
+    mapping as the scheduler, null, NaN): the page stays up, says which trial the saved space does not fit,
+    and still leaves out what the other trials show was conditional."""
+    root = tmp_path / "results"
+    exp = write_experiment(root, copy=True)
+    damage = [{"lr": "abc"}, {"momentum": 10**400}, {"scheduler": {"a": [1]}}, {"gamma": None},
+              {"batch_size": True}, {"optimizer": [1, 2]}, {"width": -1e308}, {"dropout": float("nan")}]
+    for i, bad in enumerate(damage):
+        path = exp / f"trial_{i:05d}" / "params.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **bad}))
+    at = _page(monkeypatch, root)
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    (note,) = [str(i.value).replace("\\", "") for i in at.info if "not known" in str(i.value)]
+    assert "the saved search space does not fit the config of trial(s) 00002, 00005" in note
+    assert "- gamma: always 0.1" in note and "- momentum: always 0.9" in note
+    bars = _page_bars(at)
+    assert "gamma" not in bars and "momentum" not in bars and "lr" in bars
