@@ -335,7 +335,7 @@ def _importance_notes(result: figures.Importance) -> None:
     share, k = f"{figures.BOOTSTRAP_LEVEL:.0%}", result.resamples
     if not result.supported:
         st.info(f"These bars are not a ranking: {result.caveat}. The values are Optuna's all the same, drawn "
-                   f"pale; the lines show where {share} of {k} resamples of the trials put each of them.")
+                f"pale; the lines show where {share} of {k} resamples of the trials put each of them.")
     else:
         places = ", ".join(f"{md_text(n)} (rank {result.rank_low[n]}–{result.rank_high[n]})" for n in result.settled)
         rest = "" if len(result.settled) == len(result.values) else (
