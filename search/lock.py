@@ -23,11 +23,13 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 LOCK_FILE = ".driver.lock"
+MAX_LOCK_BYTES = 64 * 1024  # a holder record is a few hundred bytes
 
 
 class LockedError(RuntimeError):
@@ -45,24 +47,52 @@ def _lock_path(exp_dir: str) -> Path:
 class ExperimentLock:
     """`with ExperimentLock(exp_dir):` or acquire()/release(). acquire() creates the experiment
     folder (a local one) if needed and raises LockedError naming the holder, or OSError when the
-    folder cannot be created or written."""
+    folder cannot be created or written.
+
+    The lock file is opened without following a symlink (O_NOFOLLOW) and must be a regular file with one link
+    that is empty or holds a holder record this class wrote: a link planted at `.driver.lock` (to /etc/passwd,
+    say: drivers often run as root) or any other file is refused and never truncated or written."""
 
     def __init__(self, exp_dir: str | Path):
         self.exp_dir = str(exp_dir)
         self.path = _lock_path(self.exp_dir)
         self._fd: int | None = None
+        self._made_folder = False
 
     def acquire(self) -> ExperimentLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_folder = True
         # O_CLOEXEC (Python's default): Ray's daemons, started by this process, must not inherit
         # the lock and hold it after the driver died.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # a device or FIFO planted there is refused before it is opened (opening one can have effects)
+            planted = not stat.S_ISREG(os.lstat(self.path).st_mode) and not self.path.is_symlink()
+        except FileNotFoundError:
+            planted = False
+        if planted:
+            raise LockedError(f"{self.path} is not a regular file, not this project's lock file: nothing was "
+                              "written to it; remove it and start again")
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0)  # (a FIFO must not block)
         try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EMLINK):  # (what O_NOFOLLOW gives for a symlink)
+                raise LockedError(f"{self.path} is a symbolic link, not this project's lock file: remove it "
+                                  "(nothing was written through it)") from None
+            raise
+        try:
+            problem = self._not_ours(fd)
+            if problem:
+                raise LockedError(f"{self.path} is {problem}, not this project's lock file: nothing was written to "
+                                  "it; remove it and start again")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LockedError(self._held_message()) from None
+            raise
+        except LockedError:
+            os.close(fd)
             raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(sys.argv), "experiment": self.exp_dir}
@@ -71,13 +101,42 @@ class ExperimentLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    @staticmethod
+    def _not_ours(fd: int) -> str | None:
+        """Why the open file is not a lock file of ours (None: it is one, or new and empty)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_nlink != 1:
+            return "a file with other names (a hard link)"
+        if st.st_size == 0:
+            return None
+        if st.st_size > MAX_LOCK_BYTES:
+            return "a file larger than a lock record"
+        try:
+            record = json.loads(os.pread(fd, MAX_LOCK_BYTES, 0))
+        except (OSError, ValueError):
+            return "a file that holds something else"
+        if not isinstance(record, dict) or not {"pid", "host", "experiment"} <= set(record):
+            return "a file that holds something else"
+        return None
+
+    def release(self, discard: bool = False) -> None:
+        """Release the lock. discard: also remove the experiment folder when acquire() made it and it still
+        holds nothing but the lock file (a driver that stopped on an error before writing anything)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
                 os.ftruncate(fd, 0)  # the file stays (removing a lock file races with a waiting driver)
             except OSError:
                 pass
+            if discard and self._made_folder:
+                try:
+                    if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                        self.path.unlink()
+                        self.path.parent.rmdir()
+                except OSError:
+                    pass
             os.close(fd)  # closing the descriptor releases the flock
 
     def _held_message(self) -> str:

@@ -57,3 +57,61 @@ def test_unwritable_place_is_an_os_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(OSError):
         ExperimentLock(tmp_path / "file" / "exp").acquire()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "dangling symlink", "hard link", "foreign file", "fifo", "folder"])
+def test_a_lock_path_that_is_not_our_lock_file_is_refused_and_never_written(tmp_path, kind):
+    """A link planted at .driver.lock (to /etc/passwd, say: drivers often run as root), another file or a FIFO:
+    refused with a clear message, and the file it points to keeps every byte."""
+    import os
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    before = target.read_bytes()
+    lock = exp / LOCK_FILE
+    if kind == "symlink":
+        lock.symlink_to(target)
+    elif kind == "dangling symlink":
+        lock.symlink_to(tmp_path / "nothing-here")
+    elif kind == "hard link":
+        os.link(target, lock)
+    elif kind == "foreign file":
+        lock.write_text("some,csv,data\n")
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises((LockedError, OSError)) as e:
+        ExperimentLock(exp).acquire()
+    if kind != "folder":
+        assert isinstance(e.value, LockedError) and "not this project's lock file" in str(e.value)
+    assert target.read_bytes() == before
+    assert not (tmp_path / "nothing-here").exists()
+    if kind == "foreign file":
+        assert lock.read_text() == "some,csv,data\n"
+
+
+def test_the_cli_refuses_a_symlinked_lock_and_leaves_its_target_whole(tmp_path):
+    """search/run.py and search/final.py: exit 2 with one line; the target keeps its content."""
+    exp = tmp_path / "results" / "exp"
+    exp.mkdir(parents=True)
+    target = tmp_path / "passwd"
+    target.write_text("root:x:0:0::/root:/bin/sh\n")
+    (exp / LOCK_FILE).symlink_to(target)
+    for cmd in (["search/final.py", "--name", "exp"], ["search/run.py", "--name", "exp", "--resume"]):
+        r = subprocess.run([sys.executable, *cmd, "--storage", str(tmp_path / "results")], capture_output=True,
+                           text=True, cwd=REPO, timeout=120)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "symbolic link" in r.stderr and "Traceback" not in r.stderr
+        assert target.read_text() == "root:x:0:0::/root:/bin/sh\n"
+
+
+def test_a_folder_the_lock_made_for_a_refused_start_is_removed(tmp_path):
+    lock = ExperimentLock(tmp_path / "new").acquire()
+    lock.release(discard=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()  # a folder that was there before is never removed
+    ExperimentLock(tmp_path / "old").acquire().release(discard=True)
+    assert (tmp_path / "old").is_dir()
