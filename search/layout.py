@@ -25,11 +25,13 @@ import fnmatch
 import functools
 import json
 import math
+import os
 from pathlib import Path
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint_<n>/ folder (search/trainable.py writes it)
 SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
 SESSIONS_FILE = "sessions.json"  # seconds of each driver session (the search's wall-clock over resumes)
+SUMMARY_FILE = "summary.json"  # written when the search ends (search/summary.py), its "final" by search/final.py
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
@@ -83,27 +85,65 @@ def write_settings(exp_dir: str | Path, settings: dict) -> None:
     _write_file(exp_dir, SETTINGS_FILE, (json.dumps(settings, indent=1) + "\n").encode())
 
 
-def session_seconds(exp_dir: str | Path) -> list[float]:
-    """How long each earlier driver session of the search ran (sessions.json), oldest first. It only feeds
-    the reported wall-clock, so a missing or unreadable file is no sessions, never an error."""
+DAMAGED_DIR = "damaged"  # <exp>/damaged/: files set aside because they could not be read back
+
+
+def set_aside(path: Path, exp_dir: Path, why: str = "") -> Path:
+    """Move a damaged file of a local experiment to <exp>/damaged/ (never over a file already there: a second
+    damaged copy of the same name becomes NAME.1, NAME.2, ...) and say so; returns where it went. Nothing is
+    deleted, so whatever the file still held can be looked at."""
+    folder = Path(exp_dir) / DAMAGED_DIR
+    folder.mkdir(exist_ok=True)
+    dest, n = folder / path.name, 0
+    while dest.exists() or dest.is_symlink():
+        n += 1
+        dest = folder / f"{path.name}.{n}"
+    os.rename(path, dest)  # (same folder tree: a rename, never a copy)
+    if why:
+        print(f"  {path.name}: {why}: moved to {dest}", flush=True)
+    return dest
+
+
+def read_sessions(exp_dir: str | Path) -> tuple[list[float], bool]:
+    """(how long each earlier driver session of the search ran, oldest first; whether that list is complete).
+    sessions.json only feeds the reported wall-clock, so a missing file is no sessions and a damaged one is
+    no sessions *and* incomplete, never an error. Its format: {"sessions": [s, ...], "complete": bool}
+    (older experiments wrote the bare list)."""
     try:
-        value = json.loads(_read_file(exp_dir, SESSIONS_FILE) or b"[]")
-    except (OSError, ValueError):
-        return []
+        data = _read_file(exp_dir, SESSIONS_FILE)
+        value = json.loads(data) if data is not None else {"sessions": []}
+    except (OSError, ValueError, RecursionError):
+        return [], False
+    complete = True
+    if isinstance(value, dict):
+        complete = value.get("complete", True) is True
+        value = value.get("sessions")
     if not isinstance(value, list):
-        return []
-    return [float(v) for v in value if isinstance(v, int | float) and math.isfinite(v) and v >= 0]
+        return [], False
+    good = [float(v) for v in value if isinstance(v, int | float) and not isinstance(v, bool)
+            and math.isfinite(v) and v >= 0]
+    return good, complete and len(good) == len(value)
 
 
-def add_session(exp_dir: str | Path, seconds: float) -> list[float]:
-    """Record one more driver session of `seconds`; returns every session's seconds, this one last. (A
-    driver killed outright records nothing, so the total can only miss time, never count it twice.)"""
-    sessions = [*session_seconds(exp_dir), float(seconds)]
+def add_session(exp_dir: str | Path, seconds: float) -> tuple[list[float], bool]:
+    """Record one more driver session of `seconds`; returns (every session's seconds, this one last; whether
+    they are all there). A damaged sessions.json is set aside in <exp>/damaged/ (never overwritten), and the
+    total is marked incomplete from then on. (A driver killed outright records nothing, so the total can
+    only miss time, never count it twice.)"""
+    sessions, complete = read_sessions(exp_dir)
+    if not complete and not is_uri(exp_dir):
+        path = Path(exp_dir) / SESSIONS_FILE
+        try:
+            if path.exists() or path.is_symlink():
+                set_aside(path, Path(exp_dir), "cannot be read (the search's earlier sessions are not counted)")
+        except OSError:
+            pass
+    sessions = [*sessions, float(seconds)]
     try:
-        _write_file(exp_dir, SESSIONS_FILE, json.dumps(sessions).encode())
+        _write_file(exp_dir, SESSIONS_FILE, json.dumps({"sessions": sessions, "complete": complete}).encode())
     except (OSError, ValueError):  # (pyarrow's errors are both) the wall-clock is a report: the search
         pass  # that just ran must still be summarised
-    return sessions
+    return sessions, complete
 
 
 def checkpoint_index(path: Path) -> int:

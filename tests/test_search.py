@@ -205,7 +205,7 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
     for t, h in after.histories.items():  # no epoch lost or repeated in any trial
         assert h["epoch"].tolist() == [1, 2, 3, 4], (t, h["epoch"].tolist())
     # the reported wall-clock covers both sessions, not only the resumed one
-    sessions = json.loads((exp_dir / "sessions.json").read_text())
+    sessions = json.loads((exp_dir / "sessions.json").read_text())["sessions"]
     assert len(sessions) == 2 and all(s > 0 for s in sessions)
     summary = json.loads((exp_dir / "summary.json").read_text())
     assert summary["search_sessions"] == 2 and summary["search_wall_seconds"] == pytest.approx(sum(sessions))
@@ -213,19 +213,31 @@ def test_interrupt_then_resume(digits_dir, tmp_path):
 
 
 def test_session_record_never_stops_a_search(tmp_path):
-    """sessions.json only feeds the reported wall-clock: a damaged one counts as no earlier sessions."""
-    assert layout.session_seconds(tmp_path) == []
-    assert layout.add_session(tmp_path, 12.5) == [12.5] and layout.add_session(tmp_path, 3) == [12.5, 3.0]
-    assert layout.session_seconds(tmp_path) == [12.5, 3.0]
-    for damaged in ("{not json", '{"a": 1}', '[1, "x", -2, 5]'):
+    """sessions.json only feeds the reported wall-clock: a damaged one counts as no earlier sessions, is set aside
+    in damaged/ (never overwritten, never overwriting an earlier damaged copy) and the total says it is incomplete."""
+    assert layout.read_sessions(tmp_path) == ([], True)
+    assert layout.add_session(tmp_path, 12.5) == ([12.5], True)
+    assert layout.add_session(tmp_path, 3) == ([12.5, 3.0], True)
+    assert layout.read_sessions(tmp_path) == ([12.5, 3.0], True)
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / layout.SESSIONS_FILE).write_text("an older damaged copy")
+    for i, damaged in enumerate(("{not json", '{"a": 1}', '[1, "x", -2, 5]', '{"sessions": [1, 2], "complete": "y"}')):
         (tmp_path / layout.SESSIONS_FILE).write_text(damaged)
-        assert layout.session_seconds(tmp_path) == ([1.0, 5.0] if damaged.startswith("[") else [])
+        partial = [1.0, 5.0] if damaged.startswith("[") else [1.0, 2.0] if "sessions" in damaged else []
+        assert layout.read_sessions(tmp_path) == (partial, False)
+        assert layout.add_session(tmp_path, 4) == ([*partial, 4.0], False)
+        assert (tmp_path / "damaged" / f"{layout.SESSIONS_FILE}.{i + 1}").read_text() == damaged
+        assert layout.read_sessions(tmp_path) == ([*partial, 4.0], False)  # incomplete from then on
+    assert (tmp_path / "damaged" / layout.SESSIONS_FILE).read_text() == "an older damaged copy"
+    (tmp_path / layout.SESSIONS_FILE).write_text("[7.5, 2]")  # an older experiment's bare list
+    assert layout.read_sessions(tmp_path) == ([7.5, 2.0], True)
     uri = f"file://{tmp_path / 'cloud' / 'exp'}"  # any storage Ray writes to, through pyarrow
-    assert layout.add_session(uri, 7) == [7.0] and layout.session_seconds(uri) == [7.0]
+    assert layout.add_session(uri, 7) == ([7.0], True) and layout.read_sessions(uri) == ([7.0], True)
     blocked = tmp_path / "a-file"  # storage that cannot be written: the session is reported, not recorded
     blocked.write_text("")
-    assert layout.add_session(blocked / "exp", 4) == [4.0] and layout.session_seconds(blocked / "exp") == []
-    assert layout.add_session("nosuchscheme://bucket/exp", 4) == [4.0]
+    assert layout.add_session(blocked / "exp", 4) == ([4.0], True)
+    assert layout.read_sessions(blocked / "exp") == ([], True)
+    assert layout.add_session("nosuchscheme://bucket/exp", 4)[0] == [4.0]
 
 
 @pytest.mark.slow
