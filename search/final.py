@@ -35,15 +35,19 @@ import torch
 from search.layout import (
     CHECKPOINT_FILE,
     SETTINGS_FILE,
+    SUMMARY_FILE,
     checkpoint_dirs,
     has_whole_state,
     is_uri,
     ray_statuses,
     read_json,
+    set_aside,
     trial_dirs,
 )
+from search.plan import PLAN_FILE, PlanError, checkpoint_in, members_text, read_plan, relative_checkpoint
 from search.resources import Resources
 from search.results import load_experiment
+from search.signals import sigterm_as_sigint
 from training import augment
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
 from training.config import ConfigError
@@ -51,7 +55,6 @@ from training.data import EmnistData
 
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"
-PLAN_FILE = "plan.json"
 REPORT_FILE = "report.md"
 PAIRS_IMAGE = "confused_pairs.png"
 REFIT_NAME = "refit"
@@ -84,6 +87,14 @@ class FinalSettings:
         """What a plan is made with: a resumed final stage must be asked the same."""
         return {"ensemble_k": self.ensemble_k, "refit_seeds": self.refit_seeds, "refit_epochs": self.refit_epochs,
                 "tta": self.tta}
+
+    def options(self) -> list[str]:
+        """These settings as final.py's options, for a command to paste (only those that are not the default)."""
+        default = FinalSettings()
+        out = [f"--{k.replace('_', '-')}={v}" for k, v in self.planned().items() if v != default.planned()[k]]
+        if self.device != default.device:
+            out.append(f"--device={self.device}")
+        return out
 
 
 class FinalError(RuntimeError):
@@ -250,7 +261,7 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
             print(f"continuing the interrupted refit in {refit_dir}", flush=True)
             tuner = restore_tuner(str(refit_dir), trainable, run_config)
         else:
-            tuner = tune.Tuner(trainable, param_space={"member": tune.grid_search(members)},
+            tuner = tune.Tuner(trainable, param_space={"member": tune.grid_search(members), "plan": plan_key(members)},
                                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True,
                                                            trial_name_creator=trial_name,
                                                            trial_dirname_creator=trial_name),
@@ -262,10 +273,24 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
     return _refit_done(refit_dir, members)
 
 
+def plan_key(members: list[dict]) -> str:
+    """An id of a list of refit members: every refit trial carries its plan's (config "plan"), so a refit on
+    disk from another plan is known as such before it is continued."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(members, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _refit_done(refit_dir: Path, members: list[dict]) -> bool:
+    """True when every planned refit trial has ended; False while some have not (interrupted). A refit whose
+    trials have all ended but are not the plan's members is an error: running it again could never finish."""
     statuses = ray_statuses(refit_dir)
-    finished = [s for s in statuses.values() if s.get("status") in ("TERMINATED", "ERROR")]
-    return len(statuses) == len(members) and len(finished) == len(members)
+    ended = all(s.get("status") in ("TERMINATED", "ERROR") for s in statuses.values())
+    if statuses and ended and len(statuses) != len(members):
+        raise FinalError(f"the refit in {refit_dir} ran {len(statuses)} trials, but the plan has {len(members)} "
+                         f"({members_text(members)}): it was started from another plan; remove {refit_dir.parent} "
+                         "to start the final stage afresh")
+    return bool(statuses) and ended
 
 
 def refit_models(refit_dir: Path) -> tuple[list[dict], list[str]]:
@@ -294,13 +319,35 @@ def refit_models(refit_dir: Path) -> tuple[list[dict], list[str]]:
 
 # ---------------------------------------------------------------- 3-4. deliver, evaluate, report
 
-def _test_result(label: str, probs: torch.Tensor, y: torch.Tensor, classes: list[str], **extra) -> dict:
-    from training.metrics import summarize, wilson_interval
+def _test_result(label: str, probs: torch.Tensor, y: torch.Tensor, classes: list[str], precision: str,
+                 **extra) -> dict:
+    from training.evaluate import scored
 
-    s = summarize(y, probs.argmax(1), classes)
-    correct = round(s["accuracy"] * s["n"])
-    return {"label": label, "accuracy": s["accuracy"], "ci95": list(wilson_interval(correct, s["n"])), "n": s["n"],
-            "per_class": s["per_class"], "most_confused": s["most_confused"], **extra}
+    r = scored(probs, y, classes, precision)
+    return {"label": label, **{k: r[k] for k in ("accuracy", "ci95", "n", "per_class", "most_confused", "precision")},
+            **extra}
+
+
+def _summary_single(summary: dict, cand: Candidate, exp_dir: Path, precision: str, n: int) -> dict | None:
+    """The end-of-search summary's test figures of the best trial, when they are of this candidate's checkpoint at
+    this precision on these n test images: the final stage reports them as they are, so that one model has one
+    test accuracy (summary.json's test_acc and the report's best single trial are the same measurement)."""
+    from training.metrics import wilson_interval
+
+    try:
+        same = (summary.get("best_trial") == cand.trial_id and summary.get("test_precision") == precision
+                and summary.get("test_n") == n
+                and relative_checkpoint(summary["source_checkpoint"], exp_dir)
+                == relative_checkpoint(cand.checkpoint, exp_dir))
+        acc = float(summary["test_acc"])
+    except (KeyError, TypeError, ValueError, PlanError):
+        return None
+    if not same or not 0 <= acc <= 1 or not isinstance(summary.get("per_class"), list):
+        return None
+    return {"label": f"best single trial {cand.trial_id}", "accuracy": acc,
+            "ci95": list(wilson_interval(round(acc * n), n)), "n": n, "per_class": summary["per_class"],
+            "most_confused": summary.get("most_confused") or [], "precision": precision,
+            "trial_id": cand.trial_id, "source": SUMMARY_FILE}
 
 
 def confused_pairs_image(path: Path, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, classes: list[str],
@@ -326,8 +373,11 @@ def confused_pairs_image(path: Path, x: torch.Tensor, y: torch.Tensor, pred: tor
                 img.paste(glyph, (label_w + (side * (per_side + 1) + j) * cell, top))
     if not pairs:
         draw.text((4, 10), "no confusions", fill="black")
-    img.save(path)
-    return path
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return write_atomic(path, lambda f: f.write(buf.getvalue()))
 
 
 def _row(name: str, r: dict | None) -> str:
@@ -349,7 +399,9 @@ def write_report(path: Path, name: str, final: dict) -> Path:
     t = final["test"]
     sel = final["selection"]
     lines = [f"# {name}: final model", "",
-             f"Delivered: `{final['model'] or 'none'}` ({final['delivered']}).", "",
+             f"Delivered: `{final['model'] or 'none'}` ({final['delivered']}), sha256 `{final.get('model_sha256')}`.",
+             "", f"Every test figure here is computed in {final.get('test_precision', 'fp32')} "
+             "(training.evaluate: one precision for every test figure of the experiment).", "",
              f"## Test accuracy ({next(iter(t.values()))['n'] if t else 0} test images, 95 % Wilson interval)", "",
              "| model | what | test accuracy | 95 % interval |", "| --- | --- | --- | --- |",
              _row("best single trial", t.get("single")), _row("ensemble of search checkpoints", t.get("ensemble")),
@@ -385,15 +437,37 @@ def write_report(path: Path, name: str, final: dict) -> Path:
     return path
 
 
-def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev: torch.device) -> dict:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_candidates(plan: dict, exp_dir: Path) -> list[Candidate]:
+    """The plan's candidates, each checkpoint path resolved inside this experiment (PlanError otherwise)."""
+    return [Candidate(**{**c, "checkpoint": str(checkpoint_in(exp_dir, relative_checkpoint(c["checkpoint"], exp_dir)))})
+            for c in plan["candidates"]]
+
+
+def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev: torch.device,
+                       summary: dict | None = None) -> tuple[dict, Path]:
+    """(summary.json's "final", the delivered model written beside final/model.pt as a staged file). The caller
+    writes the report and the summary, then moves the staged file over model.pt: see deliver()."""
     from training.data import load_test
     from training.ensemble import save_model
+    from training.evaluate import class_probs, eval_precision
 
-    cands = [Candidate(**c) for c in plan["candidates"]]
+    summary = summary or {}
+    precision = eval_precision(summary.get("test_precision"))  # the one rule of every test figure
+    cands = plan_candidates(plan, exp_dir)
     sel = plan["selection"]
     done, problems = refit_models(final_dir / REFIT_NAME)
     done.sort(key=lambda m: m.pop("_order"))
-    model_path = final_dir / MODEL_FILE
+    staged = final_dir / f".{MODEL_FILE}.staged"
     classes, split = None, cands[0].config["split"]
     ckpt0 = load_checkpoint(cands[0].checkpoint)
     classes = list(ckpt0["classes"])
@@ -414,40 +488,140 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
     tta = (sel.get("tta") or {}).get("used")
     if tta:
         delivered += f", with {TTA_VIEWS}-view test-time augmentation"
-    save_model(model_path, members, classes, split, {"delivered": delivered, "experiment": exp_dir.name,
-                                                     "source_trials": sources, "whole_training_split": bool(done)},
+    save_model(staged, members, classes, split, {"delivered": delivered, "experiment": exp_dir.name,
+                                                 "source_trials": sources, "whole_training_split": bool(done)},
                tta=TTA_VIEWS if tta else 1)
 
     x, y, test_classes = load_test(split, data_dir)  # the only read of the test split
     if test_classes != classes:
         raise FinalError(f"the {split} test files have other classes than the training files the models learnt")
-    cand_probs = _checkpoint_probs([c.checkpoint for c in cands], x, dev)
-    test = {"single": _test_result(f"best single trial {cands[0].trial_id}", cand_probs[0], y, classes,
-                                   trial_id=cands[0].trial_id)}
+    cand_probs = [class_probs(build_from_checkpoint(load_checkpoint(c.checkpoint), dev, where=c.checkpoint), x, dev,
+                              precision) for c in cands]
+    single = _summary_single(summary, cands[0], exp_dir, precision, len(y)) or _test_result(
+        f"best single trial {cands[0].trial_id}", cand_probs[0], y, classes, precision, trial_id=cands[0].trial_id)
+    test = {"single": single}
     k = sel["chosen_k"] if sel["ensemble_pays"] else len(cands)
     if k > 1:  # shown even when it did not pay on validation, so the choice can be checked
         test["ensemble"] = _test_result(
             f"top-{k} search checkpoints averaged" + ("" if sel["ensemble_pays"] else " (not chosen on validation)"),
-            torch.stack(cand_probs[:k]).mean(0), y, classes, members=[c.trial_id for c in cands[:k]])
+            torch.stack(cand_probs[:k]).mean(0), y, classes, precision, members=[c.trial_id for c in cands[:k]])
     # the delivered file itself is evaluated: what a user loads is what the report measures
-    probs = _probs(build_from_checkpoint(load_checkpoint(model_path), dev, where=str(model_path)), x, dev)
-    delivered_test = _test_result(delivered, probs, y, classes)
+    probs = class_probs(build_from_checkpoint(load_checkpoint(staged), dev, where=str(staged)), x, dev, precision)
+    delivered_test = _test_result(delivered, probs, y, classes, precision)
     if done:
         test["refit"] = delivered_test
+    elif len(chosen) == 1:  # the delivered model is the best single trial's checkpoint: one model, one figure
+        delivered_test = {**single, "label": delivered}
     confused_pairs_image(final_dir / PAIRS_IMAGE, x, y, probs.argmax(1), classes, delivered_test["most_confused"])
     test_trials = []
-    for c, p in zip(cands, cand_probs, strict=True):
-        r = _test_result(c.trial_id, p, y, classes)
+    for i, (c, p) in enumerate(zip(cands, cand_probs, strict=True)):
+        r = single if i == 0 else _test_result(c.trial_id, p, y, classes, precision)
         test_trials.append({"trial_id": c.trial_id, "val_acc": c.val_acc, "accuracy": r["accuracy"],
                             "ci95": r["ci95"], "f1": {row["class"]: row["f1"] for row in r["per_class"]}})
     kind = "refit" if done else ("ensemble" if len(chosen) > 1 else "single")  # which of `test` model.pt is
-    return {"model": str(model_path), "delivered": delivered, "delivered_kind": kind, "delivered_test": delivered_test,
-            "selection": sel,
-            "refit": {"epochs_mode": plan["settings"]["refit_epochs"], "seeds": plan["settings"]["refit_seeds"],
-                      "members": [{k: m[k] for k in ("source_trial", "seed_index", "epochs")} for m in plan["members"]],
-                      "finished": len(done)},
-            "test": test, "test_trials": test_trials, "problems": problems,
-            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    final = {"model": str(final_dir / MODEL_FILE), "model_sha256": _sha256(staged), "delivered": delivered,
+             "delivered_kind": kind, "delivered_test": delivered_test, "test_precision": precision,
+             "selection": sel,
+             "refit": {"epochs_mode": plan["settings"]["refit_epochs"], "seeds": plan["settings"]["refit_seeds"],
+                       "members": [{k: m[k] for k in ("source_trial", "seed_index", "epochs")}
+                                   for m in plan["members"]], "finished": len(done)},
+             "test": test, "test_trials": test_trials, "problems": problems,
+             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return final, staged
+
+
+SUMMARY_KEYS = ("best_trial", "test_acc", "test_n", "per_class", "source_checkpoint")
+
+
+def read_summary(exp_dir: Path, data_dir, device: str) -> dict:
+    """summary.json, checked; a damaged one (cut short, edited, not an object, a field missing) is set aside in
+    <exp>/damaged/ and written again from the experiment, as a missing one is: the final stage never writes a
+    summary.json that holds only its own part."""
+    from search.summary import finish_experiment
+
+    path = exp_dir / SUMMARY_FILE
+    for attempt in range(2):
+        summary = read_json(path, max_bytes=64 * 2**20) if not path.is_symlink() else None
+        if summary is not None and all(k in summary for k in SUMMARY_KEYS) and isinstance(summary["test_acc"], float):
+            return summary
+        if attempt:
+            break
+        if path.exists() or path.is_symlink():
+            set_aside(path, exp_dir, "damaged (not a whole summary of the search); writing it again")
+        if finish_experiment(exp_dir, data_dir, device=device) != 0:
+            break
+    raise FinalError(f"cannot write {path}: the search has no trial with a readable checkpoint")
+
+
+def continue_command(exp_dir: Path, settings: FinalSettings) -> str:
+    import shlex
+
+    return shlex.join(["python", "search/final.py", "--name", exp_dir.name, "--storage", str(exp_dir.parent),
+                       *settings.options()])
+
+
+def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSettings, dev: torch.device) -> dict:
+    """The plan of this final stage: the one on disk, or (none yet, or a damaged one, set aside) a new one,
+    chosen on validation and written before any refit trial starts."""
+    plan_path = final_dir / PLAN_FILE
+    try:
+        plan = read_plan(plan_path)
+    except PlanError as e:
+        set_aside(plan_path, exp_dir, f"cannot be used ({e}); planning the final stage again")
+        plan = None
+    if plan is not None:
+        if plan["settings"] != settings.planned():
+            was = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in plan["settings"].items())
+            raise FinalError(f"{final_dir} was started with {was}: give the same to continue it, or remove "
+                             f"{final_dir} to start the final stage afresh")
+        return plan
+    t0 = time.time()
+    cands = candidates(load_experiment(exp_dir), settings.ensemble_k)
+    if not cands:
+        raise FinalError(f"no trial of {exp_dir.name} has a readable checkpoint with a validation result")
+    selection = select_ensemble(cands, data, dev, settings.tta)
+    byk = ", ".join(f"k={k}: {v:.4f}" for k, v in selection["val_acc_by_k"].items())
+    tta = selection["tta"]
+    tta_text = (f"; {tta['views']}-view test-time augmentation {tta['val_acc']:.4f} -> "
+                f"{'used' if tta['used'] else 'not used'}" if tta["val_acc"] is not None else "")
+    print(f"\nfinal stage: ensemble selection on {selection['n_val']} validation images ({byk}) -> "
+          f"{'ensemble of ' + str(selection['chosen_k']) if selection['ensemble_pays'] else 'single model'}"
+          f"{tta_text} [{time.time() - t0:.0f}s]", flush=True)
+    stored = [{**asdict(c), "checkpoint": relative_checkpoint(c.checkpoint, exp_dir)} for c in cands]
+    plan = {"settings": settings.planned(), "candidates": stored, "selection": selection,
+            "members": plan_refit(cands, selection, settings)}
+    # Written before any refit trial starts: a resumed final stage refits exactly these.
+    write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+    return plan
+
+
+def _check_refit_matches(refit_dir: Path, plan: dict, settings: FinalSettings) -> None:
+    """A refit already on disk must be the plan's: else continuing it could never finish the plan (a damaged
+    plan made again with other settings), and each run would end 'interrupted' forever."""
+    if not has_whole_state(refit_dir):
+        return
+    # (a trial folder without its params.json yet holds nothing: Ray writes that file first)
+    params = [p for d in trial_dirs(refit_dir) if isinstance(p := read_json(d / "params.json"), dict)]
+    on_disk = [p["member"] for p in params if isinstance(p.get("member"), dict)]
+    key = lambda m: json.dumps(m, sort_keys=True, default=str)  # noqa: E731
+    other_plan = any(p.get("plan", plan_key(plan["members"])) != plan_key(plan["members"]) for p in params)
+    if other_plan or not set(map(key, on_disk)) <= set(map(key, plan["members"])) \
+            or len(ray_statuses(refit_dir)) > len(plan["members"]):
+        got = members_text(on_disk) or "no readable member"
+        raise FinalError(f"the refit in {refit_dir} was started from another plan ({got}) than this one "
+                         f"({members_text(plan['members'])}); run the final stage with the settings it was started "
+                         f"with, or remove {refit_dir.parent} to start it afresh")
+
+
+def deliver(exp_dir: Path, final_dir: Path, final: dict, staged: Path, summary: dict) -> None:
+    """Write what a reader sees of the delivered model: the report and summary.json's "final" (each whole or not
+    at all), then the model file, moved over final/model.pt last. The report and the summary carry the model's
+    sha256, so a reader (the dashboard) can tell a model.pt from a report of another one; a kill between the
+    writes leaves that mismatch, never a half file, and running the final stage again delivers anew."""
+    summary = {**summary, "final": final}
+    write_report(final_dir / REPORT_FILE, exp_dir.name, final)
+    write_atomic(exp_dir / SUMMARY_FILE, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    staged.replace(final_dir / MODEL_FILE)
 
 
 def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, data_dir=None) -> int:
@@ -460,46 +634,26 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
         return 0
     exp_dir = Path(exp_dir)
     final_dir = exp_dir / FINAL_DIR
-    final_dir.mkdir(exist_ok=True)
-    dev = resolve_device(settings.device)
-    plan_path = final_dir / PLAN_FILE
-    plan = read_json(plan_path) if plan_path.is_file() else None
-    if plan is not None and plan.get("settings") != settings.planned():
-        was = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (plan.get("settings") or {}).items())
-        raise FinalError(f"{final_dir} was started with {was}: give the same to continue it, or remove "
-                         f"{final_dir} to start the final stage afresh")
-    if plan is None:
-        t0 = time.time()
-        cands = candidates(load_experiment(exp_dir), settings.ensemble_k)
-        if not cands:
-            raise FinalError(f"no trial of {exp_dir.name} has a readable checkpoint with a validation result")
-        selection = select_ensemble(cands, data, dev, settings.tta)
-        byk = ", ".join(f"k={k}: {v:.4f}" for k, v in selection["val_acc_by_k"].items())
-        tta = selection["tta"]
-        tta_text = (f"; {tta['views']}-view test-time augmentation {tta['val_acc']:.4f} -> "
-                    f"{'used' if tta['used'] else 'not used'}" if tta["val_acc"] is not None else "")
-        print(f"\nfinal stage: ensemble selection on {selection['n_val']} validation images ({byk}) -> "
-              f"{'ensemble of ' + str(selection['chosen_k']) if selection['ensemble_pays'] else 'single model'}"
-              f"{tta_text} [{time.time() - t0:.0f}s]", flush=True)
-        plan = {"settings": settings.planned(), "candidates": [asdict(c) for c in cands], "selection": selection,
-                "members": plan_refit(cands, selection, settings)}
-        # Written before any refit trial starts: a resumed final stage refits exactly these.
-        write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
-    t0 = time.time()
-    if not run_refit(final_dir, plan["members"], data, settings):
-        print(f"\nfinal stage interrupted during the refit; nothing finished is lost. Continue with:\n  "
-              f"python search/final.py --name {exp_dir.name} --storage {exp_dir.parent}", flush=True)
-        return 130
-    print(f"refit done [{time.time() - t0:.0f}s]", flush=True)
+    interrupted = (f"nothing finished is lost. Continue with:\n  {continue_command(exp_dir, settings)}")
     try:
-        final = deliver_and_report(exp_dir, final_dir, plan, data_dir, dev)
-    except CheckpointError as e:  # a planned member's checkpoint deleted or damaged since the plan was made
-        raise FinalError(f"{e}; remove {final_dir} to plan the final stage afresh") from None
-    summary_path = exp_dir / "summary.json"
-    summary = read_json(summary_path) or {}
-    summary["final"] = final
-    write_atomic(summary_path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    write_report(final_dir / REPORT_FILE, exp_dir.name, final)
+        summary = read_summary(exp_dir, data_dir, settings.device)
+        final_dir.mkdir(exist_ok=True)
+        dev = resolve_device(settings.device)
+        plan = _plan(exp_dir, final_dir, data, settings, dev)
+        _check_refit_matches(final_dir / REFIT_NAME, plan, settings)
+        t0 = time.time()
+        if not run_refit(final_dir, plan["members"], data, settings):
+            print(f"\nfinal stage interrupted during the refit; {interrupted}", flush=True)
+            return 130
+        print(f"refit done [{time.time() - t0:.0f}s]", flush=True)
+        try:
+            final, staged = deliver_and_report(exp_dir, final_dir, plan, data_dir, dev, summary)
+        except (CheckpointError, PlanError) as e:  # a planned member's checkpoint deleted or damaged since
+            raise FinalError(f"{e}; remove {final_dir} to plan the final stage afresh") from None
+        deliver(exp_dir, final_dir, final, staged, summary)
+    except KeyboardInterrupt:  # (Ctrl+C, or SIGTERM, outside Ray's own handling)
+        print(f"\nfinal stage interrupted; {interrupted}", flush=True)
+        return 130
     print_final(final)
     print(f"files: {final_dir / MODEL_FILE}, {final_dir / REPORT_FILE}, {final_dir / PAIRS_IMAGE}")
     return 0
@@ -567,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--address", default=None, help="Ray cluster to run the refit on")
     a = p.parse_args(argv)
+    sigterm_as_sigint()
     settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.tta, a.device,
                              Resources(a.gpus_per_trial, a.cpus_per_trial, a.concurrency), a.address)
     exp_dir = Path(a.storage) / a.name
@@ -587,14 +742,13 @@ def main(argv: list[str] | None = None) -> int:
             raise FinalError(f"the search {a.name} has not finished ({len(unfinished)} trial(s) unfinished); "
                              f"continue it first: python search/run.py --name {a.name} --resume")
         data, data_dir = search_data(exp_dir, a.data_dir)
-        if not (exp_dir / "summary.json").is_file():
-            from search.summary import finish_experiment
-
-            finish_experiment(exp_dir, data_dir, device=a.device)
-        return run_final(exp_dir, data, settings, data_dir)
+        return run_final(exp_dir, data, settings, data_dir)  # (writes summary.json first where it is missing)
     except (FinalError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the final stage proper (reading the data)
+        print(f"\ninterrupted; nothing was changed. Continue with:\n  {continue_command(exp_dir, settings)}")
+        return 130
     finally:
         lock.release()
 

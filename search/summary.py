@@ -8,7 +8,7 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import is_uri, saved_space
+from search.layout import SUMMARY_FILE, is_uri, read_sessions, saved_space
 from search.results import Experiment, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
@@ -33,7 +33,7 @@ def _sampled_names(exp_dir: Path):
     its branch was chosen), from the space saved in search.json; None where that is unknown."""
     from search.space import DefineByRun, sampled_params
 
-    spec, _, _ = saved_space(exp_dir)  # (None when the space file is gone or was edited since)
+    spec, _, _ = saved_space(exp_dir)  # (the experiment's own copy; None when neither it nor the file is usable)
     if spec is None:
         return lambda config: None
     space = DefineByRun(spec)
@@ -44,10 +44,9 @@ def _plain(v):
     return v.item() if hasattr(v, "item") else v
 
 
-def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | None = None,
-                      max_epochs: int | None = None, device: str = "auto", sessions: int = 1) -> int:
+def finish_experiment(exp_dir: str | Path, data_dir=None, device: str = "auto") -> int:
     """Summarise a finished search: test accuracy of the best trial, summary.json, trials.csv, best.pt.
-    `wall_seconds`: the search's wall-clock over its `sessions` driver sessions (a run and its resumes)."""
+    The search's wall-clock is the sum of its driver sessions (a run and its resumes) in sessions.json."""
     from training.evaluate import evaluate_checkpoint
 
     if is_uri(exp_dir):
@@ -69,16 +68,20 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         print(f"best trial {best_id} has no readable checkpoint")
         return 1
     write_best(best_ckpt, exp_dir / "best.pt")
-    test = evaluate_checkpoint(exp_dir / "best.pt", data_dir, device)
+    test = evaluate_checkpoint(exp_dir / "best.pt", data_dir, device)  # (at training.evaluate's one precision)
     per_class = sorted(test["per_class"], key=lambda r: r["f1"])
     best_row = trials.set_index("trial_id").loc[best_id]
+    seconds, complete = read_sessions(exp_dir)
+    wall_seconds = sum(seconds) if seconds else None
     summary = {
         "experiment": exp_dir.name,
         "best_trial": best_id,
         "config": _config_of(exp, best_id),
         "val_acc": float(best_row["best_val_acc"]),
         "test_acc": test["accuracy"],
+        "test_ci95": test["ci95"],
         "test_n": test["n"],
+        "test_precision": test["precision"],
         "checkpoint": str(exp_dir / "best.pt"),
         "source_checkpoint": str(best_ckpt),
         "epochs_run": int(best_row["epochs_run"]),
@@ -86,10 +89,11 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         "most_confused": test["most_confused"],
         "trials": {s: int(n) for s, n in trials["status"].value_counts().items()},
         "search_wall_seconds": wall_seconds,
-        "search_sessions": sessions,
+        "search_wall_complete": complete,
+        "search_sessions": len(seconds),
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    write_atomic(exp_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_atomic(exp_dir / SUMMARY_FILE, lambda f: f.write(json.dumps(summary, indent=2).encode()))
 
     print(f"\n=== {exp_dir.name}: {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in summary['trials'].items())})")
     top = trials.dropna(subset=["best_val_acc"]).sort_values("best_val_acc", ascending=False).head(TOP_N)
@@ -103,13 +107,14 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, wall_seconds: float | 
         brief = ", ".join(f"{k}={_value_text(v)}" for k, v in cfg.items() if k in shown)
         print(f"  {r['trial_id']}  val {r['best_val_acc']:.4f}  {int(r['epochs_run'])} ep  {r['status']:8s}  {brief}")
     print(f"best trial {best_id}: val acc {summary['val_acc']:.4f}, test acc {test['accuracy']:.4f} "
-          f"({test['n']} test images)")
+          f"({test['n']} test images, {test['precision']})")
     print("lowest F1:  " + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in per_class[:5]))
     print("highest F1: " + ", ".join(f"{r['class']} {r['f1']:.2f}" for r in per_class[::-1][:5]))
     print(f"most confused: {format_pairs(test['most_confused'])}")
     if wall_seconds is not None:
-        over = f" over {sessions} sessions (the first run and its resumes)" if sessions > 1 else ""
-        print(f"search wall-clock: {wall_seconds / 60:.1f} min{over}")
+        over = f" over {len(seconds)} sessions (the first run and its resumes)" if len(seconds) > 1 else ""
+        missing = "" if complete else " (incomplete: the record of earlier sessions was damaged, see damaged/)"
+        print(f"search wall-clock: {wall_seconds / 60:.1f} min{over}{missing}")
     print(f"files: {exp_dir / 'summary.json'}, {exp_dir / 'trials.csv'}, {exp_dir / 'best.pt'}")
     print(f"tensorboard --logdir {shlex.quote(str(exp_dir))} --host 127.0.0.1")
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():

@@ -133,18 +133,62 @@ def test_delivered_model_and_report(final_run, digits_dir):
 def test_no_finished_refit_delivers_the_search_model(final_run, digits_dir, tmp_path):
     """Every refit failed (here: none ran): the model validation chose from the search is delivered."""
     from search.final import deliver_and_report
+    from search.plan import read_plan
 
     exp, *_ = final_run
-    plan = json.loads((exp / "final" / "plan.json").read_text())
-    final = deliver_and_report(exp, tmp_path, plan, digits_dir, torch.device("cpu"))
+    plan = read_plan(exp / "final" / "plan.json")
+    summary = json.loads((exp / "summary.json").read_text())
+    final, staged = deliver_and_report(exp, tmp_path, plan, digits_dir, torch.device("cpu"), summary)
     assert "no refit finished" in final["delivered"] and "refit" not in final["test"]
-    ckpt = load_checkpoint(tmp_path / "model.pt")
+    ckpt = load_checkpoint(staged)
     chosen = plan["candidates"][: plan["selection"]["chosen_k"]]
     assert len(ckpt.get("members", [ckpt])) == len(chosen)
     if len(chosen) == 1:
-        source = load_checkpoint(chosen[0]["checkpoint"])["model"]
+        source = load_checkpoint(exp / chosen[0]["checkpoint"])["model"]
         assert all(torch.equal(v, source[k]) for k, v in ckpt["model"].items())
-        assert final["delivered_test"]["accuracy"] == final["test"]["single"]["accuracy"]
+        assert final["delivered_test"]["accuracy"] == final["test"]["single"]["accuracy"] == summary["test_acc"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_model_has_one_test_accuracy_at_either_precision(final_run, digits_dir, tmp_path, monkeypatch, precision):
+    """The search's summary and the final stage's report give the best trial one test accuracy: the final stage
+    reuses the summary's measurement, and every test figure uses the precision the summary recorded. Forced
+    both ways, so a CPU without native bf16 runs the bf16 path too (bf16 autocast works on any CPU, slowly), and
+    on a copy of the experiment in another folder (the plan's checkpoint paths are relative to it)."""
+    import shutil
+
+    from search.final import deliver_and_report
+    from search.plan import read_plan
+    from search.summary import finish_experiment
+    from training.checkpoint import build_from_checkpoint
+    from training.evaluate import class_probs, evaluate_checkpoint
+
+    exp, *_ = final_run
+    copy = shutil.copytree(exp, tmp_path / "moved" / "exp", symlinks=True)
+    (copy / "summary.json").unlink()
+    monkeypatch.setenv("EMNIST_TEST_PRECISION", precision)
+    assert finish_experiment(copy, digits_dir, device="cpu") == 0
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["test_precision"] == precision
+    direct = evaluate_checkpoint(copy / "best.pt", digits_dir, "cpu", precision=precision)
+    assert summary["test_acc"] == direct["accuracy"] and summary["per_class"] == direct["per_class"]
+    # the precision is real: bf16 and fp32 give other probabilities for the same model and images
+    x, y, _ = load_test("digits", digits_dir)
+    model = build_from_checkpoint(load_checkpoint(copy / "best.pt"))
+    p32, p16 = (class_probs(model, x, torch.device("cpu"), p) for p in ("fp32", "bf16"))
+    assert not torch.equal(p32, p16) and torch.allclose(p32, p16, atol=0.1)
+
+    monkeypatch.setenv("EMNIST_TEST_PRECISION", "fp32" if precision == "bf16" else "bf16")  # the recorded one wins
+    plan = read_plan(copy / "final" / "plan.json")
+    final, staged = deliver_and_report(copy, copy / "final", plan, digits_dir, torch.device("cpu"), summary)
+    assert final["test_precision"] == precision
+    assert final["test"]["single"]["accuracy"] == summary["test_acc"] == final["test_trials"][0]["accuracy"]
+    assert final["test"]["single"]["per_class"] == summary["per_class"]
+    assert {r["precision"] for r in final["test"].values()} == {precision}
+    delivered = build_from_checkpoint(load_checkpoint(staged))
+    acc = int((class_probs(delivered, x, torch.device("cpu"), precision).argmax(1) == y).sum()) / len(y)
+    assert final["test"]["refit"]["accuracy"] == pytest.approx(acc, abs=1e-9)
+    assert str(copy) in str(staged) and str(exp) not in json.dumps(plan)  # the copy's own checkpoints
 
 
 def test_final_stage_settings_are_kept(final_run, digits_data, capsys):
