@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shlex
 import sys
@@ -21,6 +22,7 @@ from search.final import FinalError, FinalSettings, add_final_args
 from search.layout import SETTINGS_FILE, has_whole_state, is_uri, read_settings
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
 from search.resources import Resources
+from search.signals import sigterm_as_sigint
 from search.space import SearchSpec, default_point, load_search_spec
 from search.storage import check_storage
 from training.config import ConfigError, check_device, make_config
@@ -60,10 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_SEED = 2**32 - 1  # Optuna's sampler seeds numpy, which takes 0..2**32-1
+MAX_SAMPLES = 100_000
+
+
 def check_args(args: argparse.Namespace, spec: SearchSpec) -> None:
-    """Every argument problem is reported here, before Ray or the data are touched."""
-    if args.samples is not None and args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    """Every argument problem is reported here, before Ray or the data are touched (and before the experiment
+    folder is made)."""
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    for name in ("gpus_per_trial", "cpus_per_trial"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
+        raise ConfigError(f"--samples must be between 1 and {MAX_SAMPLES}, got {args.samples}")
     if args.max_epochs is not None and args.max_epochs < 1:
         raise ConfigError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     if args.max_epochs is not None and args.max_epochs < spec.grace_period:
@@ -114,6 +127,23 @@ def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
             "data": {k: base[k] for k in DATA_KEYS} if base else None}
 
 
+# The type each saved setting must have (None: not given when the search started), as the command line parses it.
+SAVED_TYPES = {"config": str, "samples": int, "max_epochs": int, "split": str, "seed": int, "device": str,
+               "data_dir": str}
+
+
+def check_saved(saved: dict, path: str) -> None:
+    """search.json is read back, so it is checked like the command line it stands for: a value of the wrong type
+    (an edit, a damaged file) is a one-line error naming the setting, never a TypeError later."""
+    for key, kind in SAVED_TYPES.items():
+        value = saved.get(key)
+        if value is None and key != "config":
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
+            raise ConfigError(f"--resume: {path} is damaged: {key!r} is {value!r}, not a {kind.__name__}; restore "
+                              "it, or start a new search with another --name")
+
+
 def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
     """For --resume: fill in what was not given from the experiment's saved settings (local or in
     cloud storage), and refuse what contradicts them. Experiments from before the settings were
@@ -125,6 +155,7 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
         raise ConfigError(f"--resume: cannot read {path}: {e}") from None
     if saved is None:
         return
+    check_saved(saved, path)
     for key in KEPT:
         given, was = getattr(args, key), saved.get(key)
         if key == "config" and given is not None:
@@ -156,6 +187,10 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
             value = getattr(args, key)
             if value is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(value)]
+    # The final stage's settings are not saved with the search (its plan keeps them once made): a resumed
+    # run must be asked the same, or its final stage is refused.
+    final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.tta)
+    cmd += ["--no-final"] if args.no_final else final.options()
     return shlex.join(cmd)
 
 
@@ -170,8 +205,7 @@ def end_of_search(args: argparse.Namespace, name: str, exp_dir: str, spec: Searc
         print(f"\nsearch interrupted with {outcome.done} of {outcome.samples} trials done; nothing finished is lost. "
               f"Continue with:\n  {resume_command(args, name)}")
         return 130
-    code = finish_experiment(exp_dir, data_dir=args.data_dir, wall_seconds=outcome.total_seconds,
-                             max_epochs=spec.max_epochs, sessions=len(outcome.sessions))
+    code = finish_experiment(exp_dir, data_dir=args.data_dir, device=args.device or "auto")
     if code != 0 or args.no_final:
         return code
     try:
@@ -187,6 +221,8 @@ def experiment_dir(storage: str, name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sigterm_as_sigint()  # SIGTERM (SLURM, Kubernetes, timeout) stops the search as Ctrl+C does
+    lock = None
     try:
         check_storage(args.storage, args.name or "")  # a file, read-only, unreachable, a name too long
         if args.resume and args.name:
@@ -234,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         data = load_for_config(base, args.data_dir)
         # The test split is read only for the final summary: check its files now, not after every trial.
         check_split(base["split"], "test", args.data_dir, data.classes)
-    except (ConfigError, DataNotFoundError, IdxError, ValueError, LockedError) as e:
+    except (ConfigError, DataNotFoundError, IdxError, ValueError, LockedError, KeyboardInterrupt) as e:
+        if lock is not None:
+            lock.release(discard=True)  # (a folder it made for nothing goes again)
+        if isinstance(e, KeyboardInterrupt):
+            print("\ninterrupted before the search started; nothing was written", file=sys.stderr)
+            return 130
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -243,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         from search.mps import MpsError, start_mps
 
         try:  # before Ray starts, so that every trial process inherits the MPS pipe
+            if not args.address:  # (the daemon, too, ends with a driver that was killed: search/reaper.py)
+                from search.reaper import start_reaper
+
+                start_reaper()
             stop_mps = start_mps()
         except MpsError as e:
             lock.release()
@@ -255,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                              address=args.address, resume=args.resume,
                              settings=None if args.resume else settings_of(args, base))
         return end_of_search(args, name, exp_dir, spec, data, outcome, final)
+    except KeyboardInterrupt:  # a second Ctrl+C during Ray's shutdown, or one during the summary
+        print(f"\ninterrupted; nothing finished is lost. Continue with:\n  {resume_command(args, name)}", flush=True)
+        return 130
     finally:
         if stop_mps is not None:
             stop_mps()

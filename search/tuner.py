@@ -18,6 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from search import ray_private, repairs
 from search.layout import add_session, is_uri, ray_statuses, write_settings
+from search.reaper import start_reaper
 from search.resources import Resources
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
 from search.space import DefineByRun, SearchSpec, default_point
@@ -37,6 +38,13 @@ class Progress(tune.Callback):
         self.last_print = 0.0
         self.best: tuple[float, str] = (-1.0, "")
         self.done_epochs = 0
+        self.ray_samples: int | None = None  # the total Ray's (restored) search algorithm will run
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        # A restored experiment runs the number of trials it was started with, whatever search.json says now.
+        self.ray_samples = total_num_samples if isinstance(total_num_samples, int) and total_num_samples > 0 else None
+        if self.ray_samples:
+            self.samples = self.ray_samples
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.done_epochs += 1
@@ -111,7 +119,8 @@ def init_ray(address: str | None) -> None:
         ray.init(address=address, **kwargs)
     else:
         # A fresh local instance, never a cluster that happens to run on this machine
-        # (use --address auto for that).
+        # (use --address auto for that). Its processes end with this driver, however it ends (search/reaper.py).
+        start_reaper()
         ray.init(address="local", **kwargs)
 
 
@@ -187,9 +196,11 @@ def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed
 
 @dataclass
 class SearchOutcome:
-    samples: int
+    samples: int  # the trials the experiment runs in all (Ray's own count when it restored one)
     done: int  # trials that ended (finished, stopped, diverged or errored)
     sessions: list[float]  # seconds of every driver session of the search (a first run, each --resume), this one last
+    sessions_complete: bool = True  # False: an earlier session's record was damaged, so the total misses time
+    unfinished: int = 0  # trials in the experiment state that had not ended
 
     @property
     def total_seconds(self) -> float:
@@ -197,7 +208,7 @@ class SearchOutcome:
 
     @property
     def complete(self) -> bool:
-        return self.done >= self.samples
+        return self.done >= self.samples and not self.unfinished
 
 
 def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, storage: str, samples: int, *,
@@ -212,7 +223,8 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         print(f"experiment {name}: {samples} trials, up to {spec.max_epochs} epochs each, {concurrency} at once "
               f"({cpt:g} CPU{f' + {gpt:g} GPU' if gpt else ''} per trial)")
         print(f"data: {data.split}, {len(data.train_x)} train / {len(data.val_x)} val images; results in {exp_dir}")
-        run_config = make_run_config(name, storage, [Progress(samples, spec.max_epochs)])
+        progress = Progress(samples, spec.max_epochs)
+        run_config = make_run_config(name, storage, [progress])
         if resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
             tuner = restore_tuner(exp_dir, trainable, run_config)  # (sets aside damaged state files first)
@@ -223,9 +235,10 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         if settings is not None:
             write_settings(exp_dir, settings)
         start = time.time()
-        tuner.fit()
-        wall = time.time() - start
-        sessions = add_session(exp_dir, wall)
+        try:
+            tuner.fit()
+        finally:  # (also when a second Ctrl+C cuts Ray's own shutdown short: the session still counts)
+            sessions, sessions_complete = add_session(exp_dir, time.time() - start)
     finally:
         ray.shutdown()
     # Counted from the experiment state Ray saved, not from the Trial objects in memory: on Ctrl+C,
@@ -233,7 +246,11 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
     # an interrupted last trial must not count as done, or the search would end as if complete.
     saved = ray_statuses(exp_dir)
     done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in saved.values())
-    return SearchOutcome(samples, done, sessions)
+    total = progress.ray_samples or samples
+    if total != samples:
+        print(f"note: the experiment runs {total} trials, as it was started with (Ray's saved state), not the "
+              f"{samples} that {exp_dir}/search.json says now", flush=True)
+    return SearchOutcome(total, done, sessions, sessions_complete, unfinished=len(saved) - done)
 
 
 def _sampler(seed: int):
