@@ -192,3 +192,28 @@ def test_cli_errors(exported, tmp_path, capsys, monkeypatch):
     assert export.main([str(ckpt), "--onnx", str(tmp_path / "a.onnx"), "--dynamo"]) == 2
     assert "pip install onnxscript" in capsys.readouterr().err
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_export_onto_its_own_input_is_refused_and_the_model_survives(exported, tmp_path, capsys):
+    """`--onnx X/best.pt` with X/best.pt the input (also through a symlink, `..` or a hard link, and for
+    --torchscript) would replace the model by a file no loader reads: refused, exit 2, the checkpoint unchanged."""
+    import os
+    import shutil
+
+    src, _ = exported["small_cnn"]
+    model = tmp_path / "exp" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy(src, model)
+    before = model.read_bytes()
+    (tmp_path / "link.pt").symlink_to(model)
+    os.link(model, tmp_path / "hard.pt")
+    for out in (model, tmp_path / "link.pt", tmp_path / "exp" / ".." / "exp" / "best.pt", tmp_path / "hard.pt"):
+        for flag in ("--onnx", "--torchscript"):
+            assert export.main([str(model), flag, str(out)]) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: output") and "would destroy the model" in err and "\n" not in err
+            assert model.read_bytes() == before
+    assert export.main([str(tmp_path / "link.pt"), "--onnx", str(model)]) == 2  # the input named through a link
+    assert export.main([str(model), "--onnx", str(tmp_path / "a.out"), "--torchscript", str(tmp_path / "a.out")]) == 2
+    assert "name the same file" in capsys.readouterr().err
+    assert model.read_bytes() == before and export.load_checkpoint(model)["epoch"] >= 0

@@ -291,6 +291,43 @@ def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fix
     assert "experiment" not in r.stdout  # Ray never started
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295, got -1"),
+    (["--seed", str(2**70)], "--seed must be between 0 and 4294967295"),
+    (["--cpus-per-trial", "nan"], "--cpus-per-trial must be a finite number, got nan"),
+    (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a finite number"),
+    (["--samples", str(10**9)], "--samples must be between 1 and 100000"),
+])
+def test_bad_options_are_one_line_and_leave_no_folder(tmp_path, digits_dir, args, message):
+    """Before: a raw ValueError traceback (--seed), an error not naming the option (nan), and a results folder
+    holding only .driver.lock."""
+    r = run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", tmp_path / "results",
+            "--name", "exp", *args, timeout=120)
+    assert message in one_line_error(r)
+    assert not (tmp_path / "results" / "exp").exists()
+
+
+def test_a_start_refused_after_the_lock_leaves_no_folder(tmp_path):
+    """The data are read after the experiment's lock is taken: their error must not leave a folder behind."""
+    r = run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", tmp_path / "no-data", "--storage",
+            tmp_path / "results", "--name", "exp", timeout=120)
+    one_line_error(r)
+    assert not (tmp_path / "results" / "exp").exists()
+
+
+def test_a_huge_yaml_file_is_refused_before_it_is_parsed(tmp_path, digits_dir):
+    """A 14.6 MB space took PyYAML over 120 s and 3.2 GB; any config file over 1 MB is refused by its size."""
+    path = _space(tmp_path / "cfg")
+    with path.open("a") as f:
+        f.write("# " + "x" * 1000 + "\n" * 1 + ("# padding\n" * 200_000))
+    r = run(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", timeout=60)
+    assert "too large for a config file" in one_line_error(r)
+    big = tmp_path / "big.yaml"
+    big.write_text("lr: 0.001\n" + "# x\n" * 400_000)
+    r = run(TRAIN, "--config", big, "--data-dir", digits_dir, "--out", tmp_path / "run", timeout=60)
+    assert "too large for a config file" in one_line_error(r)
+
+
 # --- 6. storage that cannot be used ---------------------------------------------------------------
 
 def _search_with_storage(tmp_path, digits_dir, storage, name="exp", extra=(), env=None):
@@ -504,6 +541,24 @@ def test_damaged_resume_state_is_a_checkpoint_error(real_checkpoints, digits_dat
         save_checkpoint(tmp_path / "bad.pt", {**ckpt, key: value})
         with pytest.raises(CheckpointError, match="damaged"):
             load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_class_list_with_duplicates_is_refused_by_every_loader(real_checkpoints, tmp_path):
+    """['A'] * 47 as the class list: a prediction could not say which class it means. Refused by load_checkpoint,
+    so by predict, export, the dashboard and resume alike, as duplicate classes in a mapping file are."""
+    ckpt = load_checkpoint(real_checkpoints[1])
+    for classes, message in ((["A"] * len(ckpt["classes"]), "names a class more than once \\('A'\\)"),
+                             ([*ckpt["classes"][:-1], ckpt["classes"][0]], "more than once"),
+                             (["", *ckpt["classes"][1:]], "empty class name")):
+        save_checkpoint(tmp_path / "dup.pt", {**ckpt, "classes": classes})
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(tmp_path / "dup.pt")
+    save_checkpoint(tmp_path / "dup.pt", {**ckpt, "classes": ["A"] * len(ckpt["classes"])})
+    for cmd in (["-m", "training.export", str(tmp_path / "dup.pt"), "--onnx", str(tmp_path / "m.onnx")],
+                [str(REPO / "training" / "predict.py"), str(tmp_path / "dup.pt"), str(tmp_path / "dup.pt")]):
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert "more than once" in one_line_error(r)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_damaged_newest_trial_checkpoint_falls_back(real_checkpoints, tmp_path):

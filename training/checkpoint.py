@@ -112,6 +112,11 @@ def _structure_problem(ckpt: dict) -> str | None:
     classes = ckpt["classes"]
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         return "'classes' is not a list of class names"
+    if not all(classes):
+        return "'classes' has an empty class name"
+    if len(set(classes)) != len(classes):  # (a prediction could not say which class it means)
+        twice = sorted({c for c in classes if classes.count(c) > 1})[:5]
+        return f"'classes' names a class more than once ({', '.join(map(repr, twice))})"
     epoch = ckpt["epoch"]
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         return f"'epoch' is not a count of epochs ({epoch!r})"

@@ -236,10 +236,19 @@ def make_config(overrides: dict[str, Any] | None = None, base: TrainConfig | dic
     return config
 
 
+MAX_YAML_BYTES = 2**20  # a training config or search space is a few kB: a larger file is not one
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of config keys. The file's size is bounded before it is parsed: PyYAML takes minutes and
+    gigabytes over a file of megabytes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {size / 2**20:.1f} MB is too large for a config file "
+                          f"(at most {MAX_YAML_BYTES // 2**20} MB)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

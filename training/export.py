@@ -31,6 +31,7 @@ import importlib.util
 import inspect
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -119,6 +120,31 @@ def require(*modules: str) -> None:
 def _check_output(path: Path) -> None:
     if path.is_dir():
         raise ExportError(f"output {path} is a directory; give a file name, e.g. {path / 'model.onnx'}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path, or through symlinks, `..` or a hard link."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+    except OSError:  # (one of them does not exist yet)
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def check_outputs(source: Path, outputs: list[Path]) -> None:
+    """Refuse an output that would overwrite the checkpoint it is made from (the model would be gone, replaced
+    by a file no loader reads) or another output of the same command."""
+    for i, out in enumerate(outputs):
+        _check_output(out)
+        if _same_file(out, source):
+            raise ExportError(f"output {out} is the checkpoint being exported ({source}): writing it would destroy "
+                              "the model; give another file name, e.g. model.onnx")
+        if any(_same_file(out, other) for other in outputs[:i]):
+            raise ExportError(f"--onnx and --torchscript name the same file {out}; give two file names")
 
 
 def _example() -> torch.Tensor:
@@ -265,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.onnx is None and args.torchscript is None:
         p.error("nothing to write: give --onnx OUT.onnx (and/or --torchscript OUT.pt)")
     try:
-        for out in (args.onnx, args.torchscript):
-            if out is not None:
-                _check_output(out)
+        check_outputs(args.checkpoint, [out for out in (args.onnx, args.torchscript) if out is not None])
         if args.onnx is not None:
             require(*onnx_packages(args.dynamo))
         ckpt = load_checkpoint(args.checkpoint)
