@@ -12,7 +12,10 @@ knows Ray Tune's layout (with our trial names) and our own files beside it.
     <exp>/summary.json, trials.csv, best.pt          written when the search ends (search/summary.py)
     <exp>/final/                        the final stage (search/final.py), its refit a Tune experiment too
     <exp>/orphaned/, <exp>/damaged/     set aside on --resume (search/repairs.py): trial folders no state
-                                        names; Ray state files cut short by a killed driver
+                                        names; files cut short or damaged (Ray's state, sessions.json, summary.json,
+                                        final/plan.json), numbered NAME.1, NAME.2 rather than overwritten
+    <exp>/state-copy/                   the driver's whole copies of Ray's state files (search.repairs.StateKeeper)
+    <exp>/trial_<id>/ended.json         the trial ended (its last epoch), written by the driver
 
 Readers never raise on a damaged or half-written file (a search still running, a killed driver,
 hostile content): they return what is usable. Given a results root, nothing whose real location is
@@ -35,6 +38,8 @@ SUMMARY_FILE = "summary.json"  # written when the search ends (search/summary.py
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
+STATE_COPY_DIR = "state-copy"  # the driver's whole copies of Ray's state files (search.repairs.StateKeeper)
+ENDED_FILE = "ended.json"  # in a trial folder: the trial ended (search.repairs.StateKeeper)
 
 
 def _read_file(exp_dir: str | Path, name: str) -> bytes | None:

@@ -73,3 +73,10 @@ def define_by_run(searcher):
 def limits_concurrency(limiter) -> bool:
     """Whether a ConcurrencyLimiter tracks live trials (it does not with max_concurrent <= 0)."""
     return limiter._limit_concurrency
+
+
+# ---- a trial on the driver (ray.tune.experiment.Trial)
+
+def trial_folder(trial) -> str:
+    """Where a trial's files are in the experiment storage (a path on the storage's filesystem)."""
+    return trial.storage.trial_fs_path

@@ -23,15 +23,22 @@ moment (Ctrl+C, SIGKILL, a crash) leaves the disk ahead of that state; these clo
    the experiment folder in place; a driver killed during that copy leaves one cut short. Ray restores
    from the newest by name, and when that one is unreadable it silently starts the experiment over. The
    damaged files go to <exp>/damaged/, so Ray restores from the newest whole session instead.
+8. `StateKeeper`: that fallback to an older session lost what the cut session had recorded (its
+   finished trials were set aside as orphans, trials ASHA had stopped were trained on). The driver
+   keeps a whole copy of its session's state files in <exp>/state-copy/ (taken after each of Ray's
+   snapshots, written atomically), a trial writes nothing before that copy names it, and a state
+   file cut short is replaced by its copy: nothing the copy knew is lost. A trial that ended also
+   leaves `ended.json` in its folder, so that a resume from a state that lagged its end (a kill in
+   the last snapshot's second) does not train a trial ASHA had stopped.
 
 Ray internals used here go through search/ray_private.py.
 """
 
 from __future__ import annotations
 
+import json
 import pickletools
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -44,14 +51,18 @@ from ray import tune
 from search import ray_private
 from search.layout import (
     CHECKPOINT_FILE,
+    ENDED_FILE,
+    STATE_COPY_DIR,
     checkpoint_dirs,
     checkpoint_index,
     ray_statuses,
+    read_json,
     read_json_lines,
+    set_aside,
     trial_dirs,
     whole_state,
 )
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, write_atomic
 
 
 class Resume(NamedTuple):
@@ -138,7 +149,13 @@ RECORD_TIMEOUT_S = 300.0
 
 
 def recorded_trials(storage) -> set[str]:
-    """Trial ids in the newest experiment state in storage (any filesystem Ray writes to)."""
+    """Trial ids in the newest experiment state in storage (any filesystem Ray writes to); where the driver
+    keeps whole copies of its state (a local experiment, see StateKeeper), in the newest copy: a trial that
+    writes only once the copy names it is never lost when Ray's own file is cut short."""
+    if ray_private.storage_is_local(storage):
+        copies = Path(storage.experiment_fs_path) / STATE_COPY_DIR
+        if copies.is_dir():
+            return set(ray_statuses(copies))
     return set(ray_statuses(storage.experiment_fs_path, fs=storage.storage_filesystem))
 
 
@@ -205,15 +222,18 @@ def set_aside_unknown_trials(exp_dir: Path) -> None:
             d.rmdir()
             continue
         (exp_dir / "orphaned").mkdir(exist_ok=True)
-        shutil.move(str(d), str(exp_dir / "orphaned" / d.name))
+        dest, n = exp_dir / "orphaned" / d.name, 0
+        while dest.exists():  # (never into or over a folder set aside before)
+            n += 1
+            dest = exp_dir / "orphaned" / f"{d.name}.{n}"
+        d.rename(dest)
         print(f"  {d.name} is not in the experiment state (left by a killed driver of an earlier version): "
-              f"moved to {exp_dir / 'orphaned'}; its configuration may be tried again", flush=True)
+              f"moved to {dest}; its configuration may be tried again", flush=True)
 
 
 # Ray's files of one driver session, named by the session's start time: the experiment state (the trial
 # list, JSON) and the search algorithm's state (cloudpickle, whatever the extension says).
 _SESSION_FILE = re.compile(r"(experiment_state|search_gen_state|searcher-state|basic-variant-state)-(.+)\.(json|pkl)")
-DAMAGED_DIR = "damaged"
 
 
 def _whole_pickle(path: Path) -> bool:
@@ -241,6 +261,7 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
       Ray then restores the study of an earlier session, which search.searcher catches up.
     Returns the files moved. Raises SystemExit, moving nothing, when no whole state is left to
     resume from."""
+    restore_from_copies(exp_dir)
     sessions: dict[str, dict[str, Path]] = {}
     for f in exp_dir.iterdir():
         m = _SESSION_FILE.fullmatch(f.name)
@@ -272,10 +293,119 @@ def set_aside_damaged_state(exp_dir: Path) -> list[Path]:
             raise SystemExit(f"error: cannot resume {exp_dir}: every saved state of its searcher is cut short, "
                              f"so Ray would start the search over. The trials' results and checkpoints are "
                              f"untouched in {exp_dir}/trial_*; start a new search under another --name.")
-    if moves:
-        (exp_dir / DAMAGED_DIR).mkdir(exist_ok=True)
     for f, why in moves.items():
-        shutil.move(str(f), str(exp_dir / DAMAGED_DIR / f.name))
-        print(f"  {f.name}: {why} (its driver was killed while Ray wrote it): moved to {exp_dir / DAMAGED_DIR}; "
-              f"resuming from the state of {good}", flush=True)
+        set_aside(f, exp_dir, f"{why} (its driver was killed while Ray wrote it); resuming from the state of {good}")
     return list(moves)
+
+
+def _whole(name: str, data: bytes) -> bool:
+    """A state file's bytes are whole: the experiment state JSON with its trial list, or a complete pickle."""
+    if name.startswith("experiment_state"):
+        try:
+            state = json.loads(data)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(state, dict) and isinstance(state.get("trial_data"), list)
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except (ValueError, EOFError, IndexError, KeyError):
+        return False
+    return True
+
+
+def restore_from_copies(exp_dir: Path) -> list[str]:
+    """Before Ray restores: every state file of the experiment that is cut short (or gone) while the driver's
+    whole copy of it (StateKeeper) is there is set aside in <exp>/damaged/ and replaced by that copy. Returns
+    the names restored."""
+    copies = exp_dir / STATE_COPY_DIR
+    restored = []
+    if not copies.is_dir():
+        return restored
+    for copy in sorted(copies.iterdir()):
+        if not _SESSION_FILE.fullmatch(copy.name) or copy.is_symlink() or not copy.is_file():
+            continue
+        live = exp_dir / copy.name
+        try:
+            if live.is_file() and not live.is_symlink() and _whole(live.name, live.read_bytes()):
+                continue
+            data = copy.read_bytes()
+        except OSError:
+            continue
+        if not _whole(copy.name, data):
+            continue
+        if live.exists() or live.is_symlink():
+            set_aside(live, exp_dir, "cut short; replaced by the driver's whole copy of it")
+        write_atomic(live, lambda f, data=data: f.write(data))
+        restored.append(copy.name)
+    return restored
+
+
+class StateKeeper(tune.Callback):
+    """The driver's whole copy of its session's Ray state files, in <exp>/state-copy/ (see the module doc, 8).
+
+    Ray writes its state files in place, so a driver killed while it writes them, or a hand that cuts one,
+    leaves them unreadable. After each of Ray's snapshots (checked at most every `every_s`), the files of the
+    newest session are read; when each is whole and none changed while they were read, they are copied, each
+    atomically, the experiment state last (what a waiting trial reads). Also writes a trial's `ended.json`
+    when it ends. Local experiments only (a cloud one has no folder to keep them in)."""
+
+    def __init__(self, exp_dir: str | Path, every_s: float = 0.2):
+        self.exp_dir, self.every_s = Path(exp_dir), every_s
+        self.copies = self.exp_dir / STATE_COPY_DIR
+        self._last = 0.0
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def setup(self, **info):
+        self.copies.mkdir(parents=True, exist_ok=True)  # from now on, trials wait for the copy (recorded_trials)
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.copy()
+
+    def on_experiment_end(self, trials, **info):
+        self.copy()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        folder = Path(ray_private.trial_folder(trial))
+        if folder.is_dir():  # (a trial that never started has none)
+            ended = {"trial_id": trial.trial_id, "epoch": (trial.last_result or {}).get("epoch")}
+            write_atomic(folder / ENDED_FILE, lambda f: f.write(json.dumps(ended).encode()))
+
+    def copy(self) -> bool:
+        """Copy the newest session's state files when all are whole and changed; True when copied."""
+        sessions: dict[str, list[Path]] = {}
+        for f in self.exp_dir.glob("*-*"):
+            m = _SESSION_FILE.fullmatch(f.name)
+            if m and f.is_file() and not f.is_symlink():
+                sessions.setdefault(m[2], []).append(f)
+        if not sessions:
+            return False
+        files = sessions[max(sessions)]
+        try:
+            before = {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in files}
+            if before == {k: v for k, v in self._seen.items() if k in before} and len(self._seen) >= len(before):
+                return False
+            data = {f.name: f.read_bytes() for f in files}
+            after = {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in files}
+        except OSError:
+            return False
+        if before != after or not all(_whole(n, d) for n, d in data.items()):
+            return False  # (Ray is writing them: the next step tries again)
+        if not any(n.startswith("experiment_state") for n in data):
+            return False
+        for name in sorted(data, key=lambda n: n.startswith("experiment_state")):  # the trial list last
+            write_atomic(self.copies / name, lambda f, d=data[name]: f.write(d))
+        self._seen = after
+        return True
+
+
+def ended_epoch(folder: Path | None) -> int | None:
+    """The epoch at which a trial ended, by the ended.json StateKeeper left in its folder (None: it has not
+    ended, or the file is not one)."""
+    if folder is None:
+        return None
+    ended = read_json(folder / ENDED_FILE, max_bytes=4096)
+    epoch = (ended or {}).get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None

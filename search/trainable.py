@@ -83,6 +83,9 @@ def train_trial(config: dict, data: EmnistData) -> None:
                 os.link(last_path, Path(d) / CHECKPOINT_FILE)  # hard link: no copy of the weights
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
+    # A trial that had ended (finished, stopped by ASHA, diverged) but that the restored state still lists as
+    # running (it lagged the end by its last second): its epochs are reported, nothing is trained again.
+    ended = repairs.ended_epoch(folder)
     try:
         for m in unlogged:  # each with its checkpoint, where one is on disk
             index = on_disk.get(m["epoch"])
@@ -90,6 +93,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
                 report(m, folder / f"checkpoint_{index:06d}" / CHECKPOINT_FILE, replay=True, index=index)
             else:
                 report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
-        train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state)
+        if ended is None:
+            train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

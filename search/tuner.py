@@ -142,7 +142,9 @@ def run_config_for(name: str, storage: str, callbacks: list,
         failure_config=tune.FailureConfig(max_failures=2),  # transient errors: retry from the checkpoint
         # Trial working dirs (our TensorBoard events) are uploaded to storage, also from other nodes.
         sync_config=tune.SyncConfig(sync_artifacts=True),
-        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks],
+        # (a local experiment: the driver keeps whole copies of Ray's state files, search.repairs.StateKeeper)
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks,
+                   *([] if is_uri(storage) else [repairs.StateKeeper(Path(storage).resolve() / name)])],
         verbose=0,
     )
 

@@ -729,8 +729,8 @@ def test_damaged_state_files_are_set_aside_so_ray_restores_the_newest_whole_sess
     experiment over from nothing. set_aside_damaged_state moves what is cut short (with its session's
     other files where they belong together) to damaged/, and refuses, moving nothing, when no whole
     state is left. Real files in Ray's formats; no Ray cluster needed."""
-    from search.layout import has_whole_state
-    from search.repairs import DAMAGED_DIR, set_aside_damaged_state
+    from search.layout import DAMAGED_DIR, has_whole_state
+    from search.repairs import set_aside_damaged_state
 
     exp = tmp_path / "exp"
     exp.mkdir()
@@ -770,6 +770,94 @@ def test_damaged_state_files_are_set_aside_so_ray_restores_the_newest_whole_sess
     assert not (only / DAMAGED_DIR).exists() and not (blind / DAMAGED_DIR).exists()
 
 
+def _asha_search(digits_dir, tmp_path: Path, name: str, samples: int) -> tuple[Path, list]:
+    """Two trials at once, 3 epochs, ASHA's first rung at epoch 1, and a learning rate of 1e-6 in half the
+    choices: ASHA stops trials at epoch 1 or 2."""
+    space = write_space(tmp_path, samples=samples, max_epochs=3, grace=1,
+                        space="  lr: {choice: [3.0e-3, 1.0e-6]}\n  aug_strength: {uniform: [0.0, 1.0]}\n")
+    storage = tmp_path / "results"
+    return storage / name, ["--config", space, "--data-dir", digits_dir, "--storage", storage, "--name", name,
+                            "--concurrency", "2"]
+
+
+def _two_sessions(exp_dir: Path, args: list) -> None:
+    """Ctrl+C after 1 trial ended, --resume, Ctrl+C after 3 (the search must still be running each time)."""
+    def ended() -> int:
+        return sum(s["status"] == "TERMINATED" for s in ray_statuses(exp_dir).values())
+
+    for run, n in ((args, 1), ([*args, "--resume"], 3)):
+        proc = _start(run)
+        assert _wait_for(lambda p=proc, n=n: p.poll() is not None or ended() >= n, every=0.05), "no progress"
+        assert proc.poll() is None, proc.stdout.read()
+        _interrupt(proc)
+
+
+def test_cut_short_state_loses_no_trial_the_session_recorded(digits_dir, tmp_path):
+    """Issue 18: after a search interrupted and resumed once, the newest experiment state cut to 100 bytes made
+    --resume fall back to the first session's state: the trials finished in the second (the best among them) went
+    to orphaned/, a trial ASHA had stopped at epoch 1 was trained on. Now the driver's whole copy of its state
+    (search.repairs.StateKeeper) replaces the cut file: every trial the second session had ended is kept exactly,
+    no trial is set aside, nothing ASHA stopped trains again, and a file already in damaged/ is not overwritten."""
+    samples = 6
+    exp_dir, args = _asha_search(digits_dir, tmp_path, "cut100", samples)
+    _two_sessions(exp_dir, args)
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    assert len(states) == 2, states
+    ended_before = {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "TERMINATED"}
+    before = snapshot(exp_dir)
+    cut = states[-1]
+    (exp_dir / "damaged").mkdir()
+    (exp_dir / "damaged" / cut.name).write_text("set aside by an earlier resume")
+    cut.write_bytes(cut.read_bytes()[:100])
+    second = ended_before - {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "TERMINATED"}
+    assert second, "the cut must hide trials that ended in the second session (else the test shows nothing)"
+
+    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"}, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "replaced by the driver's whole copy" in r.stdout and "orphaned" not in r.stdout, r.stdout[-3000:]
+    assert not (exp_dir / "orphaned").exists()
+    assert (exp_dir / "damaged" / cut.name).read_text() == "set aside by an earlier resume"
+    assert (exp_dir / "damaged" / f"{cut.name}.1").stat().st_size == 100
+    after = snapshot(exp_dir)
+    for tid in ended_before:  # finished or stopped: the same files, not one more epoch
+        assert tid in after, tid
+        for key in ("status", "result", "checkpoints", "events"):
+            assert after[tid][key] == before[tid][key], (tid, key, before[tid][key], after[tid][key])
+    assert len(after) == samples and {t["status"] for t in after.values()} <= {"finished", "stopped"}
+    for tid, t in after.items():  # every trial ran each of its epochs once
+        assert t["epochs"] == list(range(1, len(t["epochs"]) + 1)), (tid, t["epochs"])
+    assert_searcher_state(exp_dir, samples)
+
+
+def test_a_trial_that_ended_is_not_trained_when_the_state_lags_its_end(digits_dir, tmp_path):
+    """A driver killed in the second between a trial's end and Ray's next snapshot leaves a state that lists the
+    trial as running; on --resume Ray continues it. ended.json, written by the driver when the trial ended, makes
+    the trial report what it has and stop: a trial ASHA stopped is not trained on."""
+    exp_dir, args = _asha_search(digits_dir, tmp_path, "lag", 4)
+    r = run_search(*args, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    before = snapshot(exp_dir)
+    stopped = [t for t, v in before.items() if v["status"] == "stopped"] or list(before)
+    assert all((exp_dir / f"trial_{t}" / "ended.json").is_file() for t in before)
+    # the state (and the driver's copy) as it would be a second before those trials ended
+    for state in [*exp_dir.glob("experiment_state-*.json"), *exp_dir.glob("state-copy/experiment_state-*.json")]:
+        data = json.loads(state.read_text())
+        for entry in data["trial_data"]:
+            info = json.loads(entry[0])
+            if info["trial_id"] in stopped:
+                info["status"] = "RUNNING"
+                entry[0] = json.dumps(info)
+        state.write_text(json.dumps(data))
+    assert {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "RUNNING"} == set(stopped)
+    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    after = snapshot(exp_dir)
+    for tid in stopped:
+        assert after[tid]["epochs"] == before[tid]["epochs"], (tid, before[tid]["epochs"], after[tid]["epochs"])
+        assert after[tid]["checkpoints"] == before[tid]["checkpoints"] and after[tid]["events"] == before[tid]["events"]
+    assert {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "TERMINATED"} == set(before)
+
+
 def test_resume_after_the_newest_experiment_state_was_cut_short(digits_dir, tmp_path):
     """CI once SIGKILLed a resumed driver while Ray copied its experiment state into the experiment
     folder: the next --resume found that file empty, Ray logged "Failed to restore the run state" and
@@ -792,6 +880,7 @@ def test_resume_after_the_newest_experiment_state_was_cut_short(digits_dir, tmp_
     before = snapshot(exp_dir)
     cut = states[-1]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    shutil.rmtree(exp_dir / "state-copy")  # as an experiment of an earlier version, which kept no copies
     # what the first session's state, the one the resume falls back to, knows as finished
     known = {t for t, s in ray_statuses(exp_dir).items() if s["status"] == "TERMINATED"}
     assert known and known < {t for t, v in before.items() if v["status"] == "finished"}, (known, before.keys())
