@@ -14,6 +14,8 @@ each re-checked to be inside the results root (`safe_file`), each bounded in siz
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import re
@@ -59,6 +61,31 @@ class FinalState:
     problem: str = ""  # "", "unsafe", "no_summary", "unreadable", "absent", "malformed"
     message: str = ""
     model: Path | None = None  # final/model.pt (real path, inside the root), when it is a file
+    # False: final/model.pt is not the file summary.json reports on (its sha256 differs: a final stage stopped
+    # between writing the report and the model, or a file replaced by hand). None: not known (older summaries).
+    model_matches: bool | None = None
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a file, cached by its path, mtime and size (a new model.pt is hashed again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_matches(model: Path | None, final: dict | None) -> bool | None:
+    """Whether final/model.pt is the model summary.json's "final" reports on (see FinalState.model_matches)."""
+    want = (final or {}).get("model_sha256")
+    if model is None or not isinstance(want, str):
+        return None
+    try:
+        st_ = model.stat()
+        return _file_sha256(str(model), st_.st_mtime_ns, st_.st_size) == want
+    except OSError:
+        return None
 
 
 def final_command(root: Path, name: str) -> str:
@@ -107,6 +134,7 @@ def read_final(root: Path, name: str) -> FinalState:
             "so the final model's results cannot be shown.")
         return state
     state.final = summary["final"]
+    state.model_matches = model_matches(state.model, state.final)
     return state
 
 
@@ -217,6 +245,11 @@ def _delivered(state: FinalState) -> None:
                    + (f" (it says {md_text(words)!r})" if words else "") + ", or has no test result for it.")
     elif acc is None:
         st.warning(f"summary.json has no usable test accuracy for the delivered model ({result['key']}).")
+    if state.model_matches is False:
+        st.warning("final/model.pt is not the model this report is about (its sha256 differs from the one "
+                   "summary.json records): the final stage was stopped while it delivered a new model, or the file "
+                   "was replaced. Run it again to deliver and report one model: "
+                   f"`{final_command(state.exp_dir.parent, state.exp_dir.name)}`.")
     if state.model is not None:
         size = state.model.stat().st_size / 2**20  # (a file the reader just found; gone now: a section error)
         st.caption(f"`final/model.pt` ({size:.1f} MB): the Predictor page offers it first. Every number on "

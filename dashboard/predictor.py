@@ -113,6 +113,8 @@ def final_option(root: Path, name: str) -> tuple[TrialOption | None, str]:
     words = final_stage.delivered_words(state.final)
     key = figures.delivered_key(state.final)
     test_acc = next((r["accuracy"] for r in figures.final_results(state.final) if r["key"] == key), None)
+    if state.model_matches is False:  # the report is of another model.pt: its accuracy is not this file's
+        test_acc, words = None, "not the model its report is about: run the final stage again"
     option = TrialOption(FINAL_ID, "final", None, checkpoint=state.model, test_acc=test_acc,
                          title=f"final model ({words})" if words else "final model")
     try:

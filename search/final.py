@@ -44,7 +44,7 @@ from search.layout import (
     set_aside,
     trial_dirs,
 )
-from search.plan import PLAN_FILE, PlanError, checkpoint_in, members_text, read_plan, relative_checkpoint
+from search.plan import PLAN_FILE, DamagedPlan, PlanError, checkpoint_in, members_text, read_plan, relative_checkpoint
 from search.resources import Resources
 from search.results import load_experiment
 from search.signals import sigterm_as_sigint
@@ -565,10 +565,14 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
     chosen on validation and written before any refit trial starts."""
     plan_path = final_dir / PLAN_FILE
     try:
-        plan = read_plan(plan_path)
-    except PlanError as e:
-        set_aside(plan_path, exp_dir, f"cannot be used ({e}); planning the final stage again")
+        plan = read_plan(plan_path, exp_dir)
+    except DamagedPlan as e:  # nothing of it can be read: plan again (a refit on disk must then be the same)
+        set_aside(plan_path, exp_dir, f"cannot be read ({e}); planning the final stage again")
         plan = None
+    except PlanError as e:  # read, but a field is wrong (an edit): say which, change nothing
+        raise FinalError(f"{plan_path}: {e}. Restore it, or remove it to plan the final stage again (a refit "
+                         f"already in {final_dir / REFIT_NAME} is then continued only if the new plan is the "
+                         "same)") from None
     if plan is not None:
         if plan["settings"] != settings.planned():
             was = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in plan["settings"].items())
@@ -590,12 +594,13 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
     stored = [{**asdict(c), "checkpoint": relative_checkpoint(c.checkpoint, exp_dir)} for c in cands]
     plan = {"settings": settings.planned(), "candidates": stored, "selection": selection,
             "members": plan_refit(cands, selection, settings)}
+    _check_refit_matches(final_dir / REFIT_NAME, plan)  # (a plan made again: never over another's refit)
     # Written before any refit trial starts: a resumed final stage refits exactly these.
     write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
     return plan
 
 
-def _check_refit_matches(refit_dir: Path, plan: dict, settings: FinalSettings) -> None:
+def _check_refit_matches(refit_dir: Path, plan: dict) -> None:
     """A refit already on disk must be the plan's: else continuing it could never finish the plan (a damaged
     plan made again with other settings), and each run would end 'interrupted' forever."""
     if not has_whole_state(refit_dir):
@@ -640,7 +645,7 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
         final_dir.mkdir(exist_ok=True)
         dev = resolve_device(settings.device)
         plan = _plan(exp_dir, final_dir, data, settings, dev)
-        _check_refit_matches(final_dir / REFIT_NAME, plan, settings)
+        _check_refit_matches(final_dir / REFIT_NAME, plan)
         t0 = time.time()
         if not run_refit(final_dir, plan["members"], data, settings):
             print(f"\nfinal stage interrupted during the refit; {interrupted}", flush=True)
@@ -652,6 +657,7 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
             raise FinalError(f"{e}; remove {final_dir} to plan the final stage afresh") from None
         deliver(exp_dir, final_dir, final, staged, summary)
     except KeyboardInterrupt:  # (Ctrl+C, or SIGTERM, outside Ray's own handling)
+        (final_dir / f".{MODEL_FILE}.staged").unlink(missing_ok=True)  # (model.pt, its report: as they were)
         print(f"\nfinal stage interrupted; {interrupted}", flush=True)
         return 130
     print_final(final)
@@ -705,8 +711,7 @@ def add_final_args(p: argparse.ArgumentParser) -> None:
                         "where that pays on validation")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from search.lock import ExperimentLock, LockedError
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from search.run import DEFAULT_STORAGE
 
     p = argparse.ArgumentParser(description="Final stage of a finished search: refit, ensemble, test report.",
@@ -720,10 +725,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--concurrency", type=int, default=None)
     p.add_argument("--address", default=None, help="Ray cluster to run the refit on")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def settings_from(a: argparse.Namespace) -> FinalSettings:
+    return FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.tta, a.device,
+                         Resources(a.gpus_per_trial, a.cpus_per_trial, a.concurrency), a.address)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.lock import ExperimentLock, LockedError
+
+    a = parse_args(argv)
     sigterm_as_sigint()
-    settings = FinalSettings(a.ensemble_k, a.refit_seeds, a.refit_epochs, a.tta, a.device,
-                             Resources(a.gpus_per_trial, a.cpus_per_trial, a.concurrency), a.address)
+    settings = settings_from(a)
     exp_dir = Path(a.storage) / a.name
     try:
         settings.check()

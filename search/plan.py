@@ -23,6 +23,10 @@ class PlanError(ValueError):
     """plan.json cannot be used; the message says why."""
 
 
+class DamagedPlan(PlanError):
+    """plan.json is not whole JSON (cut short, overwritten): nothing in it can be read back."""
+
+
 def relative_checkpoint(path: str | Path, exp_dir: Path) -> str:
     """A checkpoint's path inside the experiment, relative to it ("trial_x/checkpoint_000001/checkpoint.pt").
     An absolute path from another place (a plan or summary written before the experiment was copied or moved)
@@ -77,8 +81,9 @@ def _keys(d: Any, where: str, required: set[str], optional: set[str] = frozenset
     _need(not extra, f"{where} has unknown key(s) {', '.join(sorted(map(str, extra)))}")
 
 
-def check_plan(plan: Any) -> dict:
-    """The plan if every field has its type and range, else PlanError naming the first one that does not."""
+def check_plan(plan: Any, exp_dir: Path | None = None) -> dict:
+    """The plan if every field has its type and range (and, with exp_dir, every checkpoint path leads to a file
+    inside that experiment), else PlanError naming the first one that does not."""
     _keys(plan, "the plan", {"settings", "candidates", "selection", "members"})
     settings = plan["settings"]
     _keys(settings, "settings", set(SETTING_TYPES))
@@ -96,6 +101,11 @@ def check_plan(plan: Any) -> dict:
         _need(isinstance(c["config"], dict) and isinstance(c["config"].get("split"), str),
               f"{where}.config is not a training config")
         _need(isinstance(c["checkpoint"], str) and c["checkpoint"], f"{where}.checkpoint is not a path")
+        if exp_dir is not None:
+            try:
+                checkpoint_in(exp_dir, relative_checkpoint(c["checkpoint"], exp_dir))
+            except PlanError as e:
+                raise PlanError(f"{where}.checkpoint: {e}") from None
     sel = plan["selection"]
     _keys(sel, "selection", {"metric", "n_val", "val_acc_by_k", "chosen_k", "ensemble_pays", "tta", "candidates"})
     _need(_is_int(sel["chosen_k"], 1, len(cands)),
@@ -124,8 +134,9 @@ def check_plan(plan: Any) -> dict:
     return plan
 
 
-def read_plan(path: Path) -> dict | None:
-    """The checked plan; None when there is none; PlanError when it is there but cannot be used."""
+def read_plan(path: Path, exp_dir: Path | None = None) -> dict | None:
+    """The checked plan (see check_plan); None when there is none; PlanError when it is there but cannot be
+    used (DamagedPlan: not even JSON)."""
     if not path.exists() and not path.is_symlink():
         return None
     if path.is_symlink() or not path.is_file():
@@ -135,8 +146,8 @@ def read_plan(path: Path) -> dict | None:
     try:
         plan = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e:
-        raise PlanError(f"{path.name} is not whole JSON ({type(e).__name__})") from None
-    return check_plan(plan)
+        raise DamagedPlan(f"{path.name} is not whole JSON ({type(e).__name__})") from None
+    return check_plan(plan, exp_dir)
 
 
 def members_text(members: list[dict]) -> str:

@@ -53,13 +53,144 @@ def final_run(digits_dir, tmp_path_factory):
     killed = proc.poll() is None
     proc.kill()
     first, _ = proc.communicate(timeout=60)
+    # the killed driver's Ray processes (gcs, raylet, agents, workers) go with it (search/reaper.py)
+    leftovers = _wait_gone(lambda: _carrying(f"{proc.pid}-"), 30)
     r = _run([*FINAL, *map(str, args)])
-    return exp, killed, first, r
+    return exp, killed and not leftovers, first + f"\nleft behind: {leftovers}", r
+
+
+def _carrying(token_prefix: str) -> list[str]:
+    """Processes whose environment carries a reaper token of the driver with that pid: '<pid> <name>'."""
+    from search.reaper import TOKEN_VAR
+
+    mark = f"{TOKEN_VAR}={token_prefix}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if any(e.startswith(mark) for e in f.read().split(b"\0")):
+                        out.append(f"{d} {open(f'/proc/{d}/comm').read().strip()}")
+            except OSError:
+                continue
+    return out
+
+
+def _wait_gone(find, timeout: float) -> list:
+    end = time.time() + timeout
+    while (found := find()) and time.time() < end:
+        time.sleep(0.5)
+    return found
+
+
+def _copy(exp, tmp_path):
+    import shutil
+
+    return shutil.copytree(exp, tmp_path / "results" / "exp", symlinks=True)
+
+
+def _final(exp, *args):
+    return _run([*FINAL, "--name", exp.name, "--storage", str(exp.parent), "--concurrency", "2", *map(str, args)])
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_damaged_summary_is_set_aside_and_written_again(final_run, tmp_path):
+    """Before: after `truncate -s 300 summary.json`, final.py exited 0 with a summary.json holding only "final"."""
+    exp = _copy(final_run[0], tmp_path)
+    whole = json.loads((exp / "summary.json").read_text())
+    (exp / "summary.json").write_bytes((exp / "summary.json").read_bytes()[:300])
+    r = _final(exp, "--refit-seeds", 2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "summary.json: damaged" in r.stdout
+    assert (exp / "damaged" / "summary.json").stat().st_size == 300
+    summary = json.loads((exp / "summary.json").read_text())
+    for key in ("best_trial", "test_acc", "per_class", "most_confused", "trials", "val_acc"):
+        assert summary[key] == whole[key], key
+    assert summary["search_wall_seconds"] == pytest.approx(whole["search_wall_seconds"])  # from sessions.json
+    assert summary["final"]["test"]["single"]["accuracy"] == summary["test_acc"]
+
+
+def test_a_damaged_plan_never_loops(final_run, tmp_path):
+    """Before: a truncated plan.json was planned again with the new --refit-seeds 1 while Ray restored the old
+    refit of 2 seeds, and every run ended 'interrupted during the refit' (exit 130) forever; a plan with a wrong
+    field gave a TypeError or KeyError."""
+    exp = _copy(final_run[0], tmp_path)
+    plan_path = exp / "final" / "plan.json"
+    good = plan_path.read_text()
+    plan_path.write_text(good[: len(good) // 3])
+    line = _one_line_error(_final(exp, "--refit-seeds", 1))
+    assert "was started from another plan" in line and "seed(s) +0..1" in line
+    assert (exp / "damaged" / "plan.json").is_file()
+    r = _final(exp, "--refit-seeds", 2)  # the settings it was started with: planned again, the same, delivered
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(plan_path.read_text())["members"] == json.loads(good)["members"]
+    for edit, message in ((lambda p: p.update(extra=1), "unknown key(s) extra"),
+                          (lambda p: p.pop("selection"), "has no selection"),
+                          (lambda p: p["selection"].update(chosen_k="two"), "selection.chosen_k is not a number"),
+                          (lambda p: p["candidates"][0].update(checkpoint="../../../etc/passwd"),
+                           "is not a path inside the experiment"),
+                          (lambda p: p.update(members=[]), "members is not a list of refits")):
+        plan = json.loads(good)
+        edit(plan)
+        plan_path.write_text(json.dumps(plan))
+        line = _one_line_error(_final(exp, "--refit-seeds", 2))
+        assert message in line and "plan.json" in line, line
+        assert json.loads(plan_path.read_text()) == plan  # nothing changed
+
+
+def test_the_continue_command_carries_the_final_settings(tmp_path):
+    """Before, the printed command left out --ensemble-k, --refit-seeds ... and pasting it was refused."""
+    import shlex
+
+    from search.final import continue_command, parse_args, settings_from
+
+    settings = FinalSettings(ensemble_k=2, refit_seeds=3, refit_epochs="full", tta="off", device="cpu")
+    cmd = shlex.split(continue_command(tmp_path / "my results" / "e x", settings))
+    assert cmd[:2] == ["python", "search/final.py"]
+    back = settings_from(parse_args(cmd[2:]))
+    assert back.planned() == settings.planned() and back.device == "cpu"
+    assert parse_args(cmd[2:]).name == "e x" and parse_args(cmd[2:]).storage == str(tmp_path / "my results")
+
+
+def test_an_interrupted_delivery_leaves_the_model_and_its_report_together(final_run, tmp_path, monkeypatch, capsys):
+    """Ctrl+C while the report is written: model.pt, report.md and summary.json stay as they were (before, model.pt
+    was already new), the command to continue is printed (with its settings), no traceback. A model.pt that is not
+    the one the report is about is told apart by its sha256 (the dashboard says so)."""
+    import search.final as final_module
+    from dashboard.final import model_matches
+    from search.final import parse_args, settings_from
+    from search.final import search_data as read_data
+
+    exp = _copy(final_run[0], tmp_path)
+    files = {n: (exp / n).read_bytes() for n in ("summary.json", "final/model.pt", "final/report.md")}
+    summary = json.loads(files["summary.json"])
+    assert model_matches(exp / "final" / "model.pt", summary["final"]) is True
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(final_module, "write_report", interrupted)
+    data, data_dir = read_data(exp)
+    settings = settings_from(parse_args(["--name", "exp", "--refit-seeds", "2"]))
+    assert run_final(exp, data, settings, data_dir) == 130
+    out = capsys.readouterr().out
+    assert "Continue with:" in out and "--refit-seeds=2" in out
+    assert {n: (exp / n).read_bytes() for n in files} == files
+    assert not list((exp / "final").glob(".model.pt*"))
+    other = exp / "final" / "other.pt"
+    other.write_bytes(files["final/model.pt"] + b"x")
+    assert model_matches(other, summary["final"]) is False and model_matches(other, {}) is None
 
 
 def test_interrupted_final_stage_resumes_and_delivers(final_run):
     exp, killed, first, r = final_run
-    assert killed, "the final stage ended before it could be killed mid-refit:\n" + first[-2000:]
+    assert killed, "the final stage ended before it could be killed mid-refit, or left Ray behind:\n" + first[-2000:]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "continuing the interrupted refit" in r.stdout
     plan = json.loads((exp / "final" / "plan.json").read_text())
