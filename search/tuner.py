@@ -21,6 +21,7 @@ from search.layout import add_session, is_uri, ray_statuses, write_settings
 from search.reaper import start_reaper
 from search.resources import Resources
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
+from search.signals import sigterm_as_sigint
 from search.space import DefineByRun, SearchSpec, default_point
 from search.trainable import train_trial
 from training.data import EmnistData
@@ -122,6 +123,8 @@ def init_ray(address: str | None) -> None:
         # (use --address auto for that). Its processes end with this driver, however it ends (search/reaper.py).
         start_reaper()
         ray.init(address="local", **kwargs)
+    # ray.init installs its own SIGTERM handler (exit at once, with a stack dump): SIGTERM stops as Ctrl+C does
+    sigterm_as_sigint()
 
 
 def resources(res: Resources) -> tuple[float, float, int]:

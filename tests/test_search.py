@@ -163,6 +163,59 @@ def test_resume_keeps_the_saved_settings(tmp_path, digits_dir):
     assert r.returncode == 2 and f"search space {space} is gone" in r.stderr, r.stderr
 
 
+def test_edited_or_damaged_settings_and_sessions_on_resume(search_run, tmp_path):
+    """Before: `samples` raised from 5 to 6 in a finished search's search.json made --resume print 'interrupted with
+    5 of 6 trials done ... Continue with' and exit 130 forever; {"samples": "many", "seed": [1]} was a TypeError; a
+    damaged sessions.json was overwritten (the wall-clock fell to the last session's)."""
+    import shutil
+
+    exp = shutil.copytree(search_run[0], tmp_path / "results" / "exp", symlinks=True)
+    settings = json.loads((exp / "search.json").read_text())
+    common = ["--storage", tmp_path / "results", "--name", "exp", "--resume"]
+    for bad, message in (({"samples": "many", "seed": [1]}, "'samples' is 'many', not a int"),
+                         ({"config": None}, "'config' is None"), ({"max_epochs": True}, "'max_epochs' is True")):
+        (exp / "search.json").write_text(json.dumps({**settings, **bad}))
+        r = run_search(*common, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    (exp / "search.json").write_text(json.dumps({**settings, "samples": settings["samples"] + 1}))
+    (exp / "sessions.json").write_text('{"sessions": [12.5, ')  # cut short
+    r = run_search(*common, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Continue with" not in r.stdout and f"runs {settings['samples']} trials, as it was started" in r.stdout
+    assert (exp / "damaged" / "sessions.json").read_text() == '{"sessions": [12.5, '
+    summary = json.loads((exp / "summary.json").read_text())
+    assert summary["search_wall_complete"] is False and summary["search_sessions"] == 1
+    assert "incomplete" in r.stdout
+
+
+def test_sigterm_stops_the_search_as_ctrl_c_does(digits_dir, tmp_path):
+    """SLURM, Kubernetes and `timeout` send SIGTERM. Before: exit 1 after 2.7 s, Ray's stack dump, no resume
+    command, the session's seconds lost. Now: as Ctrl+C, and the printed command (run as printed) continues it."""
+    import shlex
+
+    space = write_space(tmp_path, samples=3, max_epochs=3, grace=3, space="  aug_strength: {uniform: [0.0, 1.0]}\n")
+    exp_dir = tmp_path / "results" / "term"
+    args = ["--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "term",
+            "--concurrency", "1"]
+    proc = subprocess.Popen([*RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"})
+    assert _wait_for(lambda: proc.poll() is not None or any(
+        s["status"] == "TERMINATED" for s in ray_statuses(exp_dir).values())), proc.kill() or proc.stdout.read()
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-3000:]
+    assert len(layout.read_sessions(exp_dir)[0]) == 1
+    command = shlex.split(out.split("Continue with:\n")[1].split("\n")[0])
+    assert command[:2] == ["python", "search/run.py"] and "--no-final" in command
+    r = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((exp_dir / "summary.json").read_text())
+    assert summary["search_sessions"] == 2 and summary["trials"] == {"finished": 3}
+
+
 def _wait_for(predicate, timeout=240):
     end = time.time() + timeout
     while time.time() < end:
