@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, write_atomic
 from training.config import ConfigError, check_device, load_yaml, make_config, parse_set
 from training.data import REPO_ROOT, DataNotFoundError, check_split, load_for_config
 from training.idx import IdxError
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["most_confused"] = test["most_confused"]
         print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images")
         print(f"most confused: {format_pairs(test['most_confused'])}")
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "result.json", lambda f: f.write(json.dumps(summary, indent=2).encode()))  # whole or not at all
     print(f"checkpoint: {result.checkpoint}")
     print(f"tensorboard --logdir {out}")
     if args.json:
