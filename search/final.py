@@ -39,6 +39,7 @@ from search.layout import (
     checkpoint_dirs,
     has_whole_state,
     is_uri,
+    own_dir,
     ray_statuses,
     read_json,
     set_aside,
@@ -642,7 +643,10 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
     interrupted = (f"nothing finished is lost. Continue with:\n  {continue_command(exp_dir, settings)}")
     try:
         summary = read_summary(exp_dir, data_dir, settings.device)
-        final_dir.mkdir(exist_ok=True)
+        try:
+            own_dir(final_dir)
+        except OSError as e:
+            raise FinalError(str(e)) from None
         dev = resolve_device(settings.device)
         plan = _plan(exp_dir, final_dir, data, settings, dev)
         _check_refit_matches(final_dir / REFIT_NAME, plan)
@@ -758,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"continue it first: python search/run.py --name {a.name} --resume")
         data, data_dir = search_data(exp_dir, a.data_dir)
         return run_final(exp_dir, data, settings, data_dir)  # (writes summary.json first where it is missing)
-    except (FinalError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (FinalError, ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the final stage proper (reading the data)

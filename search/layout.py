@@ -93,12 +93,20 @@ def write_settings(exp_dir: str | Path, settings: dict) -> None:
 DAMAGED_DIR = "damaged"  # <exp>/damaged/: files set aside because they could not be read back
 
 
+def own_dir(path: Path) -> Path:
+    """A folder of the experiment that this project writes into (final/, damaged/, state-copy/, orphaned/), made
+    if missing. One that is a symbolic link (planted: it would lead our writes anywhere) is an OSError."""
+    if path.is_symlink():
+        raise OSError(f"{path} is a symbolic link, not a folder of the experiment: remove it")
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def set_aside(path: Path, exp_dir: Path, why: str = "") -> Path:
     """Move a damaged file of a local experiment to <exp>/damaged/ (never over a file already there: a second
     damaged copy of the same name becomes NAME.1, NAME.2, ...) and say so; returns where it went. Nothing is
     deleted, so whatever the file still held can be looked at."""
-    folder = Path(exp_dir) / DAMAGED_DIR
-    folder.mkdir(exist_ok=True)
+    folder = own_dir(Path(exp_dir) / DAMAGED_DIR)
     dest, n = folder / path.name, 0
     while dest.exists() or dest.is_symlink():
         n += 1

@@ -55,6 +55,7 @@ from search.layout import (
     STATE_COPY_DIR,
     checkpoint_dirs,
     checkpoint_index,
+    own_dir,
     ray_statuses,
     read_json,
     read_json_lines,
@@ -154,7 +155,7 @@ def recorded_trials(storage) -> set[str]:
     writes only once the copy names it is never lost when Ray's own file is cut short."""
     if ray_private.storage_is_local(storage):
         copies = Path(storage.experiment_fs_path) / STATE_COPY_DIR
-        if copies.is_dir():
+        if copies.is_dir() and not copies.is_symlink():
             return set(ray_statuses(copies))
     return set(ray_statuses(storage.experiment_fs_path, fs=storage.storage_filesystem))
 
@@ -221,7 +222,7 @@ def set_aside_unknown_trials(exp_dir: Path) -> None:
         if not any(d.iterdir()):
             d.rmdir()
             continue
-        (exp_dir / "orphaned").mkdir(exist_ok=True)
+        own_dir(exp_dir / "orphaned")
         dest, n = exp_dir / "orphaned" / d.name, 0
         while dest.exists():  # (never into or over a folder set aside before)
             n += 1
@@ -320,7 +321,7 @@ def restore_from_copies(exp_dir: Path) -> list[str]:
     the names restored."""
     copies = exp_dir / STATE_COPY_DIR
     restored = []
-    if not copies.is_dir():
+    if not copies.is_dir() or copies.is_symlink():
         return restored
     for copy in sorted(copies.iterdir()):
         if not _SESSION_FILE.fullmatch(copy.name) or copy.is_symlink() or not copy.is_file():
@@ -357,7 +358,14 @@ class StateKeeper(tune.Callback):
         self._seen: dict[str, tuple[int, int]] = {}
 
     def setup(self, **info):
-        self.copies.mkdir(parents=True, exist_ok=True)  # from now on, trials wait for the copy (recorded_trials)
+        try:
+            own_dir(self.copies)  # from now on, trials wait for the copy (recorded_trials)
+        except OSError as e:  # (a link planted there: no copies, trials wait for Ray's own state as before)
+            print(f"  no copies of the experiment state are kept: {e}", flush=True)
+            self.copies = None
+
+    def _active(self) -> bool:
+        return self.copies is not None
 
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self._last >= self.every_s:
@@ -375,6 +383,8 @@ class StateKeeper(tune.Callback):
 
     def copy(self) -> bool:
         """Copy the newest session's state files when all are whole and changed; True when copied."""
+        if not self._active():
+            return False
         sessions: dict[str, list[Path]] = {}
         for f in self.exp_dir.glob("*-*"):
             m = _SESSION_FILE.fullmatch(f.name)

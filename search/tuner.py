@@ -164,7 +164,10 @@ def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tune
     terminal that may be gone) and has no argument for them (search/ray_private.py). State files cut
     short by a killed driver are set aside first: Ray would start the experiment over from nothing."""
     if not is_uri(path):
-        repairs.set_aside_damaged_state(Path(path))
+        try:
+            repairs.set_aside_damaged_state(Path(path))
+        except OSError as e:  # (damaged/ a planted link, a read-only folder)
+            raise SystemExit(f"error: cannot set aside the damaged state files of {path}: {e}") from None
     tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     ray_private.replace_callbacks(tuner, run_config.callbacks)
     return tuner

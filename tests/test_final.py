@@ -144,6 +144,25 @@ def test_a_damaged_plan_never_loops(final_run, tmp_path):
         assert json.loads(plan_path.read_text()) == plan  # nothing changed
 
 
+@pytest.mark.parametrize("planted", ["final", "damaged"])
+def test_a_planted_link_for_a_folder_of_the_experiment_is_refused(final_run, tmp_path, planted):
+    """final/ or damaged/ as a symbolic link would lead the final stage's writes anywhere: one line, exit 2,
+    nothing written where it points."""
+    import shutil
+
+    exp = _copy(final_run[0], tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if planted == "final":
+        shutil.rmtree(exp / "final")
+    else:
+        (exp / "summary.json").write_text("{")  # (to be set aside in damaged/)
+    (exp / planted).symlink_to(elsewhere)
+    line = _one_line_error(_final(exp, "--refit-seeds", 2))
+    assert "is a symbolic link" in line
+    assert not list(elsewhere.iterdir())
+
+
 def test_the_continue_command_carries_the_final_settings(tmp_path):
     """Before, the printed command left out --ensemble-k, --refit-seeds ... and pasting it was refused."""
     import shlex
