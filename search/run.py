@@ -69,7 +69,7 @@ MAX_SAMPLES = 100_000
 def check_args(args: argparse.Namespace, spec: SearchSpec) -> None:
     """Every argument problem is reported here, before Ray or the data are touched (and before the experiment
     folder is made)."""
-    if not 0 <= args.seed <= MAX_SEED:
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     for name in ("gpus_per_trial", "cpus_per_trial"):
         value = getattr(args, name)

@@ -121,7 +121,7 @@ def test_bad_arguments_fail_before_ray_starts(tmp_path, digits_dir):
     bad = write_space(tmp_path, 2, 2, 1, "  lr: {uniform: [0.1, 0.01]}\n")
     for args, message in [
         (["--config", bad], "empty range"),
-        (["--samples", "0"], "--samples must be >= 1"),
+        (["--samples", "0"], "--samples must be between 1 and 100000, got 0"),
         (["--resume"], "--resume needs --name"),
         (["--name", "nope", "--resume", "--storage", tmp_path], "no experiment at"),
         (["--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
