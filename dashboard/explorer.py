@@ -34,7 +34,8 @@ TOP_CURVES = 5
 REFRESH_KEY = "explorer_refresh"
 MAX_NOTES = 20
 BUDGET_COLUMN = "_val_acc_at_budget"
-STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "diverged": "Diverged", "error": "Errors",
+STATUS_WORDS = {"finished": "Finished", "stopped": "Stopped by ASHA", "budget": "Ended by the time budget",
+                "diverged": "Diverged", "error": "Errors",
                 "running": "Running", "pending": "Pending", "terminated": "Terminated", "paused": "Paused"}
 
 

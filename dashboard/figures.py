@@ -24,6 +24,7 @@ CONFIG = "config/"
 STATUS_COLORS = {
     "finished": "#2ca02c",
     "stopped": "#ff7f0e",
+    "budget": "#9467bd",
     "diverged": "#d62728",
     "error": "#8c1c13",
     "running": "#1f77b4",
@@ -47,7 +48,7 @@ CHOICE_LEVELS = 12  # a parameter with at most this many values can be a choice 
 CONDITIONAL_ALPHA = 0.01  # chance of a false "conditional" among all pairs tested (see conditional_in_values)
 MAX_EPOCH_TICKS = 40  # one tick per epoch up to this many epochs, then plotly's own spacing
 MAX_BARS = 60  # bars of the ASHA figure: one per epoch up to this many, else one per epoch some trial stopped at
-USABLE_STATUSES = ("finished", "stopped")
+USABLE_STATUSES = ("finished", "stopped", "budget")
 PARCOORDS_DEFAULT_AXES = 8  # more axes than this cannot be read; the page lets the user add others
 BUDGET_MIN_TRIALS = 5
 

@@ -73,6 +73,8 @@ class FinalSettings:
     device: str = "auto"  # for selection and the test evaluation (refit trials use their config's)
     res: Resources = field(default_factory=Resources)  # per refit trial, as for the search's trials
     address: str | None = None
+    deadline: float | None = None  # time.time() the final stage must end by (a search's --time-budget)
+    report_s: float = 0.0  # of which the test report's share (fit_refit)
 
     def check(self) -> None:
         if not 1 <= self.ensemble_k <= 20:
@@ -206,10 +208,10 @@ def whole_training_split(data: EmnistData) -> EmnistData:
                       data.val_x, data.val_y, data.classes, data.split, data.source)
 
 
-def _refit_trial(config: dict, data: EmnistData) -> None:
+def _refit_trial(config: dict, data: EmnistData, deadline: float | None = None) -> None:
     from search.trainable import train_trial
 
-    train_trial(config["member"]["train"], data)
+    train_trial(config["member"]["train"], data, deadline=deadline)
 
 
 def _refit_callback(members: list[dict]):
@@ -242,6 +244,8 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
     from search.tuner import init_ray, resources, restore_tuner, run_config_for, trial_name
 
     refit_dir = final_dir / REFIT_NAME
+    if not members:  # (a time budget left no time for one)
+        return True
     started = has_whole_state(refit_dir)  # (else no refit trial was recorded: it starts afresh)
     if started and _refit_done(refit_dir, members):
         return True
@@ -250,8 +254,11 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
         init_ray(settings.address)
     try:
         cpt, gpt, concurrency = resources(settings.res)
-        trainable = tune.with_resources(tune.with_parameters(_refit_trial, data=whole_training_split(data)),
-                                        {"cpu": cpt, "gpu": gpt})
+        # (under a budget the refit ends in time for the report: its trials stop at that deadline, whole epochs
+        # planned to fit before it, see fit_refit)
+        deadline = settings.deadline - settings.report_s if settings.deadline is not None else None
+        trainable = tune.with_resources(tune.with_parameters(_refit_trial, data=whole_training_split(data),
+                                                             deadline=deadline), {"cpu": cpt, "gpu": gpt})
         # The newest checkpoint is the model (no epoch is picked on held-out data); it is also what a
         # retried or resumed refit trial continues from.
         run_config = run_config_for(REFIT_NAME, str(final_dir), [_refit_callback(members)],
@@ -483,8 +490,9 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
         # No refit finished (every one diverged or failed): the search's own checkpoints are still a
         # model, the one validation chose; deliver that rather than nothing.
         sources = [c.trial_id for c in chosen]
+        why = " (no refit: the time budget left none)" if not plan["members"] else " (no refit finished)"
         delivered = (f"ensemble of {len(chosen)} search checkpoints" if len(chosen) > 1
-                     else f"best single trial {chosen[0].trial_id}") + " (no refit finished)"
+                     else f"best single trial {chosen[0].trial_id}") + why
         members = [load_checkpoint(c.checkpoint) for c in chosen]
     tta = (sel.get("tta") or {}).get("used")
     if tta:
@@ -561,7 +569,8 @@ def continue_command(exp_dir: Path, settings: FinalSettings) -> str:
                        *settings.options()])
 
 
-def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSettings, dev: torch.device) -> dict:
+def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSettings, dev: torch.device,
+          data_dir=None) -> dict:
     """The plan of this final stage: the one on disk, or (none yet, or a damaged one, set aside) a new one,
     chosen on validation and written before any refit trial starts."""
     plan_path = final_dir / PLAN_FILE
@@ -593,12 +602,64 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
           f"{'ensemble of ' + str(selection['chosen_k']) if selection['ensemble_pays'] else 'single model'}"
           f"{tta_text} [{time.time() - t0:.0f}s]", flush=True)
     stored = [{**asdict(c), "checkpoint": relative_checkpoint(c.checkpoint, exp_dir)} for c in cands]
-    plan = {"settings": settings.planned(), "candidates": stored, "selection": selection,
-            "members": plan_refit(cands, selection, settings)}
+    members = plan_refit(cands, selection, settings)
+    if settings.deadline is not None:
+        from training.data import check_split
+
+        n_test = check_split(data.split, "test", data_dir, data.classes)
+        members, report_s = fit_refit(exp_dir, members, settings, len(cands), len(data.val_y), n_test)
+        settings.report_s = report_s
+    plan = {"settings": settings.planned(), "candidates": stored, "selection": selection, "members": members,
+            **({"budget": True} if settings.deadline is not None else {})}
     _check_refit_matches(final_dir / REFIT_NAME, plan)  # (a plan made again: never over another's refit)
     # Written before any refit trial starts: a resumed final stage refits exactly these.
     write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
     return plan
+
+
+def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float]:
+    """(mean seconds of a whole epoch, validation images/s) of a search trial, from its result.json."""
+    from search.layout import read_result_rows
+
+    rows = [r for r in read_result_rows(exp_dir / f"trial_{trial_id}" / "result.json")[0]
+            if isinstance(r.get("epoch_seconds"), int | float) and not r.get("cut_by_deadline")]
+    epoch_s = sum(r["epoch_seconds"] for r in rows) / len(rows) if rows else 60.0
+    evals = [r["eval_seconds"] for r in rows
+             if isinstance(r.get("eval_seconds"), int | float) and r["eval_seconds"] > 0]
+    return epoch_s, (n_val / (sum(evals) / len(evals)) if evals else 1000.0)
+
+
+# What a budgeted final stage keeps for its end: Ray's start, then the test report's evaluations of the candidates
+# and of the delivered model (with its views), plus fixed seconds for the test split's load and the writing.
+DELIVERY_FIXED_S = 20.0
+
+
+def fit_refit(exp_dir: Path, members: list[dict], settings: FinalSettings, n_candidates: int, n_val: int,
+              n_test: int) -> tuple[list[dict], float]:
+    """Under a time budget: (the refit when it fits before the final stage's deadline, else no member; the seconds
+    kept for the report after it). Its cost comes from each source trial's measured seconds per epoch (a refit
+    epoch has as many images). With no member, the search's own models are delivered."""
+    from search.budget import RAY_START_S, TTA_VIEWS, clock
+
+    slots = settings.res.on_this_machine(settings.device)[2]
+    costs = {m["source_trial"]: _trial_costs(exp_dir, m["source_trial"], n_val) for m in members}
+    # (a trial evaluated on its share of the machine; the report runs alone, on all of it)
+    val_ips = min((v for _, v in costs.values()), default=1000.0) * max(1, slots)
+    views = TTA_VIEWS if settings.tta == "auto" else 1
+    report_s = DELIVERY_FIXED_S + (n_candidates + len(members) * views) * n_test / val_ips
+    left = settings.deadline - time.time() - RAY_START_S - report_s
+    # The members run `slots` at once; each for its trial's best epochs (+10 %: start-up, saves). All of them or
+    # none: a refit with fewer epochs, or of fewer members than validation chose, would deliver a model trained
+    # less than the search's own (measured on the smoke search, epochs cut to fit: 0.815 against 0.846).
+    need = [m["epochs"] * costs[m["source_trial"]][0] * 1.1 for m in members]
+    rounds = [need[i:i + slots] for i in range(0, len(need), max(1, slots))]
+    fits = sum(max(r) for r in rounds) <= left
+    fitted = members if fits else []
+    print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): "
+          + (f"refit of {len(members)} model(s), about {clock(sum(max(r) for r in rounds))}" if fits else
+             f"no time for the refit ({clock(sum(max(r) for r in rounds))} of {clock(max(0.0, left))}): the "
+             "search's models are delivered"), flush=True)
+    return fitted, report_s
 
 
 def _check_refit_matches(refit_dir: Path, plan: dict) -> None:
@@ -648,7 +709,7 @@ def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, da
         except OSError as e:
             raise FinalError(str(e)) from None
         dev = resolve_device(settings.device)
-        plan = _plan(exp_dir, final_dir, data, settings, dev)
+        plan = _plan(exp_dir, final_dir, data, settings, dev, data_dir)
         _check_refit_matches(final_dir / REFIT_NAME, plan)
         t0 = time.time()
         if not run_refit(final_dir, plan["members"], data, settings):

@@ -348,8 +348,8 @@ MAX_EPOCH = 10**6  # an epoch or iteration number above this is not one
 MAX_PARAMS_BYTES = 2**20  # params.json: a bigger one is not read
 _COUNTS = ("epoch", "training_iteration")  # whole numbers >= 0
 _FRACTIONS = ("val_acc",)  # in [0, 1] (NaN: none); it ranks the trials
-_NUMBERS = ("val_loss", "train_loss", "train_acc", "lr", "time_total_s", "time_this_iter_s")
-_FLAGS = ("done", "diverged", "early_stopped")
+_NUMBERS = ("val_loss", "train_loss", "train_acc", "lr", "time_total_s", "time_this_iter_s", "run_seconds")
+_FLAGS = ("done", "diverged", "early_stopped", "cut_by_deadline")
 _TEXTS = ("checkpoint_dir_name",)
 
 

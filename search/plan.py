@@ -84,7 +84,8 @@ def _keys(d: Any, where: str, required: set[str], optional: set[str] = frozenset
 def check_plan(plan: Any, exp_dir: Path | None = None) -> dict:
     """The plan if every field has its type and range (and, with exp_dir, every checkpoint path leads to a file
     inside that experiment), else PlanError naming the first one that does not."""
-    _keys(plan, "the plan", {"settings", "candidates", "selection", "members"})
+    _keys(plan, "the plan", {"settings", "candidates", "selection", "members"}, {"budget"})
+    _need(plan.get("budget", True) is True, "budget is not true")
     settings = plan["settings"]
     _keys(settings, "settings", set(SETTING_TYPES))
     for k, t in SETTING_TYPES.items():
@@ -121,7 +122,9 @@ def check_plan(plan: Any, exp_dir: Path | None = None) -> dict:
     _need(_is_int(tta["views"], 1) and isinstance(tta["used"], bool) and _is_fraction(tta["val_acc_without"])
           and (tta["val_acc"] is None or _is_fraction(tta["val_acc"])), "selection.tta is damaged")
     members = plan["members"]
-    _need(isinstance(members, list) and 1 <= len(members) <= 400, "members is not a list of refits")
+    # (no member: a time budget left no time for a refit)
+    _need(isinstance(members, list) and len(members) <= 400 and (members or plan.get("budget")),
+          "members is not a list of refits")
     ids = {c["trial_id"] for c in cands}
     for i, m in enumerate(members):
         where = f"members[{i}]"

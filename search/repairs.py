@@ -351,8 +351,8 @@ class StateKeeper(tune.Callback):
     atomically, the experiment state last (what a waiting trial reads). Also writes a trial's `ended.json`
     when it ends. Local experiments only (a cloud one has no folder to keep them in)."""
 
-    def __init__(self, exp_dir: str | Path, every_s: float = 0.2):
-        self.exp_dir, self.every_s = Path(exp_dir), every_s
+    def __init__(self, exp_dir: str | Path, deadline: float | None = None, every_s: float = 0.2):
+        self.exp_dir, self.every_s, self.deadline = Path(exp_dir), every_s, deadline
         self.copies = self.exp_dir / STATE_COPY_DIR
         self._last = 0.0
         self._seen: dict[str, tuple[int, int]] = {}
@@ -378,7 +378,12 @@ class StateKeeper(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         folder = Path(ray_private.trial_folder(trial))
         if folder.is_dir():  # (a trial that never started has none)
-            ended = {"trial_id": trial.trial_id, "epoch": (trial.last_result or {}).get("epoch")}
+            last = trial.last_result or {}
+            ended = {"trial_id": trial.trial_id, "epoch": last.get("epoch")}
+            # ended by the time budget: cut at the deadline, or past it (a resumed trial with no time left)
+            if last.get("cut_by_deadline") or (self.deadline is not None and time.time() >= self.deadline
+                                                and not last.get("diverged") and not last.get("early_stopped")):
+                ended["reason"] = "budget"
             write_atomic(folder / ENDED_FILE, lambda f: f.write(json.dumps(ended).encode()))
 
     def copy(self) -> bool:

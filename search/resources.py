@@ -29,3 +29,13 @@ class Resources:
         if gpt > 0:
             fit = min(fit, int(gpus_total // gpt))
         return cpt, gpt, self.concurrency or max(1, fit)
+
+    def on_this_machine(self, device: str = "auto") -> tuple[float, float, int]:
+        """fit() for this machine alone (before Ray starts, or for a plan): its CPUs and, where the trials may
+        use CUDA, its GPUs."""
+        import os
+
+        import torch
+
+        gpus = torch.cuda.device_count() if device == "auto" or device.startswith("cuda") else 0
+        return self.fit({"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)})

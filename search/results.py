@@ -26,8 +26,10 @@ import pandas as pd
 
 from search.layout import (
     CHECKPOINT_FILE,
+    ENDED_FILE,
     MAX_EPOCH,
     MAX_PARAMS_BYTES,
+    SETTINGS_FILE,
     as_number,
     is_inside,
     ray_statuses,
@@ -144,6 +146,7 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
     statuses = {t: v for t, v in statuses.items() if isinstance(t, str) and _TRIAL_ID.fullmatch(t)}
     rows, histories, checkpoints, refused, notes = [], {}, {}, {}, {}
     ids = {d.name.removeprefix("trial_"): d for d in trial_dirs(exp_dir)}
+    max_t = _budget_max_t(exp_dir)
     for trial_id in sorted(set(ids) | set(statuses)):
         d = ids.get(trial_id, exp_dir / f"trial_{trial_id}")
         if not inside(d):
@@ -174,7 +177,8 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
                 r = by_name.get(c.name, {})
                 ck.append({"path": str(f), "epoch": r.get("epoch"), "val_acc": r.get("val_acc")})
         checkpoints[trial_id] = pd.DataFrame(ck, columns=["path", "epoch", "val_acc"])
-        rows.append(_trial_row(trial_id, d, config, results, statuses.get(trial_id, {}), bool(ck)))
+        ended = read_json(d / ENDED_FILE, 4096) if inside(d / ENDED_FILE) else None
+        rows.append(_trial_row(trial_id, d, config, results, statuses.get(trial_id, {}), bool(ck), ended, max_t))
         if not note:
             del notes[trial_id]
     orphans = sorted(t for t, d in ids.items() if statuses and t not in statuses and t not in refused
@@ -201,7 +205,15 @@ def _count(v) -> int | None:
     return int(f) if f is not None and f.is_integer() and 0 <= f <= MAX_EPOCH else None
 
 
-def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: dict, has_checkpoint: bool) -> dict:
+def _budget_max_t(exp_dir: Path) -> float | None:
+    """A time-budgeted search's most seconds per trial (search.json's budget plan), else None."""
+    plan = (read_json(exp_dir / SETTINGS_FILE, 4 * 2**20) or {}).get("budget")
+    v = as_number(plan.get("max_t_s")) if isinstance(plan, dict) else None
+    return v if v is not None and v > 0 else None
+
+
+def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: dict, has_checkpoint: bool,
+               ended: dict | None = None, max_t: float | None = None) -> dict:
     # (rows passed clean_result_row: epoch, val_acc, ... are numbers or missing)
     good = [r for r in results if not r.get("diverged") and r.get("val_acc") is not None
             and not math.isnan(r["val_acc"])]
@@ -215,8 +227,13 @@ def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: d
     elif diverged:
         status = "diverged"
     elif ray_status == "TERMINATED" or last.get("done"):
-        asha = max_epochs is not None and epochs_run < max_epochs and not last.get("early_stopped")
-        status = "stopped" if asha else "finished"
+        # under a time budget ASHA's resource is seconds: a trial that had them all has finished
+        full = max_t is not None and (as_number(last.get("run_seconds")) or 0.0) >= max_t
+        asha = max_epochs is not None and epochs_run < max_epochs and not last.get("early_stopped") and not full
+        if last.get("cut_by_deadline") or (asha and (ended or {}).get("reason") == "budget"):
+            status = "budget"  # ended by the search's time budget, at its last report
+        else:
+            status = "stopped" if asha else "finished"
     elif ray_status in RAY_STATUS:
         status = RAY_STATUS[ray_status]
     else:

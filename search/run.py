@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from search.budget import Ledger, clock, parse_duration
 from search.final import FinalError, FinalSettings, add_final_args
 from search.layout import SETTINGS_FILE, has_whole_state, is_uri, read_settings
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="trial device (default auto: CUDA if present)")
     p.add_argument("--mps", action="store_true",
                    help="run the trials sharing a GPU through NVIDIA MPS (started for this search, stopped after)")
+    p.add_argument("--time-budget", default=None, metavar="DURATION",
+                   help="end the whole command, search and final stage, within this time (90s, 30m, 2h): "
+                        "the driver plans the split and ASHA compares trials at equal cost")
     p.add_argument("--no-final", action="store_true",
                    help="stop after the search: no refit, ensemble or test report (search/final.py can run it later)")
     add_final_args(p)
@@ -75,6 +79,8 @@ def check_args(args: argparse.Namespace, spec: SearchSpec) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if args.time_budget is not None and not isinstance(args.time_budget, float):
+        args.time_budget = parse_duration(args.time_budget)
     if args.samples is not None and not 1 <= args.samples <= MAX_SAMPLES:
         raise ConfigError(f"--samples must be between 1 and {MAX_SAMPLES}, got {args.samples}")
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -124,12 +130,13 @@ def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
     return {"config": str(config), "config_sha256": _sha256(config), **space_copy(config), "samples": args.samples,
             "max_epochs": args.max_epochs, "split": args.split, "seed": args.seed, "device": args.device,
             "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-            "data": {k: base[k] for k in DATA_KEYS} if base else None}
+            "data": {k: base[k] for k in DATA_KEYS} if base else None,
+            "time_budget": args.time_budget, "budget": getattr(args, "budget_plan", None)}
 
 
 # The type each saved setting must have (None: not given when the search started), as the command line parses it.
 SAVED_TYPES = {"config": str, "samples": int, "max_epochs": int, "split": str, "seed": int, "device": str,
-               "data_dir": str}
+               "data_dir": str, "time_budget": float, "budget": dict}
 
 
 def check_saved(saved: dict, path: str) -> None:
@@ -139,7 +146,10 @@ def check_saved(saved: dict, path: str) -> None:
         value = saved.get(key)
         if value is None and key != "config":
             continue
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value) \
+                or (kind is float and not (math.isfinite(value) and value > 0)):
             raise ConfigError(f"--resume: {path} is damaged: {key!r} is {value!r}, not a {kind.__name__}; restore "
                               "it, or start a new search with another --name")
 
@@ -169,6 +179,12 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
                               "start a new search with another --name")
     if args.data_dir is None and saved.get("data_dir"):
         args.data_dir = Path(saved["data_dir"])
+    budget = float(saved["time_budget"]) if saved.get("time_budget") is not None else None
+    if args.time_budget is not None and parse_duration(args.time_budget) != budget:
+        raise ConfigError(f"--time-budget {args.time_budget} differs from the experiment's "
+                          f"({clock(budget) if budget else 'none'}, saved in {path}): a resumed search continues with "
+                          "what is left of its own budget. Leave it out, or start a new search with another --name")
+    args.time_budget, args.budget_plan = budget, saved.get("budget")
     config = Path(args.config)
     if not config.is_file():
         raise ConfigError(f"--resume: the experiment's search space {config} is gone; restore it or pass --config")
@@ -195,24 +211,72 @@ def resume_command(args: argparse.Namespace, name: str) -> str:
 
 
 def end_of_search(args: argparse.Namespace, name: str, exp_dir: str, spec: SearchSpec, data, outcome,
-                  final: FinalSettings) -> int:
+                  final: FinalSettings, ledger=None) -> int:
     """What follows the trials: the resume command when interrupted, else the summary (test split
     of the best trial) and the final stage (refit, ensemble, delivered model)."""
     from search.final import run_final
-    from search.summary import finish_experiment
+    from search.summary import add_budget, finish_experiment
 
     if not outcome.complete:
         print(f"\nsearch interrupted with {outcome.done} of {outcome.samples} trials done; nothing finished is lost. "
               f"Continue with:\n  {resume_command(args, name)}")
         return 130
+    if ledger is not None:
+        ledger.enter("summary")
     code = finish_experiment(exp_dir, data_dir=args.data_dir, device=args.device or "auto")
-    if code != 0 or args.no_final:
-        return code
-    try:
-        return run_final(exp_dir, data, final, args.data_dir)
-    except FinalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if code == 0 and not args.no_final:
+        if ledger is not None:
+            ledger.enter("final")
+            if ledger.budget_s is not None:  # the final stage ends by the budget's end (less a margin for its report)
+                final.deadline = time.time() + ledger.left() - max(3.0, 0.01 * ledger.budget_s)
+        try:
+            code = run_final(exp_dir, data, final, args.data_dir)
+        except FinalError as e:
+            print(f"error: {e}", file=sys.stderr)
+            code = 2
+    if ledger is not None and code == 0 and not is_uri(exp_dir):
+        ledger.close()
+        for line in add_budget(exp_dir, ledger.summary()):
+            print(line)
+    return code
+
+
+def fit_to_machine(args, spec: SearchSpec, base: dict, data, res: Resources, n_test: int, samples: int, ledger):
+    """Measure this machine on the space (a few seconds), then print what the search will cost here, or, with a
+    time budget, plan it (search.budget.plan; a budget too small is an error naming the smallest that works).
+    Returns the spec and trial base the search runs with."""
+    from search.budget import calibrate, estimate, plan
+
+    concurrency = res.on_this_machine(base["device"])[2]
+    cal = calibrate(spec, data, threads=int(max(1, args.cpus_per_trial)), seed=args.seed, samples=3)
+    speeds = ", ".join(f"{s.train_ips:,.0f}" for s in cal.speeds)
+    where = f"{concurrency} trial(s) at once"
+    if args.time_budget is None:
+        est = estimate(spec, samples, concurrency, cal, n_test, ledger.elapsed() if ledger else 0.0)
+        rungs = "/".join(f"{r:g}" for r in est.rungs)
+        advice = ("; --time-budget 30m fits the search and its final stage into 30 minutes"
+                  if est.total_s > 45 * 60 else "")
+        print(f"estimated {clock(est.total_s)} on this machine for {samples} trials (ASHA {rungs} epochs, {where}) "
+              f"and the final stage: the search {clock(est.search_s)}, the final stage {clock(est.final_s)} "
+              f"(measured {speeds} training images/s per trial in {cal.seconds:.0f} s){advice}", flush=True)
+        return spec, base
+    p = plan(args.time_budget, ledger.elapsed() if ledger else cal.seconds, cal, concurrency, n_test,
+             tta=args.tta != "off")
+    args.budget_plan = p.to_dict()
+    print(f"time budget {clock(args.time_budget)} on this machine ({where}; measured {speeds} training images/s per "
+          f"trial): the search {clock(p.search_s)}, its final stage {clock(p.final_s)}; ASHA on each trial's own "
+          f"seconds, rungs {'/'.join(f'{r:.0f}' for r in p.rungs)} s; an epoch is {p.epoch_images:,} images",
+          flush=True)
+    return apply_plan(args, spec, args.budget_plan)
+
+
+def apply_plan(args, spec: SearchSpec, budget_plan: dict | None):
+    """The trials of a budgeted search: epochs of `epoch_images` images, up to `max_epochs` of them."""
+    if not budget_plan:
+        return spec, spec.trial_base()
+    spec.max_epochs = int(budget_plan["max_epochs"])
+    spec.fixed["epoch_images"] = int(budget_plan["epoch_images"])
+    return spec, spec.trial_base()
 
 
 def experiment_dir(storage: str, name: str) -> str:
@@ -222,7 +286,8 @@ def experiment_dir(storage: str, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sigterm_as_sigint()  # SIGTERM (SLURM, Kubernetes, timeout) stops the search as Ctrl+C does
-    lock = None
+    lock = ledger = None
+    args.budget_plan = None
     try:
         check_storage(args.storage, args.name or "")  # a file, read-only, unreachable, a name too long
         if args.resume and args.name:
@@ -269,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         # Read once by the driver; trials receive it through Ray's object store.
         data = load_for_config(base, args.data_dir)
         # The test split is read only for the final summary: check its files now, not after every trial.
-        check_split(base["split"], "test", args.data_dir, data.classes)
+        n_test = check_split(base["split"], "test", args.data_dir, data.classes)
+        ledger = Ledger(exp_dir, args.time_budget) if not is_uri(exp_dir) else None
+        if not args.resume:  # what it will cost here, measured before any trial runs (search/budget.py)
+            spec, base = fit_to_machine(args, spec, base, data, res, n_test, samples, ledger)
+        elif args.time_budget is not None:
+            spec, base = apply_plan(args, spec, args.budget_plan)
     except (ConfigError, DataNotFoundError, IdxError, ValueError, LockedError, KeyboardInterrupt) as e:
         if lock is not None:
             lock.release(discard=True)  # (a folder it made for nothing goes again)
@@ -296,14 +366,26 @@ def main(argv: list[str] | None = None) -> int:
     from search.tuner import run_search  # Ray is imported only from here on
 
     try:
+        deadline = None
+        if ledger is not None:
+            ledger.enter("search")
+            ledger.start_heartbeat()
+            if args.time_budget is not None:  # the search ends where the final stage's share begins
+                final_s = float((args.budget_plan or {}).get("final_s", 0.0))
+                deadline = time.time() + max(0.0, ledger.left() - final_s)
+                print(f"time budget: {clock(ledger.left())} left; the search ends in {clock(deadline - time.time())}, "
+                      f"then {clock(final_s)} for its final stage", flush=True)
         outcome = run_search(spec, data, exp_dir, name, args.storage, samples, seed=args.seed, res=res,
                              address=args.address, resume=args.resume,
-                             settings=None if args.resume else settings_of(args, base))
-        return end_of_search(args, name, exp_dir, spec, data, outcome, final)
+                             settings=None if args.resume else settings_of(args, base),
+                             budget=args.budget_plan, deadline=deadline)
+        return end_of_search(args, name, exp_dir, spec, data, outcome, final, ledger)
     except KeyboardInterrupt:  # a second Ctrl+C during Ray's shutdown, or one during the summary
         print(f"\ninterrupted; nothing finished is lost. Continue with:\n  {resume_command(args, name)}", flush=True)
         return 130
     finally:
+        if ledger is not None:
+            ledger.close()
         if stop_mps is not None:
             stop_mps()
         lock.release()

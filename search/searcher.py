@@ -12,9 +12,10 @@ Trials it does not know that finish later (restored as running) are added when t
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search import ray_private
@@ -69,7 +70,17 @@ class ResumableOptunaSearch(OptunaSearch):
 
 class ForwardingLimiter(ConcurrencyLimiter):
     """ConcurrencyLimiter that still passes on the end of a trial it lost track of (its state is
-    restored from yet another file), so that the searcher hears of every trial that ends."""
+    restored from yet another file), so that the searcher hears of every trial that ends; and that starts
+    no trial after `start_until` (time.time(); a class attribute, so that it also holds for the limiter a
+    resumed search restores from its pickle): under a time budget, a trial starting then could not reach
+    ASHA's first rung before the search's deadline."""
+
+    start_until: float | None = None
+
+    def suggest(self, trial_id: str):
+        if ForwardingLimiter.start_until is not None and time.time() > ForwardingLimiter.start_until:
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self.live_trials or not ray_private.limits_concurrency(self):

@@ -336,6 +336,25 @@ def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> d
         return None
 
 
+def cheapest_point(spec: SearchSpec) -> dict[str, Any]:
+    """The default point with every size parameter the space searches (width, depth, blocks) at the low end of
+    its range: the cheapest model of the default's kind, a budget's second point (FLAML's low-cost start)."""
+    point = default_point(spec)
+
+    def walk(tree: dict[str, Any]) -> None:
+        for key, dist in tree.items():
+            if not isinstance(dist, dict):
+                continue
+            kind, arg = next(iter(dist.items()))
+            if key in point and key in SIZE_KEYS and kind in ("uniform", "loguniform", "int", "logint"):
+                point[key] = int(arg[0]) if kind in ("int", "logint") else float(arg[0])
+            if kind == "choice" and isinstance(arg, dict) and isinstance(arg.get(point.get(key)), dict):
+                walk(arg[point[key]])
+
+    walk(spec.space)
+    return point
+
+
 def default_point(spec: SearchSpec) -> dict[str, Any]:
     """The default training config expressed as a point of the space (only the active branches),
     so the search evaluates it first and can never end worse than the defaults."""

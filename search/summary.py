@@ -8,7 +8,7 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import SUMMARY_FILE, is_uri, read_sessions, saved_space
+from search.layout import SUMMARY_FILE, is_uri, read_json, read_sessions, saved_space
 from search.results import Experiment, load_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from training.metrics import format_pairs
@@ -135,3 +135,22 @@ if __name__ == "__main__":
     p.add_argument("--data-dir", type=Path, default=None)
     a = p.parse_args()
     sys.exit(finish_experiment(a.experiment, a.data_dir))
+
+
+def add_budget(exp_dir: str | Path, spending: dict) -> list[str]:
+    """How the command's time was spent (search.budget.Ledger.summary) into summary.json["budget"] and, where the
+    final stage wrote one, a section of final/report.md; returns the lines to print."""
+    from search.budget import spending_lines
+
+    exp_dir = Path(exp_dir)
+    path = exp_dir / SUMMARY_FILE
+    summary = read_json(path, max_bytes=64 * 2**20) if not path.is_symlink() else None
+    lines = spending_lines(spending)
+    if summary is not None:
+        summary["budget"] = spending
+        write_atomic(path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    report = exp_dir / "final" / "report.md"
+    if report.is_file() and not report.is_symlink():
+        text = report.read_text().split("\n## Time\n")[0].rstrip("\n")
+        write_atomic(report, lambda f: f.write((text + "\n\n## Time\n\n" + "\n".join(lines) + "\n").encode()))
+    return lines

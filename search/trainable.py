@@ -39,8 +39,9 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected transient failure at epoch {epoch}")
 
 
-def train_trial(config: dict, data: EmnistData) -> None:
-    """Ray Tune function trainable: `tune.with_parameters(train_trial, data=data)`."""
+def train_trial(config: dict, data: EmnistData, deadline: float | None = None) -> None:
+    """Ray Tune function trainable: `tune.with_parameters(train_trial, data=data)`. `deadline` (time.time()):
+    the search's time budget ends then, and so does the trial, at its next step (training.trainer.train)."""
     # One thread per CPU Ray gave this trial: oversubscribed OpenMP threads from trials sharing a
     # machine spin against each other and can make training 10-30x slower.
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
@@ -94,6 +95,7 @@ def train_trial(config: dict, data: EmnistData) -> None:
             else:
                 report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
         if ended is None:
-            train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state)
+            train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state,
+                  deadline=deadline)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -17,12 +17,13 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from search import ray_private, repairs
+from search.budget import FACTOR
 from search.layout import add_session, is_uri, ray_statuses, write_settings
 from search.reaper import start_reaper
 from search.resources import Resources
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
 from search.signals import sigterm_as_sigint
-from search.space import DefineByRun, SearchSpec, default_point
+from search.space import DefineByRun, SearchSpec, cheapest_point, default_point
 from search.trainable import train_trial
 from training.data import EmnistData
 
@@ -33,8 +34,8 @@ class Progress(tune.Callback):
     """One readable status line when something changes (at most every few seconds), instead
     of Ray's per-result tables: trial counts by state, best accuracy so far, an ETA."""
 
-    def __init__(self, samples: int, max_epochs: int, every_s: float = 5.0):
-        self.samples, self.max_epochs, self.every_s = samples, max_epochs, every_s
+    def __init__(self, samples: int, max_epochs: int, every_s: float = 5.0, deadline: float | None = None):
+        self.samples, self.max_epochs, self.every_s, self.deadline = samples, max_epochs, every_s, deadline
         self.start = time.time()
         self.last_print = 0.0
         self.best: tuple[float, str] = (-1.0, "")
@@ -85,7 +86,9 @@ class Progress(tune.Callback):
         finished = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
         elapsed = now - self.start
         eta = ""
-        if finished:
+        if self.deadline is not None:  # under a time budget the search ends at its deadline, not at `samples`
+            eta = f", search ends in {_clock(max(0.0, self.deadline - now))}"
+        elif finished:
             eta = f", ETA ~{_clock(elapsed / finished * (self.samples - finished))}"
         best = f"best val_acc {self.best[0]:.4f} ({self.best[1]})" if self.best[1] else "best val_acc -"
         errored, running, pending = (counts.get(k, 0) for k in ("ERROR", "RUNNING", "PENDING"))
@@ -136,7 +139,7 @@ def resources(res: Resources) -> tuple[float, float, int]:
 
 
 def run_config_for(name: str, storage: str, callbacks: list,
-                   checkpoint_config: tune.CheckpointConfig) -> tune.RunConfig:
+                   checkpoint_config: tune.CheckpointConfig, deadline: float | None = None) -> tune.RunConfig:
     """The run settings every Tune experiment of this project shares (search and refit)."""
     return tune.RunConfig(
         name=name,
@@ -147,15 +150,15 @@ def run_config_for(name: str, storage: str, callbacks: list,
         sync_config=tune.SyncConfig(sync_artifacts=True),
         # (a local experiment: the driver keeps whole copies of Ray's state files, search.repairs.StateKeeper)
         callbacks=[JsonLoggerCallback(), CSVLoggerCallback(), *callbacks,
-                   *([] if is_uri(storage) else [repairs.StateKeeper(Path(storage).resolve() / name)])],
+                   *([] if is_uri(storage) else [repairs.StateKeeper(Path(storage).resolve() / name, deadline)])],
         verbose=0,
     )
 
 
-def make_run_config(name: str, storage: str, callbacks: list) -> tune.RunConfig:
+def make_run_config(name: str, storage: str, callbacks: list, deadline: float | None = None) -> tune.RunConfig:
     # Best two checkpoints per trial by validation accuracy (Ray also keeps the latest).
     return run_config_for(name, storage, callbacks, tune.CheckpointConfig(
-        num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE))
+        num_to_keep=2, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE), deadline=deadline)
 
 
 def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tuner:
@@ -173,22 +176,40 @@ def restore_tuner(path: str, trainable, run_config: tune.RunConfig) -> tune.Tune
     return tuner
 
 
+def scheduler_for(spec: SearchSpec, budget: dict | None) -> ASHAScheduler:
+    """ASHA on epochs; under a time budget on each trial's own seconds of training and validation (run_seconds),
+    with the rungs the budget planned (search.budget): trials compared at equal cost."""
+    if budget:
+        return ASHAScheduler(time_attr="run_seconds", max_t=float(budget["max_t_s"]),
+                             grace_period=float(budget["grace_s"]), reduction_factor=FACTOR)
+    return ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs, grace_period=spec.grace_period,
+                         reduction_factor=spec.reduction_factor)
+
+
 def make_tuner(trainable, spec: SearchSpec, samples: int, concurrency: int, seed: int,
-               run_config: tune.RunConfig, reuse_actors: bool = True) -> tune.Tuner:
+               run_config: tune.RunConfig, reuse_actors: bool = True, budget: dict | None = None) -> tune.Tuner:
+    # The default config first (never worse than it), then, under a budget, the space's cheapest corner
+    # (FLAML's low-cost start: what a short budget can afford to train well)
+    points = [default_point(spec)]
+    if budget:
+        cheap = cheapest_point(spec)
+        if cheap != points[0]:
+            points.append(cheap)
     searcher = ResumableOptunaSearch(  # Optuna, caught up with the experiment on --resume
         space=DefineByRun(spec),
         metric=METRIC,
         mode=MODE,
-        points_to_evaluate=[default_point(spec)],  # the default config first: never worse than it
+        points_to_evaluate=points,
         sampler=_sampler(seed),
     )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=ForwardingLimiter(searcher, max_concurrent=concurrency),
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=spec.max_epochs,
-                                    grace_period=spec.grace_period, reduction_factor=spec.reduction_factor),
+            scheduler=scheduler_for(spec, budget),
             num_samples=samples,
+            # a backstop only: under a budget the trials end at the search's deadline themselves (training.trainer)
+            time_budget_s=float(budget["search_s"]) + 120.0 if budget else None,
             metric=METRIC,
             mode=MODE,
             # Reusing actors saves ~1.5 s of start-up per trial. On a cluster a node can vanish, and Ray
@@ -221,25 +242,31 @@ class SearchOutcome:
 
 def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, storage: str, samples: int, *,
                seed: int = 0, res: Resources | None = None, address: str | None = None, resume: bool = False,
-               settings: dict | None = None) -> SearchOutcome:
+               settings: dict | None = None, budget: dict | None = None, deadline: float | None = None
+               ) -> SearchOutcome:
     """Run (or with resume continue) the search. `settings` are saved with a new experiment so that
-    --resume needs only its name (search.run.apply_saved_settings). Ray runs only inside this call."""
+    --resume needs only its name (search.run.apply_saved_settings). Ray runs only inside this call.
+    Under a time budget (`budget`: search.budget.Plan as a dict) the search ends by `deadline` (time.time()):
+    no trial starts that could not reach ASHA's first rung, and running trials end at their next step."""
     init_ray(address)
+    ForwardingLimiter.start_until = deadline - float(budget["grace_s"]) if deadline and budget else deadline
     try:
         cpt, gpt, concurrency = resources(res or Resources())
-        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data), {"cpu": cpt, "gpu": gpt})
+        trainable = tune.with_resources(tune.with_parameters(train_trial, data=data, deadline=deadline),
+                                        {"cpu": cpt, "gpu": gpt})
         print(f"experiment {name}: {samples} trials, up to {spec.max_epochs} epochs each, {concurrency} at once "
               f"({cpt:g} CPU{f' + {gpt:g} GPU' if gpt else ''} per trial)")
         print(f"data: {data.split}, {len(data.train_x)} train / {len(data.val_x)} val images; results in {exp_dir}")
-        progress = Progress(samples, spec.max_epochs)
-        run_config = make_run_config(name, storage, [progress])
+        progress = Progress(samples, spec.max_epochs, deadline=deadline)
+        run_config = make_run_config(name, storage, [progress], deadline=deadline)
         if resume:
             print(f"resuming {exp_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
             tuner = restore_tuner(exp_dir, trainable, run_config)  # (sets aside damaged state files first)
             if not is_uri(exp_dir):
                 repairs.set_aside_unknown_trials(Path(exp_dir))
         else:
-            tuner = make_tuner(trainable, spec, samples, concurrency, seed, run_config, reuse_actors=not address)
+            tuner = make_tuner(trainable, spec, samples, concurrency, seed, run_config, reuse_actors=not address,
+                               budget=budget)
         if settings is not None:
             write_settings(exp_dir, settings)
         start = time.time()
@@ -255,6 +282,8 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
     saved = ray_statuses(exp_dir)
     done = sum(t.get("status") in ("TERMINATED", "ERROR") for t in saved.values())
     total = progress.ray_samples or samples
+    if deadline is not None and time.time() >= ForwardingLimiter.start_until and done == len(saved):
+        total = samples = done  # the budget's search is over: what ran is the search (every trial has ended)
     if total != samples:
         print(f"note: the experiment runs {total} trials, as it was started with (Ray's saved state), not the "
               f"{samples} that {exp_dir}/search.json says now", flush=True)

@@ -324,7 +324,9 @@ def setup(c: TrainConfig, data: EmnistData) -> Run:
     if n == 0 or len(x_val) == 0:
         raise ValueError(f"need training and validation images, got {n} and {len(x_val)}")
     bs = min(c.batch_size, n)
-    steps = _batches(n, bs)
+    # An epoch is the whole split, or epoch_images of it drawn afresh (a search under a time budget on a slow
+    # machine reports, checkpoints and lets ASHA decide every few seconds instead of every several minutes)
+    steps = _batches(min(n, c.epoch_images) if c.epoch_images else n, bs)
     opt = make_optimizer(c, model)
     sched, sched_when = make_scheduler(c, opt, steps)
     return Run(c, data, device, model, opt, sched, sched_when, AugmentParams.from_config(c),
@@ -369,8 +371,10 @@ def restore(run: Run, resume: str | Path | dict) -> None:
         run.start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
 
 
-def run_epoch(run: Run, epoch: int, progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One pass over the training set: (summed loss, correct count) as device tensors, diverged.
+def run_epoch(run: Run, epoch: int, progress: Progress | None = None,
+              deadline: float | None = None) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
+    """One epoch: (summed loss, correct count) as device tensors, diverged, steps run. With a deadline
+    (time.time()), the epoch ends at the first step past it: the steps run are fewer than run.steps.
 
     On CUDA nothing in here waits for the GPU (each `.item()` or `if tensor` would stall the
     launch queue): the divergence check reads the summed loss once, at the end of the epoch, unless
@@ -403,10 +407,12 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None) -> tuple[t
         correct += hits
         if check_every and ((step + 1) % check_every == 0 or step == run.steps - 1):
             if not torch.isfinite(loss_sum):
-                return loss_sum, correct, True
+                return loss_sum, correct, True, step + 1
             if progress is not None:
                 progress(epoch, step + 1, run.steps, loss_sum.item() / (step + 1))
-    return loss_sum, correct, not bool(torch.isfinite(loss_sum))
+        if deadline is not None and step + 1 < run.steps and time.time() > deadline:
+            return loss_sum, correct, not bool(torch.isfinite(loss_sum)), step + 1
+    return loss_sum, correct, not bool(torch.isfinite(loss_sum)), run.steps
 
 
 def capture_step(run: Run) -> float | None:
@@ -447,12 +453,15 @@ def train(
     resume: str | Path | dict | None = None,
     progress: Progress | None = None,
     checkpoint_dir: str | Path | None = None,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Train one model; returns the run's summary (best/last metrics, history, checkpoint paths).
 
     out_dir gets TensorBoard events, `last.pt` (every epoch, for resuming) and `best.pt`
     (best validation accuracy); checkpoint_dir, if given, takes the checkpoints instead.
-    `resume` continues from a `last.pt` (path or loaded dict).
+    `resume` continues from a `last.pt` (path or loaded dict). `deadline` (time.time()): the epoch
+    running then ends at its next step, is evaluated, checkpointed and reported (`cut_by_deadline`),
+    and the run ends there (a search's time budget).
     """
     c = config if isinstance(config, TrainConfig) else make_config(config)
     t_enter = time.perf_counter()
@@ -483,10 +492,11 @@ def train(
     try:
         for epoch in range(run.start_epoch, c.epochs + 1):
             t0 = time.perf_counter()
-            loss_sum, correct, diverged = run_epoch(run, epoch, progress)
+            loss_sum, correct, diverged, steps_run = run_epoch(run, epoch, progress, deadline)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             train_seconds = time.perf_counter() - t0
+            cut = steps_run < run.steps
             lr = run.opt.param_groups[0]["lr"]
             if diverged:
                 m = {"epoch": epoch, "train_loss": float("nan"), "train_acc": None, "val_loss": None,
@@ -505,18 +515,24 @@ def train(
             eval_seconds = time.perf_counter() - t_eval
             m = {
                 "epoch": epoch,
-                "train_loss": loss_sum.item() / run.steps,
-                "train_acc": correct.item() / (run.steps * run.batch_size),
+                "train_loss": loss_sum.item() / steps_run,
+                "train_acc": correct.item() / (steps_run * run.batch_size),
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
-                "images_per_sec": run.steps * run.batch_size / train_seconds,
+                "images_per_sec": steps_run * run.batch_size / train_seconds,
                 "eval_seconds": eval_seconds,
                 "diverged": False,
                 **startup,
             }
+            # what this run has cost so far, training and validation (a time-budgeted ASHA compares at it)
+            m["run_seconds"] = sum(h.get("epoch_seconds") or 0.0 for h in run.history) + m["epoch_seconds"]
             startup = {}
+            # the time budget is spent: this epoch (cut short, or whole) is the run's last
+            budget_end = cut or (deadline is not None and time.time() > deadline and epoch < c.epochs)
+            if budget_end:
+                m["cut_by_deadline"] = True
             improved = val_acc > run.best["val_acc"]
             if improved:
                 run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
@@ -554,6 +570,8 @@ def train(
                 reporter(m, last_path)
             if stop:
                 stopped_early = True
+                break
+            if budget_end:
                 break
     finally:
         if tb:
