@@ -32,7 +32,7 @@ from training.config import ConfigError
 
 # ---------------------------------------------------------------- durations
 
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.I)
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)?", re.I)
 UNITS = {"h": 3600.0, "m": 60.0, "min": 60.0, "s": 1.0, "sec": 1.0, None: 1.0}
 
 

@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     channels_last: bool = True
-    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16, else fp32
+    precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16 (not for depthwise convs there)
     cuda_graphs: str = "auto"  # auto = each training step one CUDA graph replay on CUDA (training/graphs.py); off
     eval_batch_size: int = 1024  # validation batch (at most trainer.CPU_EVAL_BATCH on the CPU, where larger is slower)
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)

@@ -13,6 +13,7 @@ import copy
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_
         xb = normalize(x[i : i + batch_size].unsqueeze(1).float().div_(255))
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, precision):
+        with _autocast(dev, precision, model):
             out.append(model(xb).float())
     return torch.cat(out) if out else torch.empty(0, 0, device=dev)
 
@@ -161,20 +162,35 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return loss, (pred == y).float().mean().item(), pred
 
 
-def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+def _has_depthwise(model: nn.Module) -> bool:
+    """Whether a model has grouped (depthwise) convolutions: oneDNN's bf16 kernels for them are slower than its fp32
+    ones on the CPU (benchmarks.precision: mobile_cnn 0.59x in bf16 on an Intel Xeon with AMX, 0.6x on an AMD EPYC
+    with AVX512-BF16, against 1.7-2.5x faster for the plain convolutions of small_cnn, vgg and resnet)."""
+    cached = _DEPTHWISE.get(model)
+    if cached is None:
+        cached = _DEPTHWISE[model] = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+    return cached
+
+
+_DEPTHWISE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def use_bf16(device: torch.device, precision: str = "auto", model: nn.Module | None = None) -> bool:
     """bf16 autocast: ~2x on CUDA tensor cores, and ~2x for convolutions on CPUs with native bf16
-    (AVX512-BF16/AMX, where oneDNN has bf16 kernels). Never where it would be emulated (slow)."""
+    (AVX512-BF16/AMX, where oneDNN has bf16 kernels). Never where it would be emulated (slow), nor on the
+    CPU for a model with depthwise convolutions, which are slower there in bf16 (_has_depthwise)."""
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+        return native and (model is None or not _has_depthwise(model))
     return False
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
-    if use_bf16(device, precision):
+def _autocast(device: torch.device, precision: str = "auto", model: nn.Module | None = None):
+    if use_bf16(device, precision, model):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -185,7 +201,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, y
     so both pipelines train identically."""
     if channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    with _autocast(xb.device, c.precision):
+    with _autocast(xb.device, c.precision, model):
         logits = model(xb)
     loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -422,7 +438,8 @@ def capture_step(run: Run) -> float | None:
         return None
     t0 = time.perf_counter()
     run.graphed = try_graphed_step(run.model, run.x_train, run.y_train, run.batch_size, run.aug, run.g_aug,
-                                   run.c.label_smoothing, use_bf16(run.device, run.c.precision), run.channels_last)
+                                   run.c.label_smoothing, use_bf16(run.device, run.c.precision, run.model),
+                                   run.channels_last)
     torch.cuda.synchronize(run.device)
     return time.perf_counter() - t0
 

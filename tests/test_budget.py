@@ -1,0 +1,223 @@
+"""A search under a time budget (search/budget.py): durations, the plan, the trainer's deadline and short epochs,
+and real budgeted searches on tiny data (the deadline, the final stage's share, resume with the budget left, a
+budget too small). No timing thresholds: how close a run comes to its budget is measured by benchmarks.budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from search import budget
+from search.results import load_experiment
+from tests.test_search import REPO, write_space
+from training.checkpoint import load_checkpoint
+from training.config import ConfigError
+
+RUN = [sys.executable, str(REPO / "search" / "run.py")]
+ENV = {**os.environ, "RAY_ADDRESS": "local"}
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=timeout)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45", 45),
+                                           ("1.5m", 90), (" 2 H ", 7200), ("10min", 600)])
+def test_durations(text, seconds):
+    assert budget.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5m", "abc", "30x", "nan", "inf", "1e400s", "m", "5m-"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ConfigError, match="--time-budget must be a duration"):
+        budget.parse_duration(text)
+
+
+def test_asha_resource_and_rungs():
+    assert budget.asha_rungs(2, 3, 12) == [2, 6, 12]
+    assert budget.expected_resource(2, 3, 12) == pytest.approx(2 + 4 / 3 + 6 / 9)
+
+
+def _calibration(train_ips=4000.0, eval_ips=8000.0, n_train=90000, n_val=10000):
+    speed = budget.Speed("small_cnn", train_ips, eval_ips, 128)
+    return budget.Calibration([speed, budget.Speed("vgg", train_ips / 10, eval_ips / 10, 128)], 3.0, 1,
+                              n_train, n_val)
+
+
+def test_the_plan_splits_the_budget_and_names_the_smallest_that_works():
+    cal = _calibration()
+    p = budget.plan(1800, 20, cal, 2, 17000)
+    assert p.search_s + p.final_s + p.elapsed_s <= 1800  # (the rest: margin and Ray's start)
+    assert p.grace_s < p.max_t_s <= p.search_s and p.rungs[-1] == p.max_t_s and p.rungs[0] == p.grace_s
+    assert 128 <= p.epoch_images <= cal.n_train and p.epoch_images % 128 == 0 and p.max_epochs >= 1
+    # the first rung costs tens of seconds of the default config, not epochs of minutes
+    assert p.epoch_images / cal.default.train_ips < p.grace_s < 120
+    with pytest.raises(ConfigError, match="smallest budget that would work here is about") as e:
+        budget.plan(30, 20, cal, 2, 17000)
+    words = str(e.value).rsplit("about ", 1)[1]
+    smallest = sum(float(n) * {"h": 3600, "min": 60, "s": 1}[u] for n, u in zip(words.split()[::2],
+                                                                                   words.split()[1::2], strict=True))
+    budget.plan(smallest, 20, cal, 2, 17000)  # what it names is enough
+
+
+def test_the_trainer_ends_at_a_deadline_with_a_checkpoint(digits_data, tmp_path):
+    """A deadline in the middle of an epoch: the epoch ends at its next step, is evaluated, checkpointed, reported as
+    cut by the deadline, and the run stops there. Short epochs: epoch_images images each."""
+    from training.trainer import train
+
+    config = {"split": "digits", "epochs": 50, "batch_size": 32, "hist_every": 0, "epoch_images": 64}
+    reports = []
+    r = train(config, digits_data, reporter=lambda m, p: reports.append((m, p)), out_dir=tmp_path / "a",
+              deadline=time.time() + 1.0)
+    assert 1 <= r.epochs_run < 50 and reports[-1][0]["cut_by_deadline"]
+    assert load_checkpoint(reports[-1][1])["epoch"] == r.epochs_run
+    assert all(m["images_per_sec"] > 0 and m["run_seconds"] > 0 for m, _ in reports)
+    assert [m["run_seconds"] for m, _ in reports] == sorted(m["run_seconds"] for m, _ in reports)
+    full = train({**config, "epochs": 2, "epoch_images": 0}, digits_data, out_dir=tmp_path / "b")
+    assert full.epochs_run == 2 and not any(h.get("cut_by_deadline") for h in full.history)
+
+
+def test_a_budget_too_small_is_one_line_before_ray_starts(digits_dir, tmp_path):
+    space = write_space(tmp_path, samples=4, max_epochs=2, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    r = _run("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "tiny",
+             "--time-budget", "3s", timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "smallest budget that would work here is about" in lines[0], \
+        r.stdout + r.stderr
+    assert "experiment tiny" not in r.stdout and not (tmp_path / "results" / "tiny").exists()
+    r = _run("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--time-budget", "soon",
+             timeout=120)
+    assert r.returncode == 2 and "--time-budget must be a duration" in r.stderr
+
+
+def test_an_unbudgeted_search_prints_its_estimate_first(digits_dir, tmp_path):
+    space = write_space(tmp_path, samples=2, max_epochs=1, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    r = _run("--no-final", "--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    first = r.stdout.strip().splitlines()[0]
+    assert first.startswith("estimated ") and "for 2 trials (ASHA 1 epochs" in first, first
+
+
+@pytest.fixture(scope="module")
+def budgeted(digits_dir, tmp_path_factory):
+    """A budgeted search with its final stage, interrupted (Ctrl+C) once its first trial ended, then resumed with
+    the command it printed: (experiment folder, first output, resumed run)."""
+    import shlex
+
+    tmp = tmp_path_factory.mktemp("budget")
+    space = write_space(tmp, samples=40, max_epochs=2, grace=1,
+                        space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n  width: {uniform: [0.5, 1.0]}\n")
+    exp = tmp / "results" / "b"
+    args = ["--config", space, "--data-dir", digits_dir, "--storage", tmp / "results", "--name", "b",
+            "--time-budget", "100s", "--ensemble-k", "2"]
+    proc = subprocess.Popen([*RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, env=ENV)
+    end = time.time() + 300
+    while time.time() < end and proc.poll() is None and not list(exp.glob("trial_*/ended.json")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGINT)
+    first, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, first[-3000:]
+    command = shlex.split(first.split("Continue with:\n")[1].split("\n")[0])
+    r = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=REPO, env=ENV,
+                       timeout=600)
+    return exp, first, r
+
+
+def test_a_budgeted_search_delivers_and_says_where_its_time_went(budgeted):
+    exp, first, r = budgeted
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "time budget 1 min 40 s on this machine" in first and "ASHA on each trial's own seconds" in first
+    assert (exp / "final" / "model.pt").is_file() and (exp / "final" / "report.md").is_file()
+    summary = json.loads((exp / "summary.json").read_text())
+    spent = summary["budget"]
+    assert spent["budget_s"] == 100 and spent["sessions"] == 2
+    assert set(spent["phases"]) >= {"startup", "search", "summary", "final"}
+    assert spent["spent_s"] == pytest.approx(sum(spent["phases"].values()), rel=0.02)
+    assert spent["left_s"] == pytest.approx(100 - spent["spent_s"])
+    assert "## Time" in (exp / "final" / "report.md").read_text() and "time budget 1 min 40 s: spent" in r.stdout
+    settings = json.loads((exp / "search.json").read_text())
+    assert settings["time_budget"] == 100 and settings["budget"]["max_t_s"] > settings["budget"]["grace_s"] > 0
+
+
+def test_every_trial_of_a_budgeted_search_is_listed_with_a_status_and_usable_checkpoints(budgeted):
+    exp, *_ = budgeted
+    trials = load_experiment(exp).trials
+    listed = __import__("pandas").read_csv(exp / "trials.csv")
+    assert sorted(listed["trial_id"].astype(str)) == sorted(d.name.removeprefix("trial_") for d in exp.glob("trial_*"))
+    assert set(trials["status"]) <= {"finished", "stopped", "budget"}, trials["status"].tolist()
+    for tid in trials[trials["status"] == "budget"]["trial_id"]:
+        ckpts = sorted((exp / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt"))
+        assert ckpts and load_checkpoint(ckpts[-1])["epoch"] >= 1
+    plan = json.loads((exp / "search.json").read_text())["budget"]
+    for _, t in trials.iterrows():  # every trial trained in epochs of the planned size
+        assert t["config/epoch_images"] == plan["epoch_images"]
+
+
+def test_resume_continues_with_the_budget_left(budgeted):
+    exp, first, r = budgeted
+    sessions = json.loads((exp / "budget.json").read_text())["sessions"]
+    assert len(sessions) == 2 and all(s["seconds"] > 0 for s in sessions)
+    left = 100 - sessions[0]["seconds"]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("time budget: "))
+    shown = line.split("time budget: ")[1].split(" left")[0]
+    assert budget.parse_duration(shown.replace(" min ", "m").replace(" s", "s").replace(" ", "")) <= left + 1
+
+
+def test_trials_at_the_deadline_end_there_with_their_checkpoints(digits_dir, tmp_path):
+    """The search's deadline falls while trials train (long schedules, short epochs): they end at their next step,
+    reported as cut by the deadline, listed with status 'budget' and a loadable checkpoint; no trial starts after."""
+    space = write_space(tmp_path, 50, 400, 1, "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from search.space import load_search_spec
+from search.tuner import run_search
+from search.resources import Resources
+from training.data import load_for_config
+spec = load_search_spec({str(space)!r})
+spec.fixed['epoch_images'] = 64
+base = spec.trial_base()
+data = load_for_config(base, {str(digits_dir)!r})
+plan = {{'grace_s': 1.0, 'max_t_s': 500.0, 'search_s': 12.0, 'epoch_images': 64, 'max_epochs': 400}}
+out = run_search(spec, data, {str(tmp_path / 'results' / 'd')!r}, 'd', {str(tmp_path / 'results')!r}, 50,
+                 res=Resources(concurrency=2), budget=plan, deadline=time.time() + 12)
+print('DONE', out.done, out.samples, out.complete)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+    assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    done, samples, complete = r.stdout.split("DONE")[1].split()
+    assert complete == "True" and int(done) == int(samples) < 50
+    trials = load_experiment(tmp_path / "results" / "d").trials
+    cut = trials[trials["status"] == "budget"]
+    assert len(cut) >= 1, trials[["trial_id", "status", "epochs_run"]]
+    for tid in cut["trial_id"]:
+        folder = tmp_path / "results" / "d" / f"trial_{tid}"
+        rows = [json.loads(x) for x in (folder / "result.json").read_text().splitlines() if x.strip()]
+        assert rows[-1].get("cut_by_deadline") and json.loads((folder / "ended.json").read_text())["epoch"]
+        assert load_checkpoint(sorted(folder.glob("checkpoint_*/checkpoint.pt"))[-1])["epoch"] == rows[-1]["epoch"]
+
+
+def test_auto_precision_keeps_depthwise_models_in_fp32_on_the_cpu(monkeypatch):
+    """benchmarks.precision: mobile_cnn's depthwise convolutions are 0.6x slower in bf16 on CPUs with native bf16,
+    the other models 1.7-2.5x faster. `auto` follows the layer type; an explicit precision is always obeyed."""
+    import torch
+
+    from models import build_model
+    from training import trainer
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        for name in ("small_cnn", "vgg", "resnet", "mobile_cnn"):
+            model = build_model(name, 10)
+            want = native and name != "mobile_cnn"
+            assert trainer.use_bf16(cpu, "auto", model) is want, (name, native)
+            assert trainer.use_bf16(cpu, "bf16", model) and not trainer.use_bf16(cpu, "fp32", model)
