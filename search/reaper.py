@@ -133,8 +133,13 @@ def _kill_carriers(token: str) -> int:
 def reap(token: str, grace_s: float = GRACE_S) -> None:
     time.sleep(grace_s)
     deadline = time.monotonic() + REAP_FOR_S
-    while _kill_carriers(token) and time.monotonic() < deadline:
-        time.sleep(0.2)  # killed processes take a moment to go; a new one may have started meanwhile
+    # Until two rounds in a row find nothing: killed processes take a moment to go, a new one may have started
+    # meanwhile, and one caught inside execve() reads an empty environment for that moment (the kernel sets the
+    # new program's environment after it has closed the old one's close-on-exec files).
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        quiet = 0 if _kill_carriers(token) else quiet + 1
+        time.sleep(0.2)
 
 
 def main(argv: list[str]) -> None:

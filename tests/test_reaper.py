@@ -57,6 +57,10 @@ token, watchdog = os.environ[reaper.TOKEN_VAR], reaper._watchdog
 reaper.start_reaper()  # idempotent: same token, same watchdog
 assert (os.environ[reaper.TOKEN_VAR], reaper._watchdog) == (token, watchdog)
 straggler = subprocess.Popen(["sleep", "300"])
+# Popen returns once execve() has closed our close-on-exec pipe, a moment before the kernel sets the new
+# program's environment: /proc/<pid>/environ reads empty until then (CI caught that moment once)
+while not open(f"/proc/{straggler.pid}/environ", "rb").read():
+    pass
 print(json.dumps({"token": token, "watchdog": watchdog.pid, "straggler": straggler.pid}), flush=True)
 sys.stdin.readline()
 """
