@@ -152,6 +152,28 @@ def test_run_started_over_in_the_same_folder_shows_each_epoch_once(digits_data, 
     assert [e.step for e in acc.Scalars("accuracy/val")] == [1, 2]
 
 
+def test_a_purging_writer_is_read_after_the_files_before_it(tmp_path, monkeypatch):
+    """TensorBoard reads event files in name order, and a process's 10th writer's file ('.10') sorts before its
+    9th ('.9') within one second: the run that starts over must still be read last, or its purge hides nothing
+    (CI saw epoch 1 twice once its test process had made that many writers)."""
+    import tensorboard.summary.writer.event_file_writer as efw
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.tblog import TBLogger
+
+    monkeypatch.setattr(efw._global_uid, "_value", 9)
+    for purge in (None, 1):  # the first run, then one started over from epoch 1 (both within a second)
+        tb = TBLogger(str(tmp_path), {"model": "small_cnn"}, ["0", "1"], purge_step=purge)
+        for epoch in (1, 2):
+            tb.epoch({"epoch": epoch, "val_acc": 0.5 + 0.1 * epoch + (0.2 if purge else 0.0)})
+        tb.close()
+    names = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert [n.rsplit(".", 1)[1] for n in names] == ["9", "10"], names  # the second run's file is read last
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("accuracy/val")] == [(1, 0.8), (2, 0.9)]
+
+
 def test_checkpoint_round_trip(digits_data, tiny_config, tmp_path):
     result = train({**tiny_config, "epochs": 2}, digits_data, out_dir=tmp_path)
     best = load_checkpoint(tmp_path / "best.pt")

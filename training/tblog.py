@@ -34,6 +34,8 @@ def _hparam_value(v: Any) -> Any:
 class TBLogger:
     def __init__(self, log_dir: str, config: dict, classes: list[str], purge_step: int | None = None):
         # purge_step drops events past a resumed epoch, so a resumed run does not show duplicates.
+        if purge_step is not None:
+            _after_existing_files(log_dir)
         self.writer = SummaryWriter(log_dir, purge_step=purge_step)
         self.classes = classes
         # HParams session written up front, so runs that are stopped early still appear.
@@ -67,6 +69,26 @@ class TBLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _after_existing_files(log_dir: str) -> None:
+    """TensorBoard reads a folder's event files in the order of their names, and a purge only hides the events of
+    files read before it. A name is `events.out.tfevents.<second>.<host>.<pid>.<n>`, with a counter `n` per
+    process: within one second, a process's 10th file sorts before its 9th ('.10' < '.9'). So a writer that must
+    purge starts in a later second than every file already there (waits below a second, and only when a run
+    starts over within the same second as an earlier one: in tests)."""
+    import time
+    from pathlib import Path
+
+    seconds = []
+    for f in Path(log_dir).glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3:4]
+        if part and part[0].isdigit():
+            seconds.append(int(part[0]))
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if 0 < wait <= 2:  # (a clock set back further than that is not waited for)
+            time.sleep(wait)
 
 
 def _font() -> ImageFont.ImageFont:
