@@ -39,9 +39,10 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected transient failure at epoch {epoch}")
 
 
-def train_trial(config: dict, data: EmnistData, deadline: float | None = None) -> None:
+def train_trial(config: dict, data: EmnistData, deadline: float | None = None, finish_by: float | None = None) -> None:
     """Ray Tune function trainable: `tune.with_parameters(train_trial, data=data)`. `deadline` (time.time()):
-    the search's time budget ends then, and so does the trial, at its next step (training.trainer.train)."""
+    the search's time budget ends then, and so does the trial, at its next step; `finish_by`: a timed trial's
+    schedule ends by then (a budget's refit; training.trainer.train)."""
     # One thread per CPU Ray gave this trial: oversubscribed OpenMP threads from trials sharing a
     # machine spin against each other and can make training 10-30x slower.
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
@@ -96,6 +97,6 @@ def train_trial(config: dict, data: EmnistData, deadline: float | None = None) -
                 report(m, resume.path if m["epoch"] == resume.state["epoch"] else None, replay=True)
         if ended is None:
             train(config, data, reporter=report, out_dir=tb_dir, checkpoint_dir=scratch, resume=resume.state,
-                  deadline=deadline)
+                  deadline=deadline, finish_by=finish_by)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

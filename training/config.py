@@ -51,6 +51,10 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 10
     epoch_images: int = 0  # images per epoch (drawn afresh each epoch); 0 = the whole training split
+    # > 0: the run lasts this many seconds of training and validation (its run_seconds), its learning-rate schedule
+    # spread over them, instead of `epochs` epochs (a time budget). `epochs` still gives the schedule its shape:
+    # step_size, warmup_epochs and plateau_patience count epochs of a schedule `epochs` long, mapped onto the time.
+    train_seconds: float = 0.0
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # weight average: EMA of weights and BN statistics, per step (e.g. 0.999); 0 = off
@@ -158,8 +162,8 @@ def _check(c: TrainConfig) -> None:
     need(0 < c.gamma <= 1 and 0 < c.plateau_factor < 1, "gamma must be in (0, 1], plateau_factor in (0, 1)")
     need(c.step_size >= 1, f"step_size must be >= 1, got {c.step_size}")
     for k in ("weight_decay", "momentum", "grad_clip", "train_limit", "val_limit", "early_stop_patience",
-              "epoch_images", "plateau_patience", "warmup_epochs", "hist_every", "aug_strength", "aug_rotate",
-              "aug_translate", "aug_scale", "aug_shear", "aug_elastic"):
+              "epoch_images", "train_seconds", "plateau_patience", "warmup_epochs", "hist_every", "aug_strength",
+              "aug_rotate", "aug_translate", "aug_scale", "aug_shear", "aug_elastic"):
         need(getattr(c, k) >= 0, f"{k} must be >= 0, got {getattr(c, k)}")
     need(c.aug_scale * c.aug_strength < 1, "aug_scale * aug_strength must be < 1 (a scale of 0 erases the image)")
     params = count_parameters(c)

@@ -10,7 +10,9 @@ small CNNs fast, and what lets several trials share one GPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import sys
 import time
 import warnings
 import weakref
@@ -90,6 +92,32 @@ def make_scheduler(c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: 
     return None, "none"
 
 
+# A timed run (config train_seconds) sets its schedule's position from the seconds it has had: the schedule is
+# built `TIMED_STEPS` steps long (points along it, not batches) and moved to the point its time has reached.
+TIMED_STEPS = 10_000
+
+
+def schedule_steps_per_epoch(c: TrainConfig, steps: int) -> int:
+    """What make_scheduler counts as an epoch's steps: the batches of an epoch, or for a timed run its share of
+    TIMED_STEPS."""
+    return -(-TIMED_STEPS // c.epochs) if c.train_seconds > 0 else steps
+
+
+def timed_epochs(c: TrainConfig, seconds: float) -> int:
+    """The epochs of a timed run's schedule (`epochs` long, over train_seconds) that `seconds` have passed."""
+    return int(min(1.0, seconds / c.train_seconds) * c.epochs)
+
+
+def _position(sched, step: int) -> None:
+    """A step-wise schedule moved forward to `step` (never back), its learning rate set for it."""
+    if step <= sched.last_epoch:
+        return
+    sched.last_epoch = step - 1
+    with warnings.catch_warnings():  # "step() before optimizer.step()": positioning, not training
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()  # -> step `step`
+
+
 def _fit_schedule(sched, c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
     """A resumed OneCycle schedule restored from a run planned for another length (`--resume
     --epochs N` extends a finished run) would stop at the old total ("Tried to step N times"):
@@ -101,10 +129,8 @@ def _fit_schedule(sched, c: TrainConfig, opt: torch.optim.Optimizer, steps_per_e
     if sched.total_steps == total or done >= total:  # (done >= total: nothing is left to train)
         return sched
     fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.pct_start)
-    fresh.last_epoch = done - 1
-    with warnings.catch_warnings():  # "step() before optimizer.step()": positioning, not training
-        warnings.simplefilter("ignore", UserWarning)
-        fresh.step()  # -> step `done`, learning rate set for it
+    fresh.last_epoch = -1  # (moved to `done` below, its learning rate set for it)
+    _position(fresh, done)
     return fresh
 
 
@@ -314,6 +340,20 @@ class Run:
     ema: WeightAverage | None = None  # ema_decay > 0: the weight average, what is evaluated and delivered
 
     @property
+    def spent(self) -> float:
+        """Seconds of training and validation of the epochs run so far (a timed run's clock)."""
+        return sum(h.get("epoch_seconds") or 0.0 for h in self.history)
+
+    @property
+    def last_epoch(self) -> int:
+        """The last epoch this run may train: `epochs`, or for a timed run as many as its seconds take; none more
+        once the run has ended (its patience ran out, or a timed run's seconds were spent)."""
+        h = self.history[-1] if self.history else {}
+        if h.get("early_stopped") or h.get("schedule_done"):
+            return int(h["epoch"])
+        return self.c.epochs if self.c.train_seconds <= 0 else sys.maxsize
+
+    @property
     def delivered(self) -> nn.Module:
         """The model validation measures and checkpoints deliver: the weight average when on."""
         return self.ema.model if self.ema is not None else self.model
@@ -344,7 +384,7 @@ def setup(c: TrainConfig, data: EmnistData) -> Run:
     # machine reports, checkpoints and lets ASHA decide every few seconds instead of every several minutes)
     steps = _batches(min(n, c.epoch_images) if c.epoch_images else n, bs)
     opt = make_optimizer(c, model)
-    sched, sched_when = make_scheduler(c, opt, steps)
+    sched, sched_when = make_scheduler(c, opt, schedule_steps_per_epoch(c, steps))
     return Run(c, data, device, model, opt, sched, sched_when, AugmentParams.from_config(c),
                torch.Generator().manual_seed(c.seed), torch.Generator(device=device).manual_seed(c.seed + 1),
                x_train, y_train, x_val, y_val, bs, steps, cl,
@@ -376,15 +416,14 @@ def restore(run: Run, resume: str | Path | dict) -> None:
             g["fused"], g["foreach"] = fused, foreach
         if run.sched is not None and ckpt.get("scheduler"):
             run.sched.load_state_dict(ckpt["scheduler"])
-            run.sched = _fit_schedule(run.sched, c, run.opt, run.steps)
+            run.sched = _fit_schedule(run.sched, c, run.opt, schedule_steps_per_epoch(c, run.steps))
         _set_rng_state(ckpt["rng"], run.g_order, run.g_aug, run.device)
         run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
         run.bad_epochs, run.start_epoch = int(ckpt["bad_epochs"]), int(ckpt["epoch"]) + 1
+        run.last_epoch  # noqa: B018  (a history whose last epoch has no number is not one)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:  # a damaged or foreign state
         raise CheckpointError(f"cannot resume from {where}: its training state does not fit this run "
                               f"({type(e).__name__}: {e})") from None
-    if run.history and run.history[-1].get("early_stopped"):
-        run.start_epoch = c.epochs + 1  # that run had ended: resuming it trains nothing more
 
 
 def run_epoch(run: Run, epoch: int, progress: Progress | None = None,
@@ -403,6 +442,9 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None,
     correct = torch.zeros((), device=dev, dtype=torch.long)
     check_every = DIVERGENCE_CHECK_EVERY if dev.type != "cuda" or progress is not None else 0
     bs = run.batch_size
+    # a timed run's step-wise schedule follows its seconds (see TIMED_STEPS); else it steps with the batches
+    timed = run.sched_when == "step" and c.train_seconds > 0
+    spent, t0, total = run.spent, time.perf_counter(), c.epochs * schedule_steps_per_epoch(c, run.steps)
     for step in range(run.steps):
         idx = perm[step * bs : (step + 1) * bs]
         if run.graphed is not None:
@@ -417,7 +459,10 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None,
             hits = (logits.argmax(1) == yb).sum()
         if run.ema is not None:
             run.ema.update()
-        if run.sched_when == "step":
+        if timed:
+            seconds = spent + time.perf_counter() - t0
+            _position(run.sched, min(total - 1, int(seconds / c.train_seconds * total)))
+        elif run.sched_when == "step":
             run.sched.step()
         loss_sum += loss.detach()
         correct += hits
@@ -462,6 +507,22 @@ def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improve
     })
 
 
+def _epoch_schedule(run: Run, m: dict, val_acc: float) -> None:
+    """Epoch-wise schedules (step, plateau) after an epoch: one step; for a timed run one per epoch of its schedule
+    that this epoch's seconds passed (none while within one)."""
+    if run.sched_when not in ("epoch", "plateau"):
+        return
+    c = run.c
+    n = 1 if c.train_seconds <= 0 else (timed_epochs(c, m["run_seconds"])
+                                         - timed_epochs(c, m["run_seconds"] - m["epoch_seconds"]))
+    if run.sched_when == "plateau":
+        if n:  # (one look at the accuracy per epoch: its patience counts epochs)
+            run.sched.step(val_acc)
+        return
+    for _ in range(n):
+        run.sched.step()
+
+
 def train(
     config: TrainConfig | dict,
     data: EmnistData,
@@ -471,6 +532,7 @@ def train(
     progress: Progress | None = None,
     checkpoint_dir: str | Path | None = None,
     deadline: float | None = None,
+    finish_by: float | None = None,
 ) -> TrainResult:
     """Train one model; returns the run's summary (best/last metrics, history, checkpoint paths).
 
@@ -478,21 +540,25 @@ def train(
     (best validation accuracy); checkpoint_dir, if given, takes the checkpoints instead.
     `resume` continues from a `last.pt` (path or loaded dict). `deadline` (time.time()): the epoch
     running then ends at its next step, is evaluated, checkpointed and reported (`cut_by_deadline`),
-    and the run ends there (a search's time budget).
+    and the run ends there (a search's time budget). `finish_by` (time.time()): a timed run (train_seconds) that
+    would end later is given fewer seconds, so that its schedule is done by then (a time budget's refit).
     """
     c = config if isinstance(config, TrainConfig) else make_config(config)
     t_enter = time.perf_counter()
     run = setup(c, data)
     if resume is not None:
         restore(run, resume)
+    if finish_by is not None and c.train_seconds > 0:  # (after restore: the seconds already run count)
+        c = run.c = dataclasses.replace(c, train_seconds=max(1e-3, min(c.train_seconds,
+                                                                       run.spent + finish_by - time.time())))
     out = Path(out_dir) if out_dir is not None else None
     ck = Path(checkpoint_dir) if checkpoint_dir is not None else out
     if resume is not None and ck is not None and (ck / "best.pt").is_file():
         run.best["metrics"] = load_checkpoint(ck / "best.pt").get("metrics", {}).get("val")
     # (after restore: the capture starts from the restored generators and weights)
-    capture_seconds = capture_step(run) if run.start_epoch <= c.epochs else None
+    capture_seconds = capture_step(run) if run.start_epoch <= run.last_epoch else None
     tb = None
-    if out is not None and run.start_epoch <= c.epochs:  # (a resumed run that had ended writes nothing)
+    if out is not None and run.start_epoch <= run.last_epoch:  # (a resumed run that had ended writes nothing)
         from training.tblog import TBLogger  # tensorboard only where logs are wanted
 
         # A resumed run, or one that starts over in a folder that already has events (a trial restarted from
@@ -507,12 +573,17 @@ def train(
     diverged, stopped_early = False, bool(run.history and run.history[-1].get("early_stopped"))
     last_path = None
     try:
-        for epoch in range(run.start_epoch, c.epochs + 1):
+        for epoch in range(run.start_epoch, run.last_epoch + 1):
             t0 = time.perf_counter()
-            loss_sum, correct, diverged, steps_run = run_epoch(run, epoch, progress, deadline)
+            # a timed run ends its epoch where its seconds are spent (or at the deadline, if sooner)
+            timed_end = time.time() + c.train_seconds - run.spent if c.train_seconds > 0 else None
+            stop_at = min((t for t in (deadline, timed_end) if t is not None), default=None)
+            loss_sum, correct, diverged, steps_run = run_epoch(run, epoch, progress, stop_at)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
-            train_seconds = time.perf_counter() - t0
+            step_seconds = time.perf_counter() - t0
+            now = time.time()
+            spent_all = timed_end is not None and now >= timed_end  # the timed run's seconds: this is its last epoch
             cut = steps_run < run.steps
             lr = run.opt.param_groups[0]["lr"]
             if diverged:
@@ -538,18 +609,20 @@ def train(
                 "val_acc": val_acc,
                 "lr": lr,
                 "epoch_seconds": time.perf_counter() - t0,
-                "images_per_sec": steps_run * run.batch_size / train_seconds,
+                "images_per_sec": steps_run * run.batch_size / step_seconds,
                 "eval_seconds": eval_seconds,
                 "diverged": False,
                 **startup,
             }
             # what this run has cost so far, training and validation (a time-budgeted ASHA compares at it)
-            m["run_seconds"] = sum(h.get("epoch_seconds") or 0.0 for h in run.history) + m["epoch_seconds"]
+            m["run_seconds"] = run.spent + m["epoch_seconds"]
             startup = {}
             # the time budget is spent: this epoch (cut short, or whole) is the run's last
-            budget_end = cut or (deadline is not None and time.time() > deadline and epoch < c.epochs)
+            budget_end = not spent_all and deadline is not None and now > deadline and (cut or epoch < run.last_epoch)
             if budget_end:
                 m["cut_by_deadline"] = True
+            if spent_all:
+                m["schedule_done"] = True  # a timed run trained its seconds, its schedule to the end
             improved = val_acc > run.best["val_acc"]
             if improved:
                 run.best = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}
@@ -560,10 +633,7 @@ def train(
             stop = bool(c.early_stop_patience and run.bad_epochs >= c.early_stop_patience)
             m["early_stopped"] = stop  # patience ran out: this is the run's last epoch
             run.history.append(m)
-            if run.sched_when == "epoch":
-                run.sched.step()
-            elif run.sched_when == "plateau":
-                run.sched.step(val_acc)
+            _epoch_schedule(run, m, val_acc)
 
             if tb:
                 tb.epoch(m)
@@ -588,7 +658,7 @@ def train(
             if stop:
                 stopped_early = True
                 break
-            if budget_end:
+            if budget_end or spent_all:
                 break
     finally:
         if tb:
