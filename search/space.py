@@ -2,6 +2,8 @@
 
     base: ../train.yaml            # the default training config (evaluated as the first point)
     fixed: {split: balanced}       # held constant in every trial
+    start:                         # points tried next (a portfolio: configurations known to do well), each
+      - {model: vgg, width: 1.0}   # some of the space's parameters, the rest the default config's
     space:
       lr:        {loguniform: [1.0e-4, 1.0e-2]}
       width:     {uniform: [0.5, 2.0]}
@@ -26,7 +28,8 @@ from typing import Any
 from training.config import FIELDS, ConfigError, load_yaml, make_config
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
-TOP_KEYS = {"base", "fixed", "space", "max_epochs", "asha", "samples"}
+TOP_KEYS = {"base", "fixed", "space", "max_epochs", "asha", "samples", "start"}
+MAX_START = 20  # points in `start:`
 ASHA_KEYS = {"grace_period", "reduction_factor"}
 
 
@@ -41,6 +44,7 @@ class SearchSpec:
     reduction_factor: int
     samples: int | None = None
     params: list[str] = field(default_factory=list)  # every key the space can sample
+    start: list[dict[str, Any]] = field(default_factory=list)  # `start:` as written (see start_points)
 
     def trial_base(self) -> dict[str, Any]:
         """The config every trial starts from: defaults, then `fixed`, with the epoch budget."""
@@ -219,7 +223,14 @@ def _spec(doc: dict[str, Any], base: dict[str, Any], path: Path) -> SearchSpec:
         except ConfigError as e:
             where = ", ".join(f"{k}={v}" for k, v in corner.items())
             raise _err(str(path), f"the largest model it can sample ({where}) is refused: {e}") from None
-    return SearchSpec(path, base, fixed, space, max_epochs, grace, factor, samples, sorted(seen))
+    start = doc.get("start") or []
+    if not isinstance(start, list) or len(start) > MAX_START or not all(isinstance(p, dict) for p in start):
+        raise _err(str(path), f"start must be a list of at most {MAX_START} mappings of the space's parameters, "
+                   f"got {start!r}"[:300])
+    spec = SearchSpec(path, base, fixed, space, max_epochs, grace, factor, samples, sorted(seen),
+                      [dict(p) for p in start])
+    start_points(spec)  # each a point of the space, or a one-line error now
+    return spec
 
 
 SIZE_KEYS = ("model", "width", "depth", "blocks")  # what a model's parameter count depends on
@@ -336,6 +347,33 @@ def sampled_params(space: SearchSpec | DefineByRun, config: dict[str, Any]) -> d
         return None
 
 
+def start_points(spec: SearchSpec) -> list[dict[str, Any]]:
+    """The `start:` points as points of the space (only the active branches), each completed from the default
+    config: `{model: vgg, width: 1.0}` takes vgg's `depth` and every other parameter from it (as default_point, a
+    default that is not one of a choice's options is left to the sampler). A key the space does not sample, one not
+    on the branches the point chooses, or a value outside its distribution is a ConfigError naming the point."""
+    base = spec.trial_base()
+    out = []
+    for i, given in enumerate(spec.start):
+        where = f"{spec.path}: start[{i}]"
+        unknown = sorted(str(k) for k in given if k not in spec.params)
+        if unknown:
+            raise _err(where, f"{unknown} are not parameters of the space ({', '.join(spec.params)})")
+        try:
+            point = _point(spec.space, {**base, **given}, given)
+        except ValueError as e:
+            raise _err(where, f"is not a point of the space: {e}") from None
+        unused = sorted(set(given) - set(point))
+        if unused:
+            raise _err(where, f"{unused} are not on the branch it chooses")
+        try:
+            make_config(point, base=base)  # (a model too large, a value a config refuses)
+        except ConfigError as e:
+            raise _err(where, str(e)) from None
+        out.append(point)
+    return out
+
+
 def cheapest_point(spec: SearchSpec) -> dict[str, Any]:
     """The default point with every size parameter the space searches (width, depth, blocks) at the low end of
     its range: the cheapest model of the default's kind, a budget's second point (FLAML's low-cost start)."""
@@ -358,7 +396,14 @@ def cheapest_point(spec: SearchSpec) -> dict[str, Any]:
 def default_point(spec: SearchSpec) -> dict[str, Any]:
     """The default training config expressed as a point of the space (only the active branches),
     so the search evaluates it first and can never end worse than the defaults."""
-    base = spec.trial_base()
+    return _point(spec.space, spec.trial_base())
+
+
+def _point(space: dict[str, Any], values: dict[str, Any], strict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`values` as a point of the space: the parameters of the branches their choices take. A value that is not one
+    of a choice's options is left out (the sampler picks), unless it is in `strict` (given on purpose): then, as a
+    number of `strict` outside its range, it is a ValueError."""
+    strict = strict or {}
     point: dict[str, Any] = {}
 
     def walk(tree: dict[str, Any]) -> None:
@@ -366,11 +411,18 @@ def default_point(spec: SearchSpec) -> dict[str, Any]:
             if not isinstance(dist, dict):
                 continue
             kind, arg = next(iter(dist.items()))
-            if kind == "choice" and base[key] not in list(arg):
-                continue  # the default is not an option here: let the sampler pick
-            point[key] = base[key]
-            if kind == "choice" and isinstance(arg, dict) and isinstance(arg.get(base[key]), dict):
-                walk(arg[base[key]])
+            value = values[key]
+            if kind == "choice":
+                if value not in list(arg):
+                    if key in strict:
+                        raise ValueError(f"{key}={value!r} is not one of {list(arg)}")
+                    continue  # the default is not an option here: let the sampler pick
+            elif key in strict and not (isinstance(value, int | float) and not isinstance(value, bool)
+                                        and float(arg[0]) <= value <= float(arg[1])):
+                raise ValueError(f"{key}={value!r} is outside its distribution {kind} {list(arg)}")
+            point[key] = value
+            if kind == "choice" and isinstance(arg, dict) and isinstance(arg.get(value), dict):
+                walk(arg[value])
 
-    walk(spec.space)
+    walk(space)
     return point

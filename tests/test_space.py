@@ -61,6 +61,40 @@ def test_default_point_follows_active_branches(tmp_path):
     assert spec.trial_base()["epochs"] == 4 and spec.trial_base()["split"] == "digits"
 
 
+def test_start_points_are_points_of_the_space_completed_from_the_default(tmp_path):
+    """`start:` (a portfolio tried after the default config): each point gives some parameters, the default
+    config the rest, only the branches it chooses; the tuner evaluates them in that order, after the default."""
+    from search.space import start_points
+
+    text = GOOD.format(base="train.yaml") + "start:\n  - {optimizer: sgd, width: 1.5}\n  - {scheduler: step}\n"
+    spec = load_search_spec(_write(tmp_path, text))
+    first, second = start_points(spec)
+    assert first == {"lr": 2e-3, "width": 1.5, "optimizer": "sgd", "momentum": 0.9, "scheduler": "none"}
+    assert second == {"lr": 2e-3, "width": 1.0, "optimizer": "adamw", "scheduler": "step", "step_size": 3,
+                      "gamma": 0.1}
+    for p in (first, second):
+        make_config(p, base=spec.trial_base())
+    # the shipped default space's portfolio is valid, and differs from the default point
+    from search.run import DEFAULT_SEARCH
+
+    shipped = load_search_spec(DEFAULT_SEARCH)
+    assert start_points(shipped) and all(p != default_point(shipped) for p in start_points(shipped))
+
+
+@pytest.mark.parametrize("start, message", [
+    ("start: {lr: 0.01}\n", "start must be a list"),
+    ("start:\n  - {lrr: 0.01}\n", r"\['lrr'\] are not parameters of the space"),
+    ("start:\n  - {lr: 5.0}\n", "lr=5.0 is outside its distribution"),
+    ("start:\n  - {optimizer: lion}\n", "is not a point of the space"),
+    ("start:\n  - {momentum: 0.9}\n", "not on the branch it chooses"),
+    ("start:\n  - {width: 1.0, optimizer: sgd, momentum: 2.0}\n", "momentum=2.0 is outside"),
+    ("start:\n  - 3\n", "start must be a list"),
+])
+def test_bad_start_points_are_one_line_errors(tmp_path, start, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search_spec(_write(tmp_path, GOOD.format(base="train.yaml") + start))
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
