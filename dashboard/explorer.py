@@ -182,6 +182,19 @@ def _summary(exp: Experiment) -> None:
         cells += [("Best val acc", "–"), ("Best trial", "–")]
     for col, (label, value) in zip(st.columns(len(cells)), cells, strict=True):
         col.metric(label, value)
+    _budget_line(exp.path)
+
+
+def _budget_line(exp_dir) -> None:
+    """A budgeted search's time: spent and left (counting on while its driver runs)."""
+    from search.budget import clock, read_budget
+
+    b = read_budget(exp_dir)
+    if b is None:
+        return
+    left = f"{clock(b['left_s'])} left" if b["left_s"] >= 0 else f"{clock(-b['left_s'])} over"
+    st.caption(f"Time budget {clock(b['budget_s'])}: {clock(b['spent_s'])} spent, {left}"
+               + (" (running: refresh to follow it)" if b["running"] else "") + ".")
 
 
 def _trial_label(trials: pd.DataFrame):

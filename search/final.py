@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -158,22 +159,44 @@ def _checkpoint_probs(paths: list[str], x: torch.Tensor, dev: torch.device, tta:
     return out
 
 
-def choose_k(probs: list[torch.Tensor], y: torch.Tensor) -> tuple[int, dict[int, float]]:
-    """(k, accuracy by k) for the averages of the first 1, 2, ... len(probs) probability tables
-    (ranked best single model first): the k kept is the smallest with the best accuracy, so an
-    ensemble must beat the single model, not tie it, to be chosen."""
-    by_k = {}
+def mcnemar_p(a_right: torch.Tensor, b_right: torch.Tensor) -> float:
+    """Two-sided exact McNemar p-value of two classifiers on the same images (bool tensors: each right or not):
+    among the images exactly one gets right, how unlikely so lopsided a split is if both were as good."""
+    a_only, b_only = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+SIGNIFICANT_P = 0.05
+
+
+def choose_k(probs: list[torch.Tensor], y: torch.Tensor, significant: bool = False
+             ) -> tuple[int, dict[int, float], dict[int, float]]:
+    """(k, accuracy by k, McNemar p-value by k against the single model) for the averages of the first 1, 2, ...
+    len(probs) probability tables (ranked best single model first): the k kept is the smallest with the best
+    accuracy, so an ensemble must beat the single model, not tie it, to be chosen; with `significant`, by more
+    than chance (p < SIGNIFICANT_P), as where an ensemble's members share a fixed time (a budget's refit on
+    CPUs: each member more is fewer cores for the others)."""
+    by_k, p_by_k = {}, {}
+    single = None
     for k in range(1, len(probs) + 1):
-        pred = torch.stack(probs[:k]).mean(0).argmax(1)
-        by_k[k] = float((pred == y).float().mean())
-    return min(by_k, key=lambda k: (-by_k[k], k)), by_k
+        right = torch.stack(probs[:k]).mean(0).argmax(1) == y
+        single = right if single is None else single
+        by_k[k] = float(right.float().mean())
+        p_by_k[k] = 1.0 if k == 1 else mcnemar_p(single, right)
+    allowed = [k for k in by_k if k == 1 or not significant or p_by_k[k] < SIGNIFICANT_P]
+    return min(allowed, key=lambda k: (-by_k[k], k)), by_k, p_by_k
 
 
-def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device, tta: str = "auto") -> dict:
+def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device, tta: str = "auto",
+                    significant: bool = False) -> dict:
     """The ensemble size, then whether test-time augmentation pays for it, both chosen on the
-    validation split (never the test split)."""
+    validation split (never the test split); `significant`: see choose_k."""
     probs = _checkpoint_probs([c.checkpoint for c in cands], data.val_x, dev)
-    chosen, by_k = choose_k(probs, data.val_y)
+    chosen, by_k, p_by_k = choose_k(probs, data.val_y, significant)
     without = by_k[chosen]
     views, with_tta = 1, None
     if tta == "auto":  # the chosen model's prediction averaged over TTA_VIEWS views of each image
@@ -182,6 +205,7 @@ def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device,
         views = TTA_VIEWS if with_tta > without else 1  # it must gain, not tie
     return {"metric": "val_acc", "n_val": len(data.val_y), "val_acc_by_k": {str(k): v for k, v in by_k.items()},
             "chosen_k": chosen, "ensemble_pays": chosen > 1,
+            **({"p_by_k": {str(k): v for k, v in p_by_k.items()}} if significant else {}),
             "tta": {"views": TTA_VIEWS, "val_acc": with_tta, "val_acc_without": without, "used": views > 1},
             "candidates": [{"trial_id": c.trial_id, "val_acc": c.val_acc, "epoch": c.epoch} for c in cands]}
 
@@ -192,7 +216,10 @@ def plan_refit(cands: list[Candidate], selection: dict, settings: FinalSettings)
     """One member per (chosen config, seed): its training config on the whole training split."""
     members = []
     for c in cands[: selection["chosen_k"]]:
-        epochs = c.epoch if settings.refit_epochs == "best" else int(c.config["epochs"])
+        # (under a time budget the refit is a timed run, search.final.fit_refit: its epochs only shape its schedule,
+        # as they shaped its trial's)
+        full = settings.refit_epochs == "full" or settings.deadline is not None
+        epochs = int(c.config["epochs"]) if full else c.epoch
         for s in range(settings.refit_seeds):
             # A fixed number of epochs: nothing is held out to stop early on, or to pick an epoch with.
             train = {**c.config, "epochs": max(1, epochs), "seed": int(c.config.get("seed", 0)) + s,
@@ -208,10 +235,17 @@ def whole_training_split(data: EmnistData) -> EmnistData:
                       data.val_x, data.val_y, data.classes, data.split, data.source)
 
 
+# A timed refit member (a time budget's) finishes its schedule this long before the refit's deadline: its last
+# validation and checkpoint, the report to Ray.
+REFIT_END_S = 5.0
+
+
 def _refit_trial(config: dict, data: EmnistData, deadline: float | None = None) -> None:
     from search.trainable import train_trial
 
-    train_trial(config["member"]["train"], data, deadline=deadline)
+    # (a timed member that started late, after Ray's start or in a continued final stage, ends by the deadline)
+    finish_by = deadline - REFIT_END_S if deadline is not None else None
+    train_trial(config["member"]["train"], data, deadline=deadline, finish_by=finish_by)
 
 
 def _refit_callback(members: list[dict]):
@@ -226,9 +260,12 @@ def _refit_callback(members: list[dict]):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             m = trial.config.get("member", {})
+            seconds = (m.get("train") or {}).get("train_seconds")
+            done = (f"{result.get('run_seconds', 0):.0f} of {seconds:.0f} s" if seconds
+                    else f"epoch {result.get('epoch')}/{m.get('epochs')}")
             print(f"  [refit {time.time() - self.start:5.0f}s] trial {m.get('source_trial')} seed "
-                  f"+{m.get('seed_index')}: epoch {result.get('epoch')}/{m.get('epochs')}, train loss "
-                  f"{result.get('train_loss', float('nan')):.4f}", flush=True)
+                  f"+{m.get('seed_index')}: {done}, train loss {result.get('train_loss', float('nan')):.4f}",
+                  flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             print(f"  refit trial {trial.trial_id} failed: {trial.error_file or ''}", flush=True)
@@ -254,8 +291,10 @@ def run_refit(final_dir: Path, members: list[dict], data: EmnistData, settings: 
         init_ray(settings.address)
     try:
         cpt, gpt, concurrency = resources(settings.res)
-        # (under a budget the refit ends in time for the report: its trials stop at that deadline, whole epochs
-        # planned to fit before it, see fit_refit)
+        if settings.deadline is not None:  # (a budget's refit: one round, the members sharing the CPUs)
+            cpt, gpt, concurrency = settings.res.refit_share(len(members), ray.cluster_resources())
+        # (under a budget the refit ends in time for the report: its trials are timed runs that end by then, see
+        # fit_refit)
         deadline = settings.deadline - settings.report_s if settings.deadline is not None else None
         trainable = tune.with_resources(tune.with_parameters(_refit_trial, data=whole_training_split(data),
                                                              deadline=deadline), {"cpu": cpt, "gpu": gpt})
@@ -308,6 +347,7 @@ def refit_models(refit_dir: Path) -> tuple[list[dict], list[str]]:
     for d in trial_dirs(refit_dir):
         member = ((read_json(d / "params.json") or {}).get("member")) or {}
         want = member.get("epochs")
+        timed = isinstance(member.get("train"), dict) and bool(member["train"].get("train_seconds"))
         best = None
         for c in checkpoint_dirs(d):
             try:
@@ -317,8 +357,12 @@ def refit_models(refit_dir: Path) -> tuple[list[dict], list[str]]:
             if best is None or ckpt["epoch"] > best["epoch"]:
                 best = ckpt
         order = (str(member.get("source_trial")), member.get("seed_index", 0))
-        if best is None or want is None or best["epoch"] < want:
-            got = "no readable checkpoint" if best is None else f"only {best['epoch']} of {want} epochs"
+        # (a timed member, a time budget's, is whole once its seconds were spent: its schedule is done)
+        short = best is not None and (not (best.get("metrics") or {}).get("schedule_done") if timed
+                                      else want is not None and best["epoch"] < want)
+        if best is None or want is None or short:
+            got = ("no readable checkpoint" if best is None else "cut before its schedule's end" if timed
+                   else f"only {best['epoch']} of {want} epochs")
             problems.append(f"refit {d.name} (from trial {order[0]}, seed +{order[1]}): {got}")
             continue
         done.append({**best, "_order": order, "_source": order[0]})
@@ -403,6 +447,16 @@ def _tta_sentence(tta: dict | None) -> str:
             f"{'used' if tta['used'] else 'not used'}. ")
 
 
+def _refit_sentence(refit: dict) -> str:
+    seconds = [m["seconds"] for m in refit["members"] if m.get("seconds")]
+    if seconds:  # a time budget's refit: timed runs
+        return (f"Refit: {len(refit['members'])} model(s) on train + validation, each trained for "
+                f"{max(seconds):.0f} s (the time budget's share), its schedule spread over that time.")
+    if not refit["members"] and refit.get("budget"):
+        return "Refit: none (the time budget left less time for it than the search gave its trials)."
+    return f"Refit: {refit['seeds']} seed(s) per config, on train + validation, epochs: {refit['epochs_mode']}."
+
+
 def write_report(path: Path, name: str, final: dict) -> Path:
     t = final["test"]
     sel = final["selection"]
@@ -418,13 +472,16 @@ def write_report(path: Path, name: str, final: dict) -> Path:
                                           f"{final['delivered_test']['accuracy']:.4f}.", ""]),
              "The test split was read once, for this table. Everything was chosen on the validation split:", "",
              "## Selection on the validation split", "",
-             f"{sel['n_val']} validation images; an ensemble is kept only where it beats the best single model.", "",
-             "| k (top trials averaged) | val accuracy |", "| --- | --- |",
-             *[f"| {k} | {v:.4f} |" for k, v in sel["val_acc_by_k"].items()], "",
+             f"{sel['n_val']} validation images; an ensemble is kept only where it beats the best single model"
+             + (f" beyond chance (McNemar p < {SIGNIFICANT_P}: under a time budget on CPUs the refit's models share "
+                "the cores)." if sel.get("p_by_k") else "."), "",
+             "| k (top trials averaged) | val accuracy |" + (" McNemar p vs k = 1 |" if sel.get("p_by_k") else ""),
+             "| --- | --- |" + (" --- |" if sel.get("p_by_k") else ""),
+             *[f"| {k} | {v:.4f} |" + (f" {sel['p_by_k'].get(k, 1.0):.3g} |" if sel.get("p_by_k") else "")
+               for k, v in sel["val_acc_by_k"].items()], "",
              f"Chosen: k = {sel['chosen_k']} ({'ensemble' if sel['ensemble_pays'] else 'single model'}). "
              + _tta_sentence(sel.get("tta")) +
-             f"Refit: {final['refit']['seeds']} seed(s) per config, "
-             f"on train + validation, epochs: {final['refit']['epochs_mode']}.", ""]
+             _refit_sentence(final["refit"]), ""]
     if final.get("problems"):
         lines += ["## Problems", "", *[f"- {p}" for p in final["problems"]], ""]
     lines += ["## Top trials on the test split", "", "| trial | val accuracy | test accuracy | 95 % interval |",
@@ -532,8 +589,10 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
              "delivered_kind": kind, "delivered_test": delivered_test, "test_precision": precision,
              "selection": sel,
              "refit": {"epochs_mode": plan["settings"]["refit_epochs"], "seeds": plan["settings"]["refit_seeds"],
-                       "members": [{k: m[k] for k in ("source_trial", "seed_index", "epochs")}
-                                   for m in plan["members"]], "finished": len(done)},
+                       "members": [{**{k: m[k] for k in ("source_trial", "seed_index", "epochs")},
+                                    **({"seconds": m["train"]["train_seconds"]} if m["train"].get("train_seconds")
+                                       else {})} for m in plan["members"]],
+                       "finished": len(done), **({"budget": True} if plan.get("budget") else {})},
              "test": test, "test_trials": test_trials, "problems": problems,
              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     return final, staged
@@ -593,8 +652,12 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
     cands = candidates(load_experiment(exp_dir), settings.ensemble_k)
     if not cands:
         raise FinalError(f"no trial of {exp_dir.name} has a readable checkpoint with a validation result")
-    selection = select_ensemble(cands, data, dev, settings.tta)
-    byk = ", ".join(f"k={k}: {v:.4f}" for k, v in selection["val_acc_by_k"].items())
+    # (under a budget on CPUs the refit's members share the cores: an ensemble must beat one model beyond chance)
+    cpu_budget = settings.deadline is not None and settings.res.on_this_machine(settings.device)[1] == 0
+    selection = select_ensemble(cands, data, dev, settings.tta, significant=cpu_budget)
+    p_by_k = selection.get("p_by_k") or {}
+    byk = ", ".join(f"k={k}: {v:.4f}" + (f" (p {p_by_k[k]:.2g})" if k in p_by_k and k != "1" else "")
+                    for k, v in selection["val_acc_by_k"].items())
     tta = selection["tta"]
     tta_text = (f"; {tta['views']}-view test-time augmentation {tta['val_acc']:.4f} -> "
                 f"{'used' if tta['used'] else 'not used'}" if tta["val_acc"] is not None else "")
@@ -618,47 +681,72 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
 
 
 def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float]:
-    """(mean seconds of a whole epoch, validation images/s) of a search trial, from its result.json."""
+    """(seconds of training and validation the trial had, its validation images/s), from its result.json."""
     from search.layout import read_result_rows
 
-    rows = [r for r in read_result_rows(exp_dir / f"trial_{trial_id}" / "result.json")[0]
-            if isinstance(r.get("epoch_seconds"), int | float) and not r.get("cut_by_deadline")]
-    epoch_s = sum(r["epoch_seconds"] for r in rows) / len(rows) if rows else 60.0
+    rows = read_result_rows(exp_dir / f"trial_{trial_id}" / "result.json")[0]
+    seconds = max((r["run_seconds"] for r in rows if isinstance(r.get("run_seconds"), int | float)), default=0.0)
     evals = [r["eval_seconds"] for r in rows
              if isinstance(r.get("eval_seconds"), int | float) and r["eval_seconds"] > 0]
-    return epoch_s, (n_val / (sum(evals) / len(evals)) if evals else 1000.0)
+    return seconds, (n_val / (sum(evals) / len(evals)) if evals else 1000.0)
 
 
 # What a budgeted final stage keeps for its end: Ray's start, then the test report's evaluations of the candidates
 # and of the delivered model (with its views), plus fixed seconds for the test split's load and the writing.
 DELIVERY_FIXED_S = 20.0
+REFIT_START_S = 10.0  # a refit trial's start: its actor, the data on the device, the model
+
+
+def fill_slots(members: list[dict], slots: int) -> list[dict]:
+    """Under a time budget the refit runs in one round: on GPUs, fewer members than trials that run at once leave
+    the GPU's share idle for the same wall-clock, so the chosen configs get more seeds (in turn) until the round is
+    full (on CPUs alone the members share the cores instead: Resources.refit_share)."""
+    out = list(members)
+    k = 0
+    while members and len(out) < slots:
+        m = members[k % len(members)]
+        seed = 1 + max(x["seed_index"] for x in out if x["source_trial"] == m["source_trial"])
+        out.append({**m, "seed_index": seed, "train": {**m["train"], "seed": int(m["train"]["seed"]) + seed
+                                                       - m["seed_index"]}})
+        k += 1
+    return out
 
 
 def fit_refit(exp_dir: Path, members: list[dict], settings: FinalSettings, n_candidates: int, n_val: int,
               n_test: int) -> tuple[list[dict], float]:
-    """Under a time budget: (the refit when it fits before the final stage's deadline, else no member; the seconds
-    kept for the report after it). Its cost comes from each source trial's measured seconds per epoch (a refit
-    epoch has as many images). With no member, the search's own models are delivered."""
-    from search.budget import RAY_START_S, TTA_VIEWS, clock
+    """Under a time budget: (the refit members as timed runs that end before the final stage's deadline, or none
+    when that time is shorter than the search gave their trials; the seconds kept for the report after it).
 
-    slots = settings.res.on_this_machine(settings.device)[2]
+    Each member trains for the time its round has (one round: on CPUs the members share the cores, on GPUs the slots
+    are filled with seeds, see fill_slots), its schedule spread over that time (training config train_seconds), on
+    one report per pass over the data. Never
+    for less time than its trial had in the search: a refit trained less would deliver a model worse than the
+    search's own (measured on the smoke search with epochs cut to fit: 0.815 against 0.846); then the search's
+    models are delivered."""
+    from search.budget import RAY_START_S, clock
+
+    cpus, gpus, slots = settings.res.refit_on_this_machine(len(members), settings.device)
+    if gpus > 0:
+        members = fill_slots(members, slots)
     costs = {m["source_trial"]: _trial_costs(exp_dir, m["source_trial"], n_val) for m in members}
     # (a trial evaluated on its share of the machine; the report runs alone, on all of it)
-    val_ips = min((v for _, v in costs.values()), default=1000.0) * max(1, slots)
+    val_ips = min((v for _, v in costs.values()), default=1000.0) * slots
     views = TTA_VIEWS if settings.tta == "auto" else 1
     report_s = DELIVERY_FIXED_S + (n_candidates + len(members) * views) * n_test / val_ips
     left = settings.deadline - time.time() - RAY_START_S - report_s
-    # The members run `slots` at once; each for its trial's best epochs (+10 %: start-up, saves). All of them or
-    # none: a refit with fewer epochs, or of fewer members than validation chose, would deliver a model trained
-    # less than the search's own (measured on the smoke search, epochs cut to fit: 0.815 against 0.846).
-    need = [m["epochs"] * costs[m["source_trial"]][0] * 1.1 for m in members]
-    rounds = [need[i:i + slots] for i in range(0, len(need), max(1, slots))]
-    fits = sum(max(r) for r in rounds) <= left
-    fitted = members if fits else []
-    print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): "
-          + (f"refit of {len(members)} model(s), about {clock(sum(max(r) for r in rounds))}" if fits else
-             f"no time for the refit ({clock(sum(max(r) for r in rounds))} of {clock(max(0.0, left))}): the "
-             "search's models are delivered"), flush=True)
+    rounds = math.ceil(len(members) / slots)
+    seconds = left / rounds - REFIT_START_S - REFIT_END_S
+    had = max(c for c, _ in costs.values())
+    if seconds < had:
+        print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): no time for the "
+              f"refit ({clock(max(0.0, seconds))} a model, less than the search gave its trials, {clock(had)}): the "
+              "search's models are delivered", flush=True)
+        return [], report_s
+    fitted = [{**m, "train": {**m["train"], "train_seconds": round(seconds, 1), "epoch_images": 0}} for m in members]
+    print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): refit of "
+          f"{len(fitted)} model(s) ({members_text(fitted)}), {clock(seconds)} each"
+          + (f" in {rounds} rounds" if rounds > 1 else f", {min(slots, len(fitted))} at once")
+          + ("" if gpus else f" on {cpus:g} CPU(s) each"), flush=True)
     return fitted, report_s
 
 

@@ -349,7 +349,7 @@ MAX_PARAMS_BYTES = 2**20  # params.json: a bigger one is not read
 _COUNTS = ("epoch", "training_iteration")  # whole numbers >= 0
 _FRACTIONS = ("val_acc",)  # in [0, 1] (NaN: none); it ranks the trials
 _NUMBERS = ("val_loss", "train_loss", "train_acc", "lr", "time_total_s", "time_this_iter_s", "run_seconds")
-_FLAGS = ("done", "diverged", "early_stopped", "cut_by_deadline")
+_FLAGS = ("done", "diverged", "early_stopped", "cut_by_deadline", "schedule_done")
 _TEXTS = ("checkpoint_dir_name",)
 
 

@@ -108,7 +108,11 @@ def check_plan(plan: Any, exp_dir: Path | None = None) -> dict:
             except PlanError as e:
                 raise PlanError(f"{where}.checkpoint: {e}") from None
     sel = plan["selection"]
-    _keys(sel, "selection", {"metric", "n_val", "val_acc_by_k", "chosen_k", "ensemble_pays", "tta", "candidates"})
+    _keys(sel, "selection", {"metric", "n_val", "val_acc_by_k", "chosen_k", "ensemble_pays", "tta", "candidates"},
+          {"p_by_k"})
+    p_by_k = sel.get("p_by_k", {})
+    _need(isinstance(p_by_k, dict) and all(_is_fraction(v) for v in p_by_k.values()),
+          "selection.p_by_k is not p-values by ensemble size")
     _need(_is_int(sel["chosen_k"], 1, len(cands)),
           f"selection.chosen_k is not a number of candidates (1..{len(cands)})")
     _need(isinstance(sel["ensemble_pays"], bool), "selection.ensemble_pays is not true or false")

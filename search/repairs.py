@@ -382,7 +382,8 @@ class StateKeeper(tune.Callback):
             ended = {"trial_id": trial.trial_id, "epoch": last.get("epoch")}
             # ended by the time budget: cut at the deadline, or past it (a resumed trial with no time left)
             if last.get("cut_by_deadline") or (self.deadline is not None and time.time() >= self.deadline
-                                                and not last.get("diverged") and not last.get("early_stopped")):
+                                                and not last.get("diverged") and not last.get("early_stopped")
+                                                and not last.get("schedule_done")):
                 ended["reason"] = "budget"
             write_atomic(folder / ENDED_FILE, lambda f: f.write(json.dumps(ended).encode()))
 

@@ -227,9 +227,13 @@ def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: d
     elif diverged:
         status = "diverged"
     elif ray_status == "TERMINATED" or last.get("done"):
-        # under a time budget ASHA's resource is seconds: a trial that had them all has finished
-        full = max_t is not None and (as_number(last.get("run_seconds")) or 0.0) >= max_t
-        asha = max_epochs is not None and epochs_run < max_epochs and not last.get("early_stopped") and not full
+        # under a time budget ASHA's resource is seconds: a trial that had them all (a timed trial ends by itself
+        # once they are spent, its schedule done) has finished, whatever its count of epochs
+        timed = (as_number(config.get("train_seconds")) or 0.0) > 0
+        full = bool(last.get("schedule_done")) or (
+            max_t is not None and (as_number(last.get("run_seconds")) or 0.0) >= max_t)
+        short = timed or (max_epochs is not None and epochs_run < max_epochs)
+        asha = short and not last.get("early_stopped") and not full
         if last.get("cut_by_deadline") or (asha and (ended or {}).get("reason") == "budget"):
             status = "budget"  # ended by the search's time budget, at its last report
         else:

@@ -55,7 +55,7 @@ def test_the_plan_splits_the_budget_and_names_the_smallest_that_works():
     p = budget.plan(1800, 20, cal, 2, 17000)
     assert p.search_s + p.final_s + p.elapsed_s <= 1800  # (the rest: margin and Ray's start)
     assert p.grace_s < p.max_t_s <= p.search_s and p.rungs[-1] == p.max_t_s and p.rungs[0] == p.grace_s
-    assert 128 <= p.epoch_images <= cal.n_train and p.epoch_images % 128 == 0 and p.max_epochs >= 1
+    assert 128 <= p.epoch_images <= cal.n_train and p.epoch_images % 128 == 0
     # the first rung costs tens of seconds of the default config, not epochs of minutes
     assert p.epoch_images / cal.default.train_ips < p.grace_s < 120
     with pytest.raises(ConfigError, match="smallest budget that would work here is about") as e:
@@ -81,6 +81,81 @@ def test_the_trainer_ends_at_a_deadline_with_a_checkpoint(digits_data, tmp_path)
     assert [m["run_seconds"] for m, _ in reports] == sorted(m["run_seconds"] for m, _ in reports)
     full = train({**config, "epochs": 2, "epoch_images": 0}, digits_data, out_dir=tmp_path / "b")
     assert full.epochs_run == 2 and not any(h.get("cut_by_deadline") for h in full.history)
+
+
+def test_a_timed_run_spreads_its_schedule_over_its_seconds(digits_data, tmp_path):
+    """train_seconds: the run ends once its seconds are spent (its epochs are only the reports), its schedule then
+    at its end (onecycle's last learning rate), and it says so; a run cut by a deadline resumes on the same clock
+    and ends at the same point; `finish_by` gives a run fewer seconds so that it is done by then."""
+    from training.trainer import train
+
+    cfg = {"split": "digits", "epochs": 4, "batch_size": 32, "hist_every": 0, "epoch_images": 64, "lr": 2e-3,
+           "scheduler": "onecycle", "train_seconds": 1.5}
+    r = train(cfg, digits_data, out_dir=tmp_path / "a")
+    last = r.history[-1]
+    assert last["schedule_done"] and last["run_seconds"] >= 1.5 and not last.get("cut_by_deadline")
+    assert last["lr"] < 2e-3 * 1e-3  # annealed: OneCycleLR's last steps (its final rate is 2e-3 / 25 / 1e4)
+    lrs = [h["lr"] for h in r.history]
+    peak = lrs.index(max(lrs))
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+
+    # cut by a deadline half-way, then resumed: the same clock goes on to the schedule's end
+    cut = train({**cfg, "train_seconds": 3.0}, digits_data, out_dir=tmp_path / "b", deadline=time.time() + 1.0)
+    assert cut.history[-1]["cut_by_deadline"] and not cut.history[-1].get("schedule_done")
+    at_cut = cut.history[-1]["run_seconds"]
+    assert at_cut < 3.0
+    done = train({**cfg, "train_seconds": 3.0}, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    first = done.history[len(cut.history)]  # the resumed run's first epoch: the same clock, not a new one
+    assert first["epoch"] == cut.history[-1]["epoch"] + 1 and first["run_seconds"] > at_cut
+    assert done.history[-1]["schedule_done"] and done.history[-1]["run_seconds"] >= 3.0
+    again = train({**cfg, "train_seconds": 3.0}, digits_data, out_dir=tmp_path / "b", resume=tmp_path / "b" / "last.pt")
+    assert again.epochs_run == done.epochs_run  # a timed run that had ended trains nothing more
+
+    # finish_by: the schedule is shortened to end by then, and the checkpoint says with how many seconds
+    ends = time.time() + 1.0
+    short = train({**cfg, "train_seconds": 1000.0}, digits_data, out_dir=tmp_path / "c", finish_by=ends)
+    assert short.history[-1]["schedule_done"] and short.history[-1]["lr"] < 2e-3 * 1e-3
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["config"]["train_seconds"] < 1000.0
+
+
+def test_a_timed_step_schedule_counts_epochs_of_its_shape(digits_data, tmp_path):
+    """step and plateau schedules of a timed run step once per epoch of the schedule's shape (`epochs` over the
+    seconds), however many reports fall in one: 4 epochs of step_size 1 decay 4 times, whatever the report size."""
+    from training.trainer import train
+
+    cfg = {"split": "digits", "epochs": 4, "batch_size": 32, "hist_every": 0, "epoch_images": 64, "lr": 1e-2,
+           "scheduler": "step", "step_size": 1, "gamma": 0.5, "train_seconds": 2.0}
+    r = train(cfg, digits_data, out_dir=tmp_path)
+    assert r.history[-1]["schedule_done"]
+    final_lr = load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"][0]["lr"]
+    assert final_lr == pytest.approx(1e-2 * 0.5**4)
+    assert {round(h["lr"] / 1e-2, 6) for h in r.history} <= {round(0.5**k, 6) for k in range(5)}
+
+
+def test_the_portfolio_is_never_stopped_at_a_rung_but_sets_its_bar():
+    """PortfolioASHA (Ray's ASHA): a portfolio point (the default config, the space's start points) worse than the
+    others at the rung trains on to max_t; its result still sets the rung's bar for the searcher's trials."""
+    from types import SimpleNamespace
+
+    from search.tuner import PortfolioASHA
+
+    asha = PortfolioASHA([{"model": "vgg", "width": 1.0}], time_attr="run_seconds", metric="val_acc", mode="max",
+                         max_t=90.0, grace_period=30.0, reduction_factor=3)
+    trials = {name: SimpleNamespace(trial_id=name, config=config) for name, config in (
+        ("good", {"model": "small_cnn", "width": 1.0}), ("portfolio", {"model": "vgg", "width": 1.0, "lr": 0.1}),
+        ("worse", {"model": "vgg", "width": 1.5}), ("better", {"model": "resnet", "width": 1.0}))}
+    for t in trials.values():
+        asha.on_trial_add(None, t)
+
+    def result(name, seconds, acc):
+        return asha.on_trial_result(None, trials[name], {"run_seconds": seconds, "val_acc": acc})
+
+    assert result("good", 31.0, 0.80) == asha.CONTINUE  # the first at its rung
+    assert result("portfolio", 32.0, 0.60) == asha.CONTINUE  # worse, but a portfolio point: trains on
+    assert result("worse", 33.0, 0.65) == asha.STOP  # below the bar the two before it set
+    assert result("better", 31.0, 0.85) == asha.CONTINUE
+    assert result("portfolio", 60.0, 0.70) == asha.CONTINUE and result("portfolio", 91.0, 0.9) == asha.STOP  # max_t
+    assert asha.is_protected({"model": "vgg", "width": 1.0, "depth": 2}) and not asha.is_protected({"model": "vgg"})
 
 
 def test_a_budget_too_small_is_one_line_before_ray_starts(digits_dir, tmp_path):
@@ -147,6 +222,30 @@ def test_a_budgeted_search_delivers_and_says_where_its_time_went(budgeted):
     assert settings["time_budget"] == 100 and settings["budget"]["max_t_s"] > settings["budget"]["grace_s"] > 0
 
 
+def test_the_refit_of_a_budget_is_timed_to_its_deadline_and_shares_the_cpus(budgeted):
+    """The final stage's refit under a budget on CPUs: the configs validation chose (an ensemble only beyond chance,
+    McNemar), sharing every CPU, each a timed run over the time left on one report per pass, done to its schedule's
+    end; the report says so. Its members' epochs shape the schedule as their trial's did."""
+    from search.resources import Resources
+
+    exp, _, r = budgeted
+    plan = json.loads((exp / "final" / "plan.json").read_text())
+    members = plan["members"]
+    assert len(members) == plan["selection"]["chosen_k"] and "p_by_k" in plan["selection"], r.stdout[-3000:]
+    cpus = Resources().refit_on_this_machine(len(members), "cpu")[0]
+    assert cpus == max(1, (os.cpu_count() or 1) // len(members)) and f"on {cpus:g} CPU(s) each" in r.stdout
+    trials = {t["trial_id"]: t for t in plan["candidates"]}
+    for m in members:
+        assert m["train"]["train_seconds"] > 0 and m["train"]["epoch_images"] == 0
+        assert m["epochs"] == m["train"]["epochs"] == trials[m["source_trial"]]["config"]["epochs"]
+    for d in (exp / "final" / "refit").glob("trial_*"):
+        last = load_checkpoint(sorted(d.glob("checkpoint_*/checkpoint.pt"))[-1])
+        assert last["metrics"]["schedule_done"] and last["config"]["train_seconds"] <= members[0]["train"][
+            "train_seconds"] + 1e-6
+    assert "each trained for" in (exp / "final" / "report.md").read_text()
+    assert "refit of" in r.stdout and " each, " in r.stdout
+
+
 def test_every_trial_of_a_budgeted_search_is_listed_with_a_status_and_usable_checkpoints(budgeted):
     exp, *_ = budgeted
     trials = load_experiment(exp).trials
@@ -184,9 +283,10 @@ from search.resources import Resources
 from training.data import load_for_config
 spec = load_search_spec({str(space)!r})
 spec.fixed['epoch_images'] = 64
+spec.fixed['train_seconds'] = 500.0  # (as search.run.apply_plan sets a budget's trials)
 base = spec.trial_base()
 data = load_for_config(base, {str(digits_dir)!r})
-plan = {{'grace_s': 1.0, 'max_t_s': 500.0, 'search_s': 12.0, 'epoch_images': 64, 'max_epochs': 400}}
+plan = {{'grace_s': 1.0, 'max_t_s': 500.0, 'search_s': 12.0, 'epoch_images': 64}}
 out = run_search(spec, data, {str(tmp_path / 'results' / 'd')!r}, 'd', {str(tmp_path / 'results')!r}, 50,
                  res=Resources(concurrency=2), budget=plan, deadline=time.time() + 12)
 print('DONE', out.done, out.samples, out.complete)
@@ -221,3 +321,37 @@ def test_auto_precision_keeps_depthwise_models_in_fp32_on_the_cpu(monkeypatch):
             want = native and name != "mobile_cnn"
             assert trainer.use_bf16(cpu, "auto", model) is want, (name, native)
             assert trainer.use_bf16(cpu, "bf16", model) and not trainer.use_bf16(cpu, "fp32", model)
+
+
+def test_the_budget_as_a_reader_sees_it(tmp_path):
+    """budget.json as the dashboard reads it: spent counts on while the driver's heartbeat is fresh; a damaged or
+    hostile file is no budget, never an exception."""
+    now = 1_000_000.0
+    path = tmp_path / budget.BUDGET_FILE
+    path.write_text(json.dumps({"budget_s": 600, "sessions": [{"started": now - 400, "seconds": 100},
+                                                              {"started": now - 50, "seconds": 48}]}))
+    b = budget.read_budget(tmp_path, now=now)
+    assert b["running"] and b["spent_s"] == pytest.approx(150) and b["left_s"] == pytest.approx(450)
+    b = budget.read_budget(tmp_path, now=now + 600)  # the heartbeat stopped: the session ended (or was killed)
+    assert not b["running"] and b["spent_s"] == pytest.approx(148)
+    for bad in ("{", "[]", '{"budget_s": "x", "sessions": []}', '{"budget_s": 600, "sessions": [{"seconds": -1}]}',
+                '{"budget_s": 600, "sessions": [1]}', '{"budget_s": Infinity, "sessions": [{"seconds": 1}]}'):
+        path.write_text(bad)
+        assert budget.read_budget(tmp_path, now=now) is None, bad
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.json")
+    assert budget.read_budget(tmp_path) is None
+
+
+def test_a_ledger_counts_every_session_and_sets_a_damaged_record_aside(tmp_path):
+    first = budget.Ledger(tmp_path, 100.0, started=time.time() - 10)
+    first.enter("search")
+    first.close()
+    second = budget.Ledger(tmp_path, 100.0, started=time.time() - 5)
+    assert second.spent_before == pytest.approx(10, abs=0.5) and second.left() == pytest.approx(85, abs=1)
+    second.close()
+    s = second.summary()
+    assert s["sessions"] == 2 and set(s["phases"]) == {"startup", "search"}
+    (tmp_path / budget.BUDGET_FILE).write_text("{cut")
+    third = budget.Ledger(tmp_path, 100.0)
+    assert third.earlier == [] and (tmp_path / "damaged" / budget.BUDGET_FILE).read_text() == "{cut"

@@ -413,6 +413,33 @@ def test_page_on_finished_search(app, tiny_experiment, tiny):
     no_exception(at)
 
 
+def test_a_budgeted_search_shows_its_time_spent_and_left(app, copy_of_tiny):
+    """The explorer's line for a time-budgeted search: spent and left, counting on while its driver's heartbeat is
+    fresh (a search still running), and as recorded once it has ended."""
+    import json
+    import re
+    import time
+
+    from search.budget import BUDGET_FILE
+
+    path = copy_of_tiny / "tiny" / BUDGET_FILE
+    now = time.time()
+    path.write_text(json.dumps({"budget_s": 600, "sessions": [{"started": now - 100, "seconds": 98}]}))
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    line = next(c for c in texts(at.caption).splitlines() if c.startswith("Time budget"))
+    assert re.fullmatch(r"Time budget 10 min 00 s: 1 min \d\d s spent, 8 min \d\d s left \(running: refresh to "
+                        r"follow it\)\.", line), line
+    path.write_text(json.dumps({"budget_s": 600, "sessions": [{"started": now - 1000, "seconds": 620}]}))
+    at = app(copy_of_tiny).run()
+    line = next(c for c in texts(at.caption).splitlines() if c.startswith("Time budget"))
+    assert line == "Time budget 10 min 00 s: 10 min 20 s spent, 20 s over.", line
+    path.write_text("{damaged")
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert "Time budget" not in texts(at.caption)
+
+
 def test_refresh_button_rereads_the_experiment(app, copy_of_tiny, monkeypatch):
     from dashboard import explorer
 

@@ -359,10 +359,38 @@ def test_choose_k_needs_a_real_gain():
     a = eye[[0, 1, 1, 0]] * 0.6 + 0.1  # 3/4 right
     b = eye[[0, 2, 2, 0]] * 0.9 + 0.03  # 3/4 right, other mistake; a+b: still 3/4
     c = eye[[1, 1, 2, 0]] * 0.9 + 0.03  # with a and b: the third image goes right
-    k, by_k = choose_k([a, b, c], y)
+    k, by_k, p_by_k = choose_k([a, b, c], y)
     assert by_k == {1: 0.75, 2: 0.75, 3: 1.0} and k == 3
-    k, by_k = choose_k([a, b], y)  # a tie is no gain: the single model is kept
+    k, by_k, _ = choose_k([a, b], y)  # a tie is no gain: the single model is kept
     assert k == 1
+    # with `significant` (a budget's refit on CPUs) one image more out of four is chance, not a gain
+    assert p_by_k[1] == 1.0 and p_by_k[3] == 1.0  # (one discordant image: p = 2 * 1/2)
+    assert choose_k([a, b, c], y, significant=True)[0] == 1
+
+
+def test_an_ensemble_under_a_cpu_budget_must_beat_one_model_beyond_chance():
+    """McNemar's exact test on the images exactly one of the two gets right: 60 against 40 of 100 discordant is
+    p = 0.057 (kept single), 62 against 38 p = 0.021 (the ensemble)."""
+    from search.final import mcnemar_p
+
+    def right(n_both, n_a, n_b, n_none):
+        a = torch.tensor([True] * n_both + [True] * n_a + [False] * n_b + [False] * n_none)
+        b = torch.tensor([True] * n_both + [False] * n_a + [True] * n_b + [False] * n_none)
+        return a, b
+
+    assert mcnemar_p(*right(800, 40, 60, 100)) == pytest.approx(0.0569, abs=1e-4)
+    assert mcnemar_p(*right(800, 38, 62, 100)) == pytest.approx(0.0210, abs=1e-4)
+    assert mcnemar_p(*right(900, 0, 0, 100)) == 1.0 and mcnemar_p(*right(0, 5, 5, 0)) == 1.0
+    y = torch.zeros(1000, dtype=torch.long)
+    for ensemble_only, single_only, want in ((62, 38, 2), (60, 40, 1)):
+        # 800 both right; the single model's own (the ensemble turns them wrong); the ensemble's own; both wrong
+        none = 200 - single_only - ensemble_only
+        rows = [([1.0, 0.0], [1.0, 0.0])] * 800 + [([0.6, 0.4], [0.0, 1.0])] * single_only \
+            + [([0.4, 0.6], [1.0, 0.0])] * ensemble_only + [([0.0, 1.0], [0.0, 1.0])] * none
+        single, other = (torch.tensor([r[i] for r in rows]) for i in (0, 1))
+        k, by_k, p_by_k = choose_k([single, other], y, significant=True)
+        assert by_k[2] > by_k[1] and k == want, (by_k, p_by_k)
+        assert choose_k([single, other], y)[0] == 2  # (without the test, any gain is taken)
 
 
 def test_wilson_interval():
