@@ -187,7 +187,8 @@ def _summary(exp: Experiment) -> None:
 
 def _budget_line(exp_dir) -> None:
     """A budgeted search's time: spent and left (counting on while its driver runs)."""
-    from search.budget import clock, read_budget
+    from search.budget import clock
+    from search.ledger import read_budget
 
     b = read_budget(exp_dir)
     if b is None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,10 +46,12 @@ from search.layout import (
     trial_dirs,
 )
 from search.plan import PLAN_FILE, DamagedPlan, PlanError, checkpoint_in, members_text, read_plan, relative_checkpoint
+from search.report import PAIRS_IMAGE, confused_pairs_image, write_report
 from search.resources import Resources
 from search.results import load_experiment
+from search.selection import TTA_VIEWS, Candidate, candidates, select_ensemble
 from search.signals import sigterm_as_sigint
-from training import augment
+from search.timed_refit import REFIT_END_S, fit_refit
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
 from training.config import ConfigError
 from training.data import EmnistData
@@ -58,11 +59,9 @@ from training.data import EmnistData
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"
 REPORT_FILE = "report.md"
-PAIRS_IMAGE = "confused_pairs.png"
 REFIT_NAME = "refit"
 EPOCHS_MODES = ("best", "full")
 TTA_MODES = ("auto", "off")
-TTA_VIEWS = len(augment.TTA_VIEWS)  # identity, 4 one-pixel shifts, +-8 degrees
 
 
 @dataclass
@@ -105,119 +104,14 @@ class FinalError(RuntimeError):
     """The final stage cannot go on; the message says why and what to do."""
 
 
-# ---------------------------------------------------------------- 1. selection on validation
-
-@dataclass
-class Candidate:
-    trial_id: str
-    val_acc: float
-    epoch: int  # of its best checkpoint
-    config: dict
-    checkpoint: str
-
-
-def candidates(exp, k: int) -> list[Candidate]:
-    """The top-k trials by validation accuracy with a readable best checkpoint, one per config
-    (Optuna can suggest a config twice; averaging a model with its twin adds nothing)."""
-    t = exp.trials[exp.trials["best_val_acc"].notna() & ~exp.trials["diverged"].fillna(False).astype(bool)]
-    t = t[~t["trial_id"].isin(exp.orphans)]
-    out: list[Candidate] = []
-    seen: set[str] = set()
-    for _, row in t.sort_values(["best_val_acc", "trial_id"], ascending=[False, True]).iterrows():
-        path = exp.best_checkpoint(row["trial_id"])
-        if path is None:
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError:
-            continue
-        key = json.dumps({k: v for k, v in ckpt["config"].items() if k != "device"}, sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
-        val = (ckpt.get("metrics") or {}).get("val_acc", row["best_val_acc"])
-        out.append(Candidate(str(row["trial_id"]), float(val), int(ckpt["epoch"]), dict(ckpt["config"]), str(path)))
-        if len(out) == k:
-            break
-    return out
-
-
-def _probs(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    from training.trainer import predict_logits
-
-    # fp32: the probabilities that are averaged and compared should not carry bf16 rounding
-    return predict_logits(model.to(dev), x.to(dev), batch_size=1024, precision="fp32").softmax(1).cpu()
-
-
-def _checkpoint_probs(paths: list[str], x: torch.Tensor, dev: torch.device, tta: int = 1) -> list[torch.Tensor]:
-    from training.ensemble import TestTimeAugment
-
-    out = []
-    for p in paths:
-        model = build_from_checkpoint(load_checkpoint(p), dev, where=p)
-        out.append(_probs(TestTimeAugment(model, tta) if tta > 1 else model, x, dev))
-    return out
-
-
-def mcnemar_p(a_right: torch.Tensor, b_right: torch.Tensor) -> float:
-    """Two-sided exact McNemar p-value of two classifiers on the same images (bool tensors: each right or not):
-    among the images exactly one gets right, how unlikely so lopsided a split is if both were as good."""
-    a_only, b_only = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
-    n = a_only + b_only
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-SIGNIFICANT_P = 0.05
-
-
-def choose_k(probs: list[torch.Tensor], y: torch.Tensor, significant: bool = False
-             ) -> tuple[int, dict[int, float], dict[int, float]]:
-    """(k, accuracy by k, McNemar p-value by k against the single model) for the averages of the first 1, 2, ...
-    len(probs) probability tables (ranked best single model first): the k kept is the smallest with the best
-    accuracy, so an ensemble must beat the single model, not tie it, to be chosen; with `significant`, by more
-    than chance (p < SIGNIFICANT_P), as where an ensemble's members share a fixed time (a budget's refit on
-    CPUs: each member more is fewer cores for the others)."""
-    by_k, p_by_k = {}, {}
-    single = None
-    for k in range(1, len(probs) + 1):
-        right = torch.stack(probs[:k]).mean(0).argmax(1) == y
-        single = right if single is None else single
-        by_k[k] = float(right.float().mean())
-        p_by_k[k] = 1.0 if k == 1 else mcnemar_p(single, right)
-    allowed = [k for k in by_k if k == 1 or not significant or p_by_k[k] < SIGNIFICANT_P]
-    return min(allowed, key=lambda k: (-by_k[k], k)), by_k, p_by_k
-
-
-def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device, tta: str = "auto",
-                    significant: bool = False) -> dict:
-    """The ensemble size, then whether test-time augmentation pays for it, both chosen on the
-    validation split (never the test split); `significant`: see choose_k."""
-    probs = _checkpoint_probs([c.checkpoint for c in cands], data.val_x, dev)
-    chosen, by_k, p_by_k = choose_k(probs, data.val_y, significant)
-    without = by_k[chosen]
-    views, with_tta = 1, None
-    if tta == "auto":  # the chosen model's prediction averaged over TTA_VIEWS views of each image
-        tta_probs = _checkpoint_probs([c.checkpoint for c in cands[:chosen]], data.val_x, dev, TTA_VIEWS)
-        with_tta = float((torch.stack(tta_probs).mean(0).argmax(1) == data.val_y).float().mean())
-        views = TTA_VIEWS if with_tta > without else 1  # it must gain, not tie
-    return {"metric": "val_acc", "n_val": len(data.val_y), "val_acc_by_k": {str(k): v for k, v in by_k.items()},
-            "chosen_k": chosen, "ensemble_pays": chosen > 1,
-            **({"p_by_k": {str(k): v for k, v in p_by_k.items()}} if significant else {}),
-            "tta": {"views": TTA_VIEWS, "val_acc": with_tta, "val_acc_without": without, "used": views > 1},
-            "candidates": [{"trial_id": c.trial_id, "val_acc": c.val_acc, "epoch": c.epoch} for c in cands]}
-
-
 # ---------------------------------------------------------------- 2. refit as Ray Tune trials
 
 def plan_refit(cands: list[Candidate], selection: dict, settings: FinalSettings) -> list[dict]:
     """One member per (chosen config, seed): its training config on the whole training split."""
     members = []
     for c in cands[: selection["chosen_k"]]:
-        # (under a time budget the refit is a timed run, search.final.fit_refit: its epochs only shape its schedule,
-        # as they shaped its trial's)
+        # (under a time budget the refit is a timed run, search.timed_refit.fit_refit: its epochs only shape its
+        # schedule, as they shaped its trial's)
         full = settings.refit_epochs == "full" or settings.deadline is not None
         epochs = int(c.config["epochs"]) if full else c.epoch
         for s in range(settings.refit_seeds):
@@ -233,11 +127,6 @@ def whole_training_split(data: EmnistData) -> EmnistData:
     for a refit those images are in its training set, so that figure is not a validation score."""
     return EmnistData(torch.cat([data.train_x, data.val_x]), torch.cat([data.train_y, data.val_y]),
                       data.val_x, data.val_y, data.classes, data.split, data.source)
-
-
-# A timed refit member (a time budget's) finishes its schedule this long before the refit's deadline: its last
-# validation and checkpoint, the report to Ray.
-REFIT_END_S = 5.0
 
 
 def _refit_trial(config: dict, data: EmnistData, deadline: float | None = None) -> None:
@@ -400,106 +289,6 @@ def _summary_single(summary: dict, cand: Candidate, exp_dir: Path, precision: st
             "ci95": list(wilson_interval(round(acc * n), n)), "n": n, "per_class": summary["per_class"],
             "most_confused": summary.get("most_confused") or [], "precision": precision,
             "trial_id": cand.trial_id, "source": SUMMARY_FILE}
-
-
-def confused_pairs_image(path: Path, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, classes: list[str],
-                         pairs: list[dict], per_side: int = 6, scale: int = 2) -> Path:
-    """One row per confused pair: test images of a read as b, then of b read as a (as the model
-    saw them, upright), labelled."""
-    from PIL import Image, ImageDraw
-
-    cell, label_w = 28 * scale + 4, 150
-    rows = max(1, len(pairs))
-    img = Image.new("RGB", (label_w + cell * (2 * per_side + 1), cell * rows + 4), "white")
-    draw = ImageDraw.Draw(img)
-    index = {c: i for i, c in enumerate(classes)}
-    for r, p in enumerate(pairs):
-        a, b = index[p["a"]], index[p["b"]]
-        top = 2 + r * cell
-        draw.text((4, top + 4), f"{p['a']} read as {p['b']}: {p['a_as_b']}", fill="black")
-        draw.text((4, top + cell // 2), f"{p['b']} read as {p['a']}: {p['b_as_a']}", fill="black")
-        for side, (t, q) in enumerate(((a, b), (b, a))):
-            hits = ((y == t) & (pred == q)).nonzero().flatten()[:per_side].tolist()
-            for j, i in enumerate(hits):
-                glyph = Image.fromarray((255 - x[i].numpy()).astype("uint8")).resize((28 * scale, 28 * scale))
-                img.paste(glyph, (label_w + (side * (per_side + 1) + j) * cell, top))
-    if not pairs:
-        draw.text((4, 10), "no confusions", fill="black")
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return write_atomic(path, lambda f: f.write(buf.getvalue()))
-
-
-def _row(name: str, r: dict | None) -> str:
-    if not r:
-        return f"| {name} | - | - | - |"
-    lo, hi = r["ci95"]
-    return f"| {name} | {r['label']} | {r['accuracy']:.4f} | [{lo:.4f}, {hi:.4f}] |"
-
-
-def _tta_sentence(tta: dict | None) -> str:
-    if not tta or tta.get("val_acc") is None:
-        return "Test-time augmentation: not tried (--tta off). "
-    return (f"Test-time augmentation ({tta['views']} views of each image, averaged): val accuracy "
-            f"{tta['val_acc']:.4f} against {tta['val_acc_without']:.4f} without, so "
-            f"{'used' if tta['used'] else 'not used'}. ")
-
-
-def _refit_sentence(refit: dict) -> str:
-    seconds = [m["seconds"] for m in refit["members"] if m.get("seconds")]
-    if seconds:  # a time budget's refit: timed runs
-        return (f"Refit: {len(refit['members'])} model(s) on train + validation, each trained for "
-                f"{max(seconds):.0f} s (the time budget's share), its schedule spread over that time.")
-    if not refit["members"] and refit.get("budget"):
-        return "Refit: none (the time budget left less time for it than the search gave its trials)."
-    return f"Refit: {refit['seeds']} seed(s) per config, on train + validation, epochs: {refit['epochs_mode']}."
-
-
-def write_report(path: Path, name: str, final: dict) -> Path:
-    t = final["test"]
-    sel = final["selection"]
-    lines = [f"# {name}: final model", "",
-             f"Delivered: `{final['model'] or 'none'}` ({final['delivered']}), sha256 `{final.get('model_sha256')}`.",
-             "", f"Every test figure here is computed in {final.get('test_precision', 'fp32')} "
-             "(training.evaluate: one precision for every test figure of the experiment).", "",
-             f"## Test accuracy ({next(iter(t.values()))['n'] if t else 0} test images, 95 % Wilson interval)", "",
-             "| model | what | test accuracy | 95 % interval |", "| --- | --- | --- | --- |",
-             _row("best single trial", t.get("single")), _row("ensemble of search checkpoints", t.get("ensemble")),
-             _row("refit (delivered)", t.get("refit")), "",
-             *([] if t.get("refit") else [f"No refit finished: delivered {final['delivered']}, test accuracy "
-                                          f"{final['delivered_test']['accuracy']:.4f}.", ""]),
-             "The test split was read once, for this table. Everything was chosen on the validation split:", "",
-             "## Selection on the validation split", "",
-             f"{sel['n_val']} validation images; an ensemble is kept only where it beats the best single model"
-             + (f" beyond chance (McNemar p < {SIGNIFICANT_P}: under a time budget on CPUs the refit's models share "
-                "the cores)." if sel.get("p_by_k") else "."), "",
-             "| k (top trials averaged) | val accuracy |" + (" McNemar p vs k = 1 |" if sel.get("p_by_k") else ""),
-             "| --- | --- |" + (" --- |" if sel.get("p_by_k") else ""),
-             *[f"| {k} | {v:.4f} |" + (f" {sel['p_by_k'].get(k, 1.0):.3g} |" if sel.get("p_by_k") else "")
-               for k, v in sel["val_acc_by_k"].items()], "",
-             f"Chosen: k = {sel['chosen_k']} ({'ensemble' if sel['ensemble_pays'] else 'single model'}). "
-             + _tta_sentence(sel.get("tta")) +
-             _refit_sentence(final["refit"]), ""]
-    if final.get("problems"):
-        lines += ["## Problems", "", *[f"- {p}" for p in final["problems"]], ""]
-    lines += ["## Top trials on the test split", "", "| trial | val accuracy | test accuracy | 95 % interval |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {r['trial_id']} | {r['val_acc']:.4f} | {r['accuracy']:.4f} | "
-              f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] |" for r in final["test_trials"]]
-    main = final.get("delivered_test")
-    if main:
-        lines += ["", f"## Most confused pairs ({main['label']})", "", f"![confused pairs]({PAIRS_IMAGE})", "",
-                  "| pair | mistakes | a read as b | b read as a |", "| --- | --- | --- | --- |",
-                  *[f"| {p['a']} / {p['b']} | {p['count']} | {p['a_as_b']} | {p['b_as_a']} |"
-                    for p in main["most_confused"]],
-                  "", f"## Per class ({main['label']})", "", "| class | precision | recall | F1 | support |",
-                  "| --- | --- | --- | --- | --- |",
-                  *[f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
-                    for r in main["per_class"]]]
-    write_atomic(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-    return path
 
 
 def _sha256(path: Path) -> str:
@@ -670,7 +459,8 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
         from training.data import check_split
 
         n_test = check_split(data.split, "test", data_dir, data.classes)
-        members, report_s = fit_refit(exp_dir, members, settings, len(cands), len(data.val_y), n_test)
+        members, report_s = fit_refit(exp_dir, members, settings.deadline, settings.res, settings.device, settings.tta,
+                                      len(cands), len(data.val_y), n_test)
         settings.report_s = report_s
     plan = {"settings": settings.planned(), "candidates": stored, "selection": selection, "members": members,
             **({"budget": True} if settings.deadline is not None else {})}
@@ -678,76 +468,6 @@ def _plan(exp_dir: Path, final_dir: Path, data: EmnistData, settings: FinalSetti
     # Written before any refit trial starts: a resumed final stage refits exactly these.
     write_atomic(plan_path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
     return plan
-
-
-def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float]:
-    """(seconds of training and validation the trial had, its validation images/s), from its result.json."""
-    from search.layout import read_result_rows
-
-    rows = read_result_rows(exp_dir / f"trial_{trial_id}" / "result.json")[0]
-    seconds = max((r["run_seconds"] for r in rows if isinstance(r.get("run_seconds"), int | float)), default=0.0)
-    evals = [r["eval_seconds"] for r in rows
-             if isinstance(r.get("eval_seconds"), int | float) and r["eval_seconds"] > 0]
-    return seconds, (n_val / (sum(evals) / len(evals)) if evals else 1000.0)
-
-
-# What a budgeted final stage keeps for its end: Ray's start, then the test report's evaluations of the candidates
-# and of the delivered model (with its views), plus fixed seconds for the test split's load and the writing.
-DELIVERY_FIXED_S = 20.0
-REFIT_START_S = 10.0  # a refit trial's start: its actor, the data on the device, the model
-
-
-def fill_slots(members: list[dict], slots: int) -> list[dict]:
-    """Under a time budget the refit runs in one round: on GPUs, fewer members than trials that run at once leave
-    the GPU's share idle for the same wall-clock, so the chosen configs get more seeds (in turn) until the round is
-    full (on CPUs alone the members share the cores instead: Resources.refit_share)."""
-    out = list(members)
-    k = 0
-    while members and len(out) < slots:
-        m = members[k % len(members)]
-        seed = 1 + max(x["seed_index"] for x in out if x["source_trial"] == m["source_trial"])
-        out.append({**m, "seed_index": seed, "train": {**m["train"], "seed": int(m["train"]["seed"]) + seed
-                                                       - m["seed_index"]}})
-        k += 1
-    return out
-
-
-def fit_refit(exp_dir: Path, members: list[dict], settings: FinalSettings, n_candidates: int, n_val: int,
-              n_test: int) -> tuple[list[dict], float]:
-    """Under a time budget: (the refit members as timed runs that end before the final stage's deadline, or none
-    when that time is shorter than the search gave their trials; the seconds kept for the report after it).
-
-    Each member trains for the time its round has (one round: on CPUs the members share the cores, on GPUs the slots
-    are filled with seeds, see fill_slots), its schedule spread over that time (training config train_seconds), on
-    one report per pass over the data. Never
-    for less time than its trial had in the search: a refit trained less would deliver a model worse than the
-    search's own (measured on the smoke search with epochs cut to fit: 0.815 against 0.846); then the search's
-    models are delivered."""
-    from search.budget import RAY_START_S, clock
-
-    cpus, gpus, slots = settings.res.refit_on_this_machine(len(members), settings.device)
-    if gpus > 0:
-        members = fill_slots(members, slots)
-    costs = {m["source_trial"]: _trial_costs(exp_dir, m["source_trial"], n_val) for m in members}
-    # (a trial evaluated on its share of the machine; the report runs alone, on all of it)
-    val_ips = min((v for _, v in costs.values()), default=1000.0) * slots
-    views = TTA_VIEWS if settings.tta == "auto" else 1
-    report_s = DELIVERY_FIXED_S + (n_candidates + len(members) * views) * n_test / val_ips
-    left = settings.deadline - time.time() - RAY_START_S - report_s
-    rounds = math.ceil(len(members) / slots)
-    seconds = left / rounds - REFIT_START_S - REFIT_END_S
-    had = max(c for c, _ in costs.values())
-    if seconds < had:
-        print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): no time for the "
-              f"refit ({clock(max(0.0, seconds))} a model, less than the search gave its trials, {clock(had)}): the "
-              "search's models are delivered", flush=True)
-        return [], report_s
-    fitted = [{**m, "train": {**m["train"], "train_seconds": round(seconds, 1), "epoch_images": 0}} for m in members]
-    print(f"final stage within the time budget ({clock(settings.deadline - time.time())} left): refit of "
-          f"{len(fitted)} model(s) ({members_text(fitted)}), {clock(seconds)} each"
-          + (f" in {rounds} rounds" if rounds > 1 else f", {min(slots, len(fitted))} at once")
-          + ("" if gpus else f" on {cpus:g} CPU(s) each"), flush=True)
-    return fitted, report_s
 
 
 def _check_refit_matches(refit_dir: Path, plan: dict) -> None:
@@ -865,7 +585,7 @@ def add_final_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from search.run import DEFAULT_STORAGE
+    from search.layout import DEFAULT_STORAGE
 
     p = argparse.ArgumentParser(description="Final stage of a finished search: refit, ensemble, test report.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

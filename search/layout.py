@@ -31,6 +31,7 @@ import math
 import os
 from pathlib import Path
 
+DEFAULT_STORAGE = Path(__file__).resolve().parents[1] / "results"  # where experiments go without --storage
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint_<n>/ folder (search/trainable.py writes it)
 SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
 SESSIONS_FILE = "sessions.json"  # seconds of each driver session (the search's wall-clock over resumes)

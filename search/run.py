@@ -18,9 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from search.budget import Ledger, clock, parse_duration
+from search.budget import clock, parse_duration
 from search.final import FinalError, FinalSettings, add_final_args
-from search.layout import SETTINGS_FILE, has_whole_state, is_uri, read_settings
+from search.layout import DEFAULT_STORAGE, SETTINGS_FILE, has_whole_state, is_uri, read_settings
+from search.ledger import Ledger
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
 from search.resources import Resources
 from search.signals import sigterm_as_sigint
@@ -31,7 +32,6 @@ from training.data import REPO_ROOT, DataNotFoundError
 from training.idx import IdxError
 
 DEFAULT_SEARCH = REPO_ROOT / "configs" / "search" / "default.yaml"
-DEFAULT_STORAGE = REPO_ROOT / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -138,9 +138,9 @@ if __name__ == "__main__":
 
 
 def add_budget(exp_dir: str | Path, spending: dict) -> list[str]:
-    """How the command's time was spent (search.budget.Ledger.summary) into summary.json["budget"] and, where the
+    """How the command's time was spent (search.ledger.Ledger.summary) into summary.json["budget"] and, where the
     final stage wrote one, a section of final/report.md; returns the lines to print."""
-    from search.budget import spending_lines
+    from search.ledger import spending_lines
 
     exp_dir = Path(exp_dir)
     path = exp_dir / SUMMARY_FILE

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from search import budget
+from search import budget, ledger
 from search.results import load_experiment
 from tests.test_search import REPO, write_space
 from training.checkpoint import load_checkpoint
@@ -327,31 +327,31 @@ def test_the_budget_as_a_reader_sees_it(tmp_path):
     """budget.json as the dashboard reads it: spent counts on while the driver's heartbeat is fresh; a damaged or
     hostile file is no budget, never an exception."""
     now = 1_000_000.0
-    path = tmp_path / budget.BUDGET_FILE
+    path = tmp_path / ledger.BUDGET_FILE
     path.write_text(json.dumps({"budget_s": 600, "sessions": [{"started": now - 400, "seconds": 100},
                                                               {"started": now - 50, "seconds": 48}]}))
-    b = budget.read_budget(tmp_path, now=now)
+    b = ledger.read_budget(tmp_path, now=now)
     assert b["running"] and b["spent_s"] == pytest.approx(150) and b["left_s"] == pytest.approx(450)
-    b = budget.read_budget(tmp_path, now=now + 600)  # the heartbeat stopped: the session ended (or was killed)
+    b = ledger.read_budget(tmp_path, now=now + 600)  # the heartbeat stopped: the session ended (or was killed)
     assert not b["running"] and b["spent_s"] == pytest.approx(148)
     for bad in ("{", "[]", '{"budget_s": "x", "sessions": []}', '{"budget_s": 600, "sessions": [{"seconds": -1}]}',
                 '{"budget_s": 600, "sessions": [1]}', '{"budget_s": Infinity, "sessions": [{"seconds": 1}]}'):
         path.write_text(bad)
-        assert budget.read_budget(tmp_path, now=now) is None, bad
+        assert ledger.read_budget(tmp_path, now=now) is None, bad
     path.unlink()
     path.symlink_to(tmp_path / "elsewhere.json")
-    assert budget.read_budget(tmp_path) is None
+    assert ledger.read_budget(tmp_path) is None
 
 
 def test_a_ledger_counts_every_session_and_sets_a_damaged_record_aside(tmp_path):
-    first = budget.Ledger(tmp_path, 100.0, started=time.time() - 10)
+    first = ledger.Ledger(tmp_path, 100.0, started=time.time() - 10)
     first.enter("search")
     first.close()
-    second = budget.Ledger(tmp_path, 100.0, started=time.time() - 5)
+    second = ledger.Ledger(tmp_path, 100.0, started=time.time() - 5)
     assert second.spent_before == pytest.approx(10, abs=0.5) and second.left() == pytest.approx(85, abs=1)
     second.close()
     s = second.summary()
     assert s["sessions"] == 2 and set(s["phases"]) == {"startup", "search"}
-    (tmp_path / budget.BUDGET_FILE).write_text("{cut")
-    third = budget.Ledger(tmp_path, 100.0)
-    assert third.earlier == [] and (tmp_path / "damaged" / budget.BUDGET_FILE).read_text() == "{cut"
+    (tmp_path / ledger.BUDGET_FILE).write_text("{cut")
+    third = ledger.Ledger(tmp_path, 100.0)
+    assert third.earlier == [] and (tmp_path / "damaged" / ledger.BUDGET_FILE).read_text() == "{cut"

@@ -420,7 +420,7 @@ def test_a_budgeted_search_shows_its_time_spent_and_left(app, copy_of_tiny):
     import re
     import time
 
-    from search.budget import BUDGET_FILE
+    from search.ledger import BUDGET_FILE
 
     path = copy_of_tiny / "tiny" / BUDGET_FILE
     now = time.time()

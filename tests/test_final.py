@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from search.final import FinalError, FinalSettings, choose_k, run_final, whole_training_split
+from search.final import FinalError, FinalSettings, run_final, whole_training_split
 from search.layout import ray_statuses, read_json_lines, trial_dirs
+from search.selection import choose_k
 from tests.test_search import REPO, RUN, write_space
 from training import ensemble
 from training.checkpoint import CheckpointError, load_checkpoint
@@ -371,7 +372,7 @@ def test_choose_k_needs_a_real_gain():
 def test_an_ensemble_under_a_cpu_budget_must_beat_one_model_beyond_chance():
     """McNemar's exact test on the images exactly one of the two gets right: 60 against 40 of 100 discordant is
     p = 0.057 (kept single), 62 against 38 p = 0.021 (the ensemble)."""
-    from search.final import mcnemar_p
+    from search.selection import mcnemar_p
 
     def right(n_both, n_a, n_b, n_none):
         a = torch.tensor([True] * n_both + [True] * n_a + [False] * n_b + [False] * n_none)

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +31,7 @@ from training.config import TrainConfig, make_config
 from training.data import EmnistData, normalize, on_device
 from training.graphs import GraphedStep, graphs_wanted, try_graphed_step
 from training.metrics import confusion_matrix, summarize
+from training.schedule import epoch_schedule, fit_schedule, make_scheduler, position, schedule_steps_per_epoch
 
 # reporter(metrics_of_this_epoch, path_of_this_epoch's_checkpoint_or_None)
 Reporter = Callable[[dict[str, Any], Path | None], None]
@@ -65,73 +64,6 @@ def make_optimizer(c: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     if c.optimizer == "adam":
         return torch.optim.Adam(groups, lr=c.lr, **fused)
     return torch.optim.AdamW(groups, lr=c.lr, **fused)
-
-
-def make_scheduler(c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """Returns (scheduler or None, when it steps: 'step' | 'epoch' | 'plateau')."""
-    total = c.epochs * steps_per_epoch
-    if c.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=c.step_size, gamma=c.gamma), "epoch"
-    if c.scheduler == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="max", factor=c.plateau_factor, patience=c.plateau_patience
-        )
-        return sched, "plateau"
-    if c.scheduler == "cosine":
-        warm = int(c.warmup_epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor), "step"
-    if c.scheduler == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.pct_start)
-        return sched, "step"
-    return None, "none"
-
-
-# A timed run (config train_seconds) sets its schedule's position from the seconds it has had: the schedule is
-# built `TIMED_STEPS` steps long (points along it, not batches) and moved to the point its time has reached.
-TIMED_STEPS = 10_000
-
-
-def schedule_steps_per_epoch(c: TrainConfig, steps: int) -> int:
-    """What make_scheduler counts as an epoch's steps: the batches of an epoch, or for a timed run its share of
-    TIMED_STEPS."""
-    return -(-TIMED_STEPS // c.epochs) if c.train_seconds > 0 else steps
-
-
-def timed_epochs(c: TrainConfig, seconds: float) -> int:
-    """The epochs of a timed run's schedule (`epochs` long, over train_seconds) that `seconds` have passed."""
-    return int(min(1.0, seconds / c.train_seconds) * c.epochs)
-
-
-def _position(sched, step: int) -> None:
-    """A step-wise schedule moved forward to `step` (never back), its learning rate set for it."""
-    if step <= sched.last_epoch:
-        return
-    sched.last_epoch = step - 1
-    with warnings.catch_warnings():  # "step() before optimizer.step()": positioning, not training
-        warnings.simplefilter("ignore", UserWarning)
-        sched.step()  # -> step `step`
-
-
-def _fit_schedule(sched, c: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int):
-    """A resumed OneCycle schedule restored from a run planned for another length (`--resume
-    --epochs N` extends a finished run) would stop at the old total ("Tried to step N times"):
-    rebuild it for this run's length, at the step the run has reached. (The cosine schedule
-    reads the length from the config, and the step and plateau ones do not depend on it.)"""
-    if not isinstance(sched, torch.optim.lr_scheduler.OneCycleLR):
-        return sched
-    total, done = c.epochs * steps_per_epoch, sched.last_epoch
-    if sched.total_steps == total or done >= total:  # (done >= total: nothing is left to train)
-        return sched
-    fresh = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.pct_start)
-    fresh.last_epoch = -1  # (moved to `done` below, its learning rate set for it)
-    _position(fresh, done)
-    return fresh
 
 
 # On the CPU a large evaluation batch is slower, not faster: a batch's activations beyond glibc malloc's
@@ -416,7 +348,7 @@ def restore(run: Run, resume: str | Path | dict) -> None:
             g["fused"], g["foreach"] = fused, foreach
         if run.sched is not None and ckpt.get("scheduler"):
             run.sched.load_state_dict(ckpt["scheduler"])
-            run.sched = _fit_schedule(run.sched, c, run.opt, schedule_steps_per_epoch(c, run.steps))
+            run.sched = fit_schedule(run.sched, c, run.opt, schedule_steps_per_epoch(c, run.steps))
         _set_rng_state(ckpt["rng"], run.g_order, run.g_aug, run.device)
         run.history, run.best = list(ckpt["history"]), dict(ckpt["best"])
         run.bad_epochs, run.start_epoch = int(ckpt["bad_epochs"]), int(ckpt["epoch"]) + 1
@@ -461,7 +393,7 @@ def run_epoch(run: Run, epoch: int, progress: Progress | None = None,
             run.ema.update()
         if timed:
             seconds = spent + time.perf_counter() - t0
-            _position(run.sched, min(total - 1, int(seconds / c.train_seconds * total)))
+            position(run.sched, min(total - 1, int(seconds / c.train_seconds * total)))
         elif run.sched_when == "step":
             run.sched.step()
         loss_sum += loss.detach()
@@ -505,22 +437,6 @@ def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improve
         "bad_epochs": run.bad_epochs,
         **({"train_model": run.model.state_dict(), "ema_steps": run.ema.steps} if run.ema is not None else {}),
     })
-
-
-def _epoch_schedule(run: Run, m: dict, val_acc: float) -> None:
-    """Epoch-wise schedules (step, plateau) after an epoch: one step; for a timed run one per epoch of its schedule
-    that this epoch's seconds passed (none while within one)."""
-    if run.sched_when not in ("epoch", "plateau"):
-        return
-    c = run.c
-    n = 1 if c.train_seconds <= 0 else (timed_epochs(c, m["run_seconds"])
-                                         - timed_epochs(c, m["run_seconds"] - m["epoch_seconds"]))
-    if run.sched_when == "plateau":
-        if n:  # (one look at the accuracy per epoch: its patience counts epochs)
-            run.sched.step(val_acc)
-        return
-    for _ in range(n):
-        run.sched.step()
 
 
 def train(
@@ -633,7 +549,7 @@ def train(
             stop = bool(c.early_stop_patience and run.bad_epochs >= c.early_stop_patience)
             m["early_stopped"] = stop  # patience ran out: this is the run's last epoch
             run.history.append(m)
-            _epoch_schedule(run, m, val_acc)
+            epoch_schedule(run.sched, run.sched_when, c, m, val_acc)
 
             if tb:
                 tb.epoch(m)
