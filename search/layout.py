@@ -14,6 +14,7 @@ knows Ray Tune's layout (with our trial names) and our own files beside it.
     <exp>/orphaned/, <exp>/damaged/     set aside on --resume (search/repairs.py): trial folders no state
                                         names; files cut short or damaged (Ray's state, sessions.json, summary.json,
                                         final/plan.json), numbered NAME.1, NAME.2 rather than overwritten
+    <exp>/budget.json                   each driver session's seconds by phase and the time budget (search/ledger.py)
     <exp>/state-copy/                   the driver's whole copies of Ray's state files (search.repairs.StateKeeper)
     <exp>/trial_<id>/ended.json         the trial ended (its last epoch), written by the driver
 
