@@ -172,6 +172,12 @@ RAY_START_S = 12.0
 TRIAL_START_S = 2.0
 REPORT_S = 0.25
 TTA_VIEWS = 7
+# The final stage under a budget (search/timed_refit.py), the same figures for its plan here and its refit there:
+# a refit trial's start (its actor, the data on the device, the model) and its end (last validation, checkpoint,
+# report), and the delivery's fixed part (the test split's load, the writing).
+REFIT_START_S = 10.0
+REFIT_END_S = 5.0
+DELIVERY_FIXED_S = 20.0
 
 
 def asha_rungs(grace: float, factor: int, max_t: float) -> list[float]:
@@ -215,7 +221,7 @@ def final_stage_s(cal: Calibration, n_test: int, refit_s: float, concurrency: in
     views = TTA_VIEWS if tta else 1
     evals = (candidates * cal.n_val + members * views * cal.n_val      # selection, TTA's choice
              + (candidates + members * views + 1) * n_test) / d.eval_ips  # test report, summary
-    return RAY_START_S + rounds * refit_s + evals + 5.0
+    return RAY_START_S + rounds * (refit_s + REFIT_START_S + REFIT_END_S) + evals + DELIVERY_FIXED_S
 
 
 def estimate(spec, samples: int, concurrency: int, cal: Calibration, n_test: int, elapsed_s: float) -> Estimate:

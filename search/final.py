@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from search.budget import REFIT_END_S
 from search.layout import (
     CHECKPOINT_FILE,
     SETTINGS_FILE,
@@ -51,7 +52,7 @@ from search.resources import Resources
 from search.results import load_experiment
 from search.selection import TTA_VIEWS, Candidate, candidates, select_ensemble
 from search.signals import sigterm_as_sigint
-from search.timed_refit import REFIT_END_S, fit_refit
+from search.timed_refit import fit_refit
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
 from training.config import ConfigError
 from training.data import EmnistData

@@ -139,11 +139,18 @@ class ExperimentLock:
                     pass
             os.close(fd)  # closing the descriptor releases the flock
 
-    def _held_message(self) -> str:
-        try:
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}
+    def _held_message(self, wait_s: float = 3.0) -> str:
+        # The holder writes its record just after it took the flock: a driver refused in that moment reads an
+        # empty file, so it waits a little for the record to name the holder.
+        end = time.monotonic() + wait_s
+        while True:
+            try:
+                holder = json.loads(self.path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder or time.monotonic() >= end:
+                break
+            time.sleep(0.05)
         who = (f"driver pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
                f"started {holder.get('started', '?')}") if holder else "another driver"
         return (f"experiment {self.exp_dir} is in use by {who}. One driver per experiment: wait for it to end "

@@ -7,15 +7,11 @@ import math
 import time
 from pathlib import Path
 
-from search.budget import RAY_START_S, clock
+from search.budget import DELIVERY_FIXED_S, RAY_START_S, REFIT_END_S, REFIT_START_S, clock
 from search.layout import read_result_rows
 from search.plan import members_text
 from search.resources import Resources
 from search.selection import TTA_VIEWS
-
-# A timed refit member (a time budget's) finishes its schedule this long before the refit's deadline: its last
-# validation and checkpoint, the report to Ray.
-REFIT_END_S = 5.0
 
 
 def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float]:
@@ -26,11 +22,6 @@ def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float
              if isinstance(r.get("eval_seconds"), int | float) and r["eval_seconds"] > 0]
     return seconds, (n_val / (sum(evals) / len(evals)) if evals else 1000.0)
 
-
-# What a budgeted final stage keeps for its end: Ray's start, then the test report's evaluations of the candidates
-# and of the delivered model (with its views), plus fixed seconds for the test split's load and the writing.
-DELIVERY_FIXED_S = 20.0
-REFIT_START_S = 10.0  # a refit trial's start: its actor, the data on the device, the model
 
 
 def fill_slots(members: list[dict], slots: int) -> list[dict]:
