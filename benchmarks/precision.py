@@ -1,13 +1,18 @@
 """Benchmark: one training step in bf16 autocast against fp32, per model, on one device, side by side.
 
     python -m benchmarks.precision [--models small_cnn,mobile_cnn] [--threads 1] [--batch 128] [--steps 20]
-                                   [--repeats 5] [--device cpu] [--width 1.0]
+                                   [--repeats 5] [--device cpu] [--width 1.0] [--compile]
 
 It decides what `precision: auto` means on a CPU with native bf16 (training.trainer.use_bf16): bf16 is ~2x
 faster for the plain convolutions of small_cnn, vgg and resnet, but the depthwise convolutions of mobile_cnn can
 be slower in bf16 than in fp32 (issue 19: 0.6x on an AMD EPYC). The two precisions alternate, `--repeats` times
 each, in one process at `--threads` threads (a trial's one thread by default), and the median of each is printed
 with their ratio and what `auto` picks for the model. Random images: the time does not depend on the pixels.
+
+--compile measures instead what `torch.compile` would cost and buy a trial (issue 19: only worth it where its
+compile time fits inside the first rung of a budget): per model, at the precision `auto` picks, the seconds of
+the first compiled steps (the compilation), then eager and compiled images/s alternating, and the seconds of
+training after which the compilation has paid for itself.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile: compile seconds and speed vs eager")
     a = p.parse_args(argv)
     unknown = [m for m in a.models.split(",") if m not in list_models()]
     if unknown:
@@ -57,6 +63,37 @@ def step_rate(model, opt, x, y, c, precision: str, steps: int) -> float:
     return steps * len(x) / (time.perf_counter() - t0)
 
 
+def compiled_step(model, opt, c, channels_last: bool = True):
+    """The project's training step (train_step) compiled whole: forward, loss, backward and the optimizer."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # (each model compiles from nothing: its compile time is what a trial would pay)
+    return torch.compile(lambda x, y: train_step(model, opt, x, y, c, channels_last))
+
+
+def compile_row(name: str, a, dev, x, y) -> str:
+    c = make_config({"model": name, "width": a.width, "split": "bymerge"})
+    model = build_model(name, 47, **c.model_kwargs()).to(dev).to(memory_format=torch.channels_last)
+    opt = make_optimizer(c, model)
+    step = compiled_step(model, opt, c)
+    t0 = time.perf_counter()
+    for _ in range(3):  # the first calls compile (and recompile once the optimizer's state exists)
+        step(x, y)
+    compile_s = time.perf_counter() - t0
+    rates: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(a.repeats):
+        for kind, fn in (("eager", lambda: train_step(model, opt, x, y, c, True)), ("compiled", lambda: step(x, y))):
+            fn()
+            t1 = time.perf_counter()
+            for _ in range(a.steps):
+                fn()
+            rates[kind].append(a.steps * len(x) / (time.perf_counter() - t1))
+    eager, comp = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
+    gain = 1 / eager - 1 / comp  # seconds saved per image
+    pays = f"{compile_s / (gain * eager):.0f} s" if gain > 0 else "never"
+    return f"{name:12s} {compile_s:10.1f} {eager:11,.0f} {comp:13,.0f} {comp / eager:8.2f}x  {pays}"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -69,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.batch, 1, 28, 28, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 47, (a.batch,), generator=g).to(dev)
+    if a.compile:
+        print(f"{'model':12s} {'compile s':>10s} {'eager img/s':>11s} {'compiled img/s':>13s} {'ratio':>9s}  "
+              "pays for itself after (eager training seconds)")
+        for name in a.models:
+            print(compile_row(name, a, dev, x, y), flush=True)
+        return 0
     for name in a.models:
         c = make_config({"model": name, "width": a.width, "split": "bymerge"})
         model = build_model(name, 47, **c.model_kwargs()).to(dev).to(memory_format=torch.channels_last)

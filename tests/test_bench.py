@@ -109,3 +109,58 @@ def test_search_report_of_the_gpu_script(smoke_search, tmp_path):
     at_once = int(re.search(r"^experiment smoke: .*, (\d+) at once", r.stdout, re.MULTILINE).group(1))
     assert f"budget: {summary['search_wall_seconds']:.1f} s x {at_once} trials at once" in text
     assert re.search(r"per trial: start-up \d+\.\d\d s", text) and re.search(r"checkpoint save \d+\.\d{3} s each", text)
+
+
+@pytest.mark.slow
+def test_budget_bench_measures_the_floor_and_the_estimate(digits_dir, tmp_path):
+    """benchmarks.budget on tiny data: (b) the default config alone as a timed run, and a search without a budget
+    run to its end against the estimate it printed first; each a row with its test accuracy and wall-clock."""
+    from tests.test_search import write_space
+
+    space = write_space(tmp_path, samples=2, max_epochs=1, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.budget", "--budget", "40s", "--data-dir", str(digits_dir),
+                        "--split", "digits", "--samples", "2", "--config", str(space), "--variants", "b,estimate",
+                        "--storage", str(tmp_path / "bench")], capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "native bf16:" in r.stdout and "budget 40s (40 s)" in r.stdout
+    rows = {ln.split(" | ")[0]: ln for ln in r.stdout.splitlines() if ln.startswith("| (")}
+    assert re.search(r"default config alone, 10 s of training \(\d+ threads\) \| 0\.\d{4} \[0\.\d{4}, [01]\.\d{4}\] \| "
+                     r"1 \|", rows["| (b)"]), rows
+    assert re.search(r"no budget, 2 samples, run to the end \| 0\.\d{4} .* min, estimated .* before it started "
+                     r"\([+-]\d+ %\) \|$", rows["| (estimate)"]), rows
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.budget", "--data-dir", "x", "--variants", "a,z"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "--variants takes" in bad.stderr
+
+
+@pytest.mark.slow
+def test_portfolio_bench_prints_runs_pairs_and_every_core(digits_dir, tmp_path):
+    """benchmarks.portfolio on tiny data: each configuration's timed run, a second seed of the first two, every pair
+    averaged on validation against the best on every core, test reported."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.portfolio", "--data-dir", str(digits_dir), "--split",
+                        "digits", "--seconds", "1", "--configs", "width=0.5; width=1.0 lr=0.003", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for name in ("width=0.5", "width=1.0 lr=0.003", "width=0.5 seed=1", "width=1.0 lr=0.003 seed=1"):
+        assert re.search(rf"^  {re.escape(name)} +val 0\.\d{{4}}  test [01]\.\d{{4}}$", r.stdout, re.M), r.stdout
+    assert len(re.findall(r"^  .+ \+ .+: [01]\.\d{4}$", r.stdout, re.M)) == 6  # 4 runs: 6 pairs
+    assert re.search(r"on \d+ threads: [01]\.\d{4}$", r.stdout, re.M), r.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.portfolio", "--data-dir", "x", "--configs", "model=nope"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "model must be one of" in bad.stderr
+
+
+@pytest.mark.slow
+def test_precision_bench_prints_each_precision_and_compile_seconds():
+    """benchmarks.precision: bf16 against fp32 per model with what `auto` picks; --compile: torch.compile's
+    seconds, the compiled step against the eager one, and when it would pay for itself."""
+    r = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--models", "small_cnn", "--steps", "2",
+                        "--repeats", "1", "--batch", "32"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"^small_cnn +[\d,]+ +[\d,]+ +[\d.]+x  (bf16|fp32)$", r.stdout, re.M), r.stdout
+    c = subprocess.run([sys.executable, "-m", "benchmarks.precision", "--models", "small_cnn", "--steps", "2",
+                        "--repeats", "1", "--batch", "32", "--compile"], capture_output=True, text=True, timeout=900,
+                       cwd=REPO)
+    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
+    assert re.search(r"^small_cnn +[\d.]+ +[\d,]+ +[\d,]+ +[\d.]+x  (\d+ s|never)$", c.stdout, re.M), c.stdout
