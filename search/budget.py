@@ -295,9 +295,10 @@ def plan(budget_s: float, elapsed_s: float, cal: Calibration, concurrency: int, 
     max_t = alpha * search_s
     # One rung, at a third of max_t, then max_t. A rung asks "which is best after this long", and at a short one the
     # configurations that are fast per image are ahead whatever they reach later: measured on the 2-core machine
-    # (bymerge, timed onecycle runs of 330 s, one thread), vgg width 1 depth 2 stood at 0.77 val against small_cnn
-    # width 1's 0.83 after 37 s (a rung at max_t / 9), level after 110 s (max_t / 3), and ahead at 330 s (0.8998
-    # against 0.8909 test). Fewer trials, judged where the judgement holds.
+    # (bymerge, the trials of `benchmarks.budget --budget 30m`, timed onecycle runs of 330 s, one thread each),
+    # vgg width 1 stood at 0.79 val against small_cnn width 1's 0.83 after ~38 s (a rung at max_t / 9), nearly
+    # level after ~110 s (max_t / 3), and ahead at 330 s (0.8945 against 0.8912). Fewer trials, judged where the
+    # judgement holds.
     grace = max(max_t / FACTOR, 3 * (_epoch_s(d, min_images, cal.n_val)))
     # an epoch (a report): about a twelfth of the first rung of the default config, never less than min_images
     images = int((grace / 12 - cal.n_val / d.eval_ips - REPORT_S) * d.train_ips)

@@ -205,6 +205,14 @@ def _count(v) -> int | None:
     return int(f) if f is not None and f.is_integer() and 0 <= f <= MAX_EPOCH else None
 
 
+def had_its_seconds(last: dict, max_t: float | None) -> bool:
+    """Whether a timed trial (a time budget's), whose last result is `last`, had all its seconds: its schedule
+    done, or ASHA's max_t reached (ASHA stops it at the report that passes max_t, which can come a step before
+    the trial's own end). One rule for trials.csv and the progress line."""
+    return bool(last.get("schedule_done")) or (
+        max_t is not None and (as_number(last.get("run_seconds")) or 0.0) >= max_t)
+
+
 def _budget_max_t(exp_dir: Path) -> float | None:
     """A time-budgeted search's most seconds per trial (search.json's budget plan), else None."""
     plan = (read_json(exp_dir / SETTINGS_FILE, 4 * 2**20) or {}).get("budget")
@@ -230,8 +238,7 @@ def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: d
         # under a time budget ASHA's resource is seconds: a trial that had them all (a timed trial ends by itself
         # once they are spent, its schedule done) has finished, whatever its count of epochs
         timed = (as_number(config.get("train_seconds")) or 0.0) > 0
-        full = bool(last.get("schedule_done")) or (
-            max_t is not None and (as_number(last.get("run_seconds")) or 0.0) >= max_t)
+        full = had_its_seconds(last, max_t)
         short = timed or (max_epochs is not None and epochs_run < max_epochs)
         asha = short and not last.get("early_stopped") and not full
         if last.get("cut_by_deadline") or (asha and (ended or {}).get("reason") == "budget"):

@@ -21,6 +21,7 @@ from search.budget import FACTOR, clock
 from search.layout import add_session, is_uri, ray_statuses, write_settings
 from search.reaper import start_reaper
 from search.resources import Resources
+from search.results import had_its_seconds
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
 from search.signals import sigterm_as_sigint
 from search.space import DefineByRun, SearchSpec, cheapest_point, default_point, start_points
@@ -35,8 +36,9 @@ class Progress(tune.Callback):
     of Ray's per-result tables: trial counts by state, best accuracy so far, an ETA."""
 
     def __init__(self, samples: int, max_epochs: int, every_s: float = 5.0, deadline: float | None = None,
-                 epochs_per_trial: float | None = None, concurrency: int = 1):
+                 epochs_per_trial: float | None = None, concurrency: int = 1, max_t_s: float | None = None):
         self.samples, self.max_epochs, self.every_s, self.deadline = samples, max_epochs, every_s, deadline
+        self.max_t_s = max_t_s  # a time budget's ASHA max_t (seconds)
         # the ETA: trial-epochs still expected (ASHA's expected resource per trial) x measured seconds per epoch
         self.epochs_per_trial, self.concurrency = epochs_per_trial, max(1, concurrency)
         self.epoch_s = [0.0, 0]  # measured: summed seconds, epochs
@@ -88,7 +90,7 @@ class Progress(tune.Callback):
             if status == "TERMINATED":
                 if last.get("diverged"):
                     diverged += 1
-                elif ended_by_asha(last, t.config, self.max_epochs):
+                elif ended_by_asha(last, t.config, self.max_epochs, self.max_t_s):
                     stopped += 1
         finished = counts.get("TERMINATED", 0) + counts.get("ERROR", 0)
         elapsed = now - self.start
@@ -110,13 +112,14 @@ class Progress(tune.Callback):
         )
 
 
-def ended_by_asha(last: dict, config: dict, max_epochs: int) -> bool:
+def ended_by_asha(last: dict, config: dict, max_epochs: int, max_t_s: float | None = None) -> bool:
     """Whether a trial that ended with result `last` was stopped by ASHA: it ended before its epochs, or a timed
-    trial (a time budget's) before its seconds, and neither its patience nor the search's deadline ended it."""
+    trial (a time budget's, ASHA's max_t `max_t_s` seconds) before its seconds, and neither its patience nor the
+    search's deadline ended it."""
     if last.get("early_stopped") or last.get("stopped_early") or last.get("cut_by_deadline"):
         return False
     if (config.get("train_seconds") or 0) > 0:  # (it ends by itself once its seconds are spent)
-        return not last.get("schedule_done")
+        return not had_its_seconds(last, max_t_s)
     return last.get("epoch", max_epochs) < max_epochs
 
 
@@ -311,6 +314,7 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         from search.budget import expected_resource
 
         progress = Progress(samples, spec.max_epochs, deadline=deadline, concurrency=concurrency,
+                            max_t_s=float(budget["max_t_s"]) if budget else None,
                             epochs_per_trial=None if budget else expected_resource(
                                 spec.grace_period, spec.reduction_factor, spec.max_epochs))
         run_config = make_run_config(name, storage, [progress], deadline=deadline)

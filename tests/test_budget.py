@@ -158,6 +158,22 @@ def test_the_portfolio_is_never_stopped_at_a_rung_but_sets_its_bar():
     assert asha.is_protected({"model": "vgg", "width": 1.0, "depth": 2}) and not asha.is_protected({"model": "vgg"})
 
 
+def test_a_timed_trial_that_had_its_seconds_is_finished_in_the_table_and_the_progress_line():
+    """ASHA stops a timed trial at the report that passes max_t, which can come a step before the trial's own end
+    (no schedule_done): it had its seconds, so it is finished both in trials.csv's rule and on the progress line;
+    one that ended before max_t without schedule_done was stopped at a rung."""
+    from search.results import had_its_seconds
+    from search.tuner import ended_by_asha
+
+    timed = {"train_seconds": 330.5}
+    at_max_t, at_rung = {"run_seconds": 330.8, "epoch": 34}, {"run_seconds": 113.2, "epoch": 24}
+    assert had_its_seconds(at_max_t, 330.0) and not had_its_seconds(at_rung, 330.0)
+    assert not ended_by_asha(at_max_t, timed, 12, 330.0) and ended_by_asha(at_rung, timed, 12, 330.0)
+    assert not ended_by_asha({**at_rung, "schedule_done": True}, timed, 12, 330.0)
+    assert not ended_by_asha({**at_rung, "cut_by_deadline": True}, timed, 12, 330.0)
+    assert ended_by_asha({"epoch": 2}, {}, 12) and not ended_by_asha({"epoch": 12}, {}, 12)  # epoch rungs
+
+
 def test_a_budget_too_small_is_one_line_before_ray_starts(digits_dir, tmp_path):
     space = write_space(tmp_path, samples=4, max_epochs=2, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
     r = _run("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "tiny",
