@@ -171,7 +171,6 @@ def calibrate(spec, data, threads: int, seed: int = 0, samples: int = 5, seconds
 RAY_START_S = 12.0
 TRIAL_START_S = 2.0
 REPORT_S = 0.25
-TTA_VIEWS = 7
 # The final stage under a budget (search/timed_refit.py), the same figures for its plan here and its refit there:
 # a refit trial's start (its actor, the data on the device, the model) and its end (last validation, checkpoint,
 # report), and the delivery's fixed part (the test split's load, the writing).
@@ -218,6 +217,8 @@ def final_stage_s(cal: Calibration, n_test: int, refit_s: float, concurrency: in
     (candidates, the delivered model with its views), and the end-of-search summary's test evaluation."""
     d = cal.default
     rounds = math.ceil(members / max(1, concurrency))
+    from search.selection import TTA_VIEWS  # (one count of views; imported here: it brings torch)
+
     views = TTA_VIEWS if tta else 1
     evals = (candidates * cal.n_val + members * views * cal.n_val      # selection, TTA's choice
              + (candidates + members * views + 1) * n_test) / d.eval_ips  # test report, summary
