@@ -23,20 +23,8 @@ from ray import tune
 from search import ray_private, repairs
 from search.layout import CHECKPOINT_FILE
 from training.data import EmnistData
+from training.failpoint import fail_after_epoch, stop_here
 from training.trainer import train
-
-FAULT_ENV = "EMNIST_TUNE_FAULT_ONCE"  # tests: "<marker file>:<epoch>" -> raise once at that epoch
-
-
-def _maybe_inject_fault(epoch: int) -> None:
-    """A transient failure for the fault-tolerance tests: raise once, remembered by a marker file."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    marker, _, at = spec.rpartition(":")
-    if epoch == int(at) and not Path(marker).exists():
-        Path(marker).write_text("failed once")
-        raise RuntimeError(f"injected transient failure at epoch {epoch}")
 
 
 def train_trial(config: dict, data: EmnistData, deadline: float | None = None, finish_by: float | None = None) -> None:
@@ -53,6 +41,8 @@ def train_trial(config: dict, data: EmnistData, deadline: float | None = None, f
     folder = repairs.storage_folder()
     tb_dir = folder if folder is not None else Path(tune.get_context().get_trial_dir())
     node_id = ray.get_runtime_context().get_node_id()
+    trial_id = tune.get_context().get_trial_id()
+    epochs = 0 if config.get("train_seconds") else int(config.get("epochs") or 0)  # (a timed run's are unknown)
     checkpoint = tune.get_checkpoint()  # set when the trial is retried or its experiment resumed
     resume = repairs.resume_state(checkpoint, folder)
     unlogged = repairs.unlogged_epochs(resume, checkpoint, folder)
@@ -64,7 +54,7 @@ def train_trial(config: dict, data: EmnistData, deadline: float | None = None, f
 
     def report(metrics: dict, last_path: Path | None, replay: bool = False, index: int | None = None) -> None:
         if not replay:
-            _maybe_inject_fault(metrics["epoch"])
+            fail_after_epoch(metrics["epoch"], trial_id)
         result = {k: v for k, v in metrics.items() if v is not None}
         result["node_id"] = node_id  # which cluster node ran this epoch
         result.update(note)  # once: how this run resumed, when its newest checkpoint was unusable
@@ -84,6 +74,8 @@ def train_trial(config: dict, data: EmnistData, deadline: float | None = None, f
             else:
                 os.link(last_path, Path(d) / CHECKPOINT_FILE)  # hard link: no copy of the weights
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+        if not replay and metrics["epoch"] < epochs:
+            stop_here("trial:mid-run")  # (the fault tests kill the driver here: training/failpoint.py)
 
     # A trial that had ended (finished, stopped by ASHA, diverged) but that the restored state still lists as
     # running (it lagged the end by its last second): its epochs are reported, nothing is trained again.

@@ -27,6 +27,7 @@ from search.signals import sigterm_as_sigint
 from search.space import DefineByRun, SearchSpec, cheapest_point, default_point, start_points
 from search.trainable import train_trial
 from training.data import EmnistData
+from training.failpoint import stop_here
 
 METRIC, MODE = "val_acc", "max"
 
@@ -328,6 +329,7 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
                                budget=budget, ray_time_budget_s=ray_time_budget_s)
         if settings is not None:
             write_settings(exp_dir, settings)
+        stop_here("search:before-fit")  # (the fault tests kill the driver here: training/failpoint.py)
         start = time.time()
         try:
             tuner.fit()

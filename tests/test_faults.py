@@ -14,6 +14,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from training.checkpoint import CheckpointError, load_checkpoint
 from training.trainer import train
 
 RAY_DAEMONS = ("raylet", "gcs_server")
+EPOCH_CONTENT = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "epoch_seconds")
 
 
 # ---------------------------------------------------------------- helpers
@@ -54,6 +56,11 @@ def snapshot(exp_dir: Path) -> dict:
                 {k: v for k, v in r.items() if v == v}  # (a key only some rows have is NaN in the others)
                 for r in h.drop(columns=["iterations_since_restore", "time_since_restore"],
                                 errors="ignore").to_dict("records")],
+            # what each epoch measured, as it was trained: a trial trained again from scratch has the same
+            # epoch numbers (and on a CPU even the same accuracies), never the same seconds
+            "rows": [] if h is None or h.empty else [
+                tuple(None if r.get(k) != r.get(k) else r.get(k) for k in EPOCH_CONTENT)  # (NaN: absent)
+                for r in h.to_dict("records")],
             "checkpoints": {p.parent.name: _sha(p) for p in sorted(d.glob("checkpoint_*/checkpoint.pt"))},
             "events": {p.name: _sha(p) for p in sorted(d.glob("events.out.tfevents.*"))},
         }
@@ -96,6 +103,30 @@ def assert_nothing_finished_changed(before: dict, after: dict, where: str) -> No
             assert after[tid]["result"] == t["result"], f"{where}: finished trial {tid} was run again"
             assert after[tid]["checkpoints"] == t["checkpoints"], f"{where}: finished trial {tid}'s checkpoints changed"
             assert after[tid]["events"] == t["events"], f"{where}: finished trial {tid}'s TensorBoard events changed"
+
+
+def assert_no_epoch_lost_or_trained_again(before: dict, after: dict, where: str) -> None:
+    """Every epoch a trial had in `before` is in `after` as it was measured then (same seconds, same
+    accuracy: kept or replayed from its checkpoint, not trained again), its checkpoint files unchanged,
+    and every trial's epochs run 1..N once."""
+    for tid, t in before.items():
+        rows = after[tid]["rows"]
+        assert rows[:len(t["rows"])] == t["rows"], f"{where}: trial {tid}'s epochs changed: {t['rows']} -> {rows}"
+        for name, sha in t["checkpoints"].items():
+            if name in after[tid]["checkpoints"]:  # (Ray deletes the ones it does not keep)
+                assert after[tid]["checkpoints"][name] == sha, f"{where}: trial {tid}'s {name} was written again"
+    for tid, t in after.items():
+        assert [r[0] for r in t["rows"]] == list(range(1, len(t["rows"]) + 1)), (where, tid, t["rows"])
+
+
+def assert_checkpoints_hold_their_epochs(exp_dir: Path, snap: dict) -> None:
+    """Each checkpoint file holds the epoch (and that epoch's measured seconds) its trial's results name."""
+    for tid, t in snap.items():
+        by_epoch = {r[0]: r for r in t["rows"]}
+        for f in sorted((exp_dir / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt")):
+            m = load_checkpoint(f)["metrics"]
+            row = by_epoch.get(int(m["epoch"]))
+            assert row is not None and row[-1] == m["epoch_seconds"], (tid, f.parent.name, m["epoch"], row)
 
 
 def _ppids() -> dict[int, int]:
@@ -147,9 +178,27 @@ def _wait_for(predicate, timeout=300, every=0.5):
     return False
 
 
-def _start(args: list) -> subprocess.Popen:
+def _start(args: list, **env) -> subprocess.Popen:
     return subprocess.Popen([*RUN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local"})
+                            cwd=REPO, env={**os.environ, "RAY_ADDRESS": "local", **env})
+
+
+def stopped_at(marker: Path, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait until a process reached the failpoint that `marker` names (training/failpoint.py) and stopped
+    itself there; its pid. Fails when the driver ended first: the kill would not land where intended."""
+    assert _wait_for(lambda: marker.is_file() and marker.read_text().endswith("\n") or proc.poll() is not None,
+                     timeout=timeout, every=0.02), f"the failpoint of {marker.name} was never reached"
+    assert proc.poll() is None, f"the driver ended (exit {proc.returncode}) before its failpoint {marker.name}"
+    pid = int(marker.read_text())
+    assert _wait_for(lambda: _state(pid) == "T", timeout=10, every=0.02), (pid, _state(pid))
+    return pid
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _search_args(digits_dir, tmp_path: Path, name: str, samples: int, max_epochs: int, *extra) -> tuple[Path, list]:
@@ -207,6 +256,19 @@ def assert_searcher_state(exp_dir: Path, samples: int) -> None:
 # ---------------------------------------------------------------- 1 + 2: SIGKILL of the driver, three times
 
 
+def _kill_and_wait(proc: subprocess.Popen, timeout: float = 60, ray_up: bool = True) -> dict[int, str]:
+    """SIGKILL the driver (no handler, no final snapshot) and wait until every process it had started
+    (Ray's daemons, agents and workers, the reaper) is gone; returns those still alive then."""
+    below = descendants(proc.pid)
+    if ray_up:
+        assert any(d in c for c in below.values() for d in RAY_DAEMONS), f"no Ray below the driver: {below}"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode  # the kill landed: the driver was still running
+    _wait_for(lambda: not any(_alive(p) for p in below), timeout=timeout, every=0.5)
+    return {p: c for p, c in below.items() if _alive(p)}
+
+
 @pytest.mark.slow
 def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
     samples, max_epochs = 4, 3
@@ -217,34 +279,31 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
             resume = ["--resume"] if attempt else []
             start = records[-1]
             proc = _start([*args, *resume])
+            lines: list[str] = []
+            threading.Thread(target=_read_lines, args=(proc, lines), daemon=True).start()
             # wait until this run made progress: two more epochs on disk than when it started
             goal = n_epochs(start) + 2
             advanced = _wait_for(lambda proc=proc, goal=goal: proc.poll() is not None
                                  or n_epochs(snapshot(exp_dir)) >= goal)
             if kills < 3 and proc.poll() is None and advanced:
-                ray_procs = {p: c for p, c in descendants(proc.pid).items() if any(d in c for d in RAY_DAEMONS)}
-                assert ray_procs, "no raylet/gcs_server below the driver"
-                proc.kill()  # SIGKILL: no handler, no final experiment snapshot
-                out, _ = proc.communicate(timeout=60)
-                outputs.append(out)
-                assert proc.returncode == -signal.SIGKILL
+                at_kill = snapshot(exp_dir)
+                # the kill lands mid-search: a trial is part-way, not every trial finished
+                assert n_finished(at_kill) < samples, f"run {attempt}: nothing left to kill"
+                lingering.append(_kill_and_wait(proc))
                 kills += 1
-                # Ray's daemons notice their driver died and exit on their own; give them a while
-                _wait_for(lambda procs=ray_procs: not any(_alive(p) for p in procs), timeout=60, every=1)
-                lingering.append({p: c for p, c in ray_procs.items() if _alive(p)})
             else:
-                out, _ = proc.communicate(timeout=900)
-                outputs.append(out)
+                proc.wait(timeout=900)
+            time.sleep(0.5)  # (the reader thread takes the last lines)
+            outputs.append("".join(lines))
             snap = snapshot(exp_dir)
             where = f"after run {attempt} ({'killed' if proc.returncode == -signal.SIGKILL else proc.returncode})"
             assert_nothing_finished_changed(records[-1], snap, where)
+            assert_no_epoch_lost_or_trained_again(records[-1], snap, where)
             assert n_finished(snap) >= n_finished(records[-1]), where
-            for tid, t in snap.items():  # no epoch repeated, even in a trial that was killed mid-way
-                assert t["epochs"] == list(range(1, len(t["epochs"]) + 1)), (where, tid, t["epochs"])
             records.append(snap)
             if proc.returncode == 0:
                 break
-            assert proc.returncode == -signal.SIGKILL, out[-3000:]
+            assert proc.returncode == -signal.SIGKILL, outputs[-1][-3000:]
         assert kills == 3, f"the search finished before it was killed three times ({kills})"
         assert proc.returncode == 0, outputs[-1][-3000:]
         final = records[-1]
@@ -256,9 +315,13 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
         assert all(t["status"] == "finished" for t in final.values()), {k: t["status"] for k, t in final.items()}
         for tid, t in final.items():
             assert t["epochs"] == list(range(1, max_epochs + 1)), (tid, t["epochs"])
+        # every epoch any run had measured is in the end result as measured then, across all kills
+        for i, earlier in enumerate(records[1:-1]):
+            assert_no_epoch_lost_or_trained_again(earlier, final, f"run {i} -> the end")
+        assert_checkpoints_hold_their_epochs(exp_dir, final)
         assert "trials 4/4 done" in outputs[-1] and "best trial" in outputs[-1]
-        # Ray's daemons of a SIGKILLed driver must not outlive it for long
-        assert not any(lingering), f"Ray processes of a killed driver still alive after 60 s: {lingering}"
+        # no process a killed driver started (Ray's daemons, agents, workers; the reaper) outlives it for long
+        assert not any(lingering), f"processes of a killed driver still alive after 60 s: {lingering}"
         assert_tensorboard_complete(exp_dir, final)
         # 2: the searcher state survived three hard kills and resumes
         assert_searcher_state(exp_dir, samples)
@@ -569,8 +632,6 @@ def test_one_driver_per_experiment(digits_dir, tmp_path):
     """Two drivers started together on one experiment: one runs it, the other is refused at once,
     naming the driver that holds it; so is a --resume while the first still runs. The experiment
     ends with exactly --samples trials, and after the holder is gone --resume is accepted."""
-    import threading
-
     samples = 2
     exp_dir, args = _search_args(digits_dir, tmp_path, "shared", samples, 2)
     a, b = _start(args), _start(args)
@@ -625,48 +686,52 @@ def _checkpoint_folders_agree(exp_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
-    """The driver is SIGKILLed before Ray's first snapshot, while a trial has written checkpoints
-    (a few seconds in), and during the final summary; each time `--resume` continues. At the end
-    the experiment holds exactly --samples trials, each trained once through epochs 1..N, none
-    hidden (every trial folder is a listed trial with its config and results), none trained twice
-    (Optuna suggested and was told each configuration once), and the summary files are whole."""
-    import threading
-
+    """The driver is SIGKILLed at three failpoints (training/failpoint.py), each confirmed reached
+    before the kill: before Ray's first snapshot, while a trial has written a checkpoint and has
+    epochs left, and in the middle of the summary's atomic write of summary.json (temporary file
+    written, not yet renamed). Each time `--resume` continues. At the end the experiment holds
+    exactly --samples trials, each trained once through epochs 1..N, none hidden (every trial folder
+    is a listed trial with its config and results), none trained twice (Optuna suggested and was
+    told each configuration once), and the summary files are whole."""
     samples, max_epochs = 3, 3
     exp_dir, args = _search_args(digits_dir, tmp_path, "stages", samples, max_epochs, "--seed", "0")
-
-    def before_first_snapshot():  # search.json is written just before Ray's first snapshot
-        return (exp_dir / "search.json").is_file()
-
-    def trial_wrote_checkpoints():  # the second trial's first checkpoint (Ray snapshots every few s)
-        return sum(any(d.glob("checkpoint_*/checkpoint.pt")) for d in exp_dir.glob("trial_*")) >= 2
-
-    def in_summary():
-        return (exp_dir / "trials.csv").exists()
-
-    outputs, record = [], {}
-    for stage, moment in [("before the first snapshot", before_first_snapshot),
-                          ("a trial had written checkpoints", trial_wrote_checkpoints),
-                          ("during the summary", in_summary)]:
-        proc = _start([*args, *(["--resume"] if outputs else [])])
+    outputs, record, lingering = [], {}, []
+    stages = [("before the first snapshot", "search:before-fit"), ("mid-trial", "trial:mid-run"),
+              ("mid-write of summary.json", "write:summary.json")]
+    for i, (stage, point) in enumerate(stages):
+        marker = tmp_path / f"stop-{i}"
+        proc = _start([*args, *(["--resume"] if outputs else [])], EMNIST_TUNE_STOP_AT=f"{point}={marker}")
         lines: list[str] = []
         threading.Thread(target=_read_lines, args=(proc, lines), daemon=True).start()
-        assert _wait_for(lambda m=moment, p=proc: m() or p.poll() is not None, every=0.01), stage
-        if proc.poll() is None:
-            proc.kill()
-        else:  # only the summary may be over before the kill lands (it takes a second on these tiny data)
-            assert proc.returncode == 0 and stage == "during the summary", f"{stage}: {''.join(lines)[-3000:]}"
-        proc.wait(timeout=60)
+        stopped = stopped_at(marker, proc)
+        if stage == "before the first snapshot":  # Ray is up; no experiment state yet, no trial folder
+            assert stopped == proc.pid and not list(exp_dir.glob("experiment_state-*.json")), stage
+            assert not list(exp_dir.glob("trial_*")) and (exp_dir / "search.json").is_file()
+        elif stage == "mid-trial":  # a trial worker stopped after reporting an epoch (with its checkpoint)
+            assert stopped != proc.pid and any(exp_dir.glob("trial_*/checkpoint_*/checkpoint.pt"))
+            at_kill = snapshot(exp_dir)
+            assert n_finished(at_kill) < samples, at_kill
+        else:  # the driver, between writing summary.json's temporary file and renaming it
+            assert stopped == proc.pid and not (exp_dir / "summary.json").exists()
+            assert list(exp_dir.glob(".summary.json.*.tmp")), sorted(p.name for p in exp_dir.iterdir())
+        lingering.append(_kill_and_wait(proc, ray_up=not stage.startswith("mid-write")))  # (Ray ended before)
+        time.sleep(0.5)
         outputs.append("".join(lines))
         snap = snapshot(exp_dir)
         assert_nothing_finished_changed(record, snap, stage)
+        assert_no_epoch_lost_or_trained_again(record, snap, stage)
+        if stage.startswith("mid-write"):  # the summary was never half written: absent, not cut short
+            assert not (exp_dir / "summary.json").exists()
         record = snap
-        time.sleep(2)  # Ray's daemons of the killed driver go away
 
+    assert not any(lingering), f"processes of a killed driver still alive after 60 s: {lingering}"
+    # the run after the first kill found no trial recorded and started afresh (the same trials, once)
+    assert "starting its search afresh" in outputs[1], outputs[1][-3000:]
     r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     final = snapshot(exp_dir)
     assert_nothing_finished_changed(record, final, "after the last resume")
+    assert_no_epoch_lost_or_trained_again(record, final, "after the last resume")
     exp = load_experiment(exp_dir)
     assert exp.orphans == [], exp.orphans
     folders = sorted(d.name.removeprefix("trial_") for d in exp_dir.glob("trial_*"))
@@ -676,12 +741,13 @@ def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
         assert t["config"] is not None, f"trial {tid} has no params.json"
     csv = pd_read_csv(exp_dir / "trials.csv")
     assert sorted(csv["trial_id"]) == sorted(final) and set(csv["status"]) == {"finished"}
-    summary = json.loads((exp_dir / "summary.json").read_text())
+    summary = json.loads((exp_dir / "summary.json").read_text())  # whole: written again by the resume
     assert summary["best_trial"] in final and load_checkpoint(exp_dir / "best.pt")
-    assert f"trials {samples}/{samples} done" in r.stdout or "best trial" in r.stdout
+    assert "best trial" in r.stdout, r.stdout  # (every trial had ended before: the summary is what is left)
     assert_tensorboard_complete(exp_dir, final)
     assert_searcher_state(exp_dir, samples)
     _checkpoint_folders_agree(exp_dir)
+    assert_checkpoints_hold_their_epochs(exp_dir, final)
 
 
 def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):

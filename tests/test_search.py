@@ -311,23 +311,39 @@ def test_shipped_smoke_search_on_real_data(smoke_search):
 
 
 def test_divergence_and_transient_failure(digits_dir, tmp_path):
-    """Trial 1 (the defaults) fails once at epoch 2 and is retried from its checkpoint; trial 2 gets
-    an absurd learning rate, diverges in its first epoch, is marked diverged and is not retried."""
-    space = write_space(tmp_path, samples=2, max_epochs=3, grace=3, space="  lr: {loguniform: [1.0e+5, 1.0e+6]}\n")
-    marker = tmp_path / "failed-once"
+    """Trial 1 (the defaults) fails twice at epoch 2 and is retried from its checkpoint each time, then finishes;
+    trial 2 (a `start:` point) fails three times: after its 2 retries it ends in error, the search goes on; trial 3
+    gets an absurd learning rate, diverges in its first epoch, is marked diverged, scored 0 for Optuna, and is not
+    retried."""
+    space = write_space(tmp_path, samples=3, max_epochs=3, grace=3,
+                        space="  lr: {choice: [3.0e-3, 1.0e+5]}\n  aug_strength: {uniform: [0.0, 1.0]}\n"
+                              "start:\n  - {lr: 3.0e-3, aug_strength: 0.5}\n  - {lr: 1.0e+5, aug_strength: 0.25}\n")
+    marker = tmp_path / "failures"
     r = run_search("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "faults",
-                   "--concurrency", "1", env={**os.environ, "EMNIST_TUNE_FAULT_ONCE": f"{marker}:2"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert marker.exists()  # the failure really happened
-    exp = load_experiment(tmp_path / "results" / "faults")
+                   "--concurrency", "1", env={**os.environ, "EMNIST_TUNE_FAULT_ONCE": f"{marker}:2:2,3"})
+    exp_dir = tmp_path / "results" / "faults"
+    exp = load_experiment(exp_dir)
     t = exp.trials.set_index("trial_id")
-    good = t[t["config/lr"] < 1].index[0]
-    bad = t[t["config/lr"] > 1].index[0]
-    assert t.loc[good, "status"] == "finished" and t.loc[good, "num_failures"] == 1
-    assert exp.histories[good]["epoch"].tolist() == [1, 2, 3]  # resumed at epoch 2, nothing repeated
+    order = list(ray_statuses(exp_dir))  # creation order: the defaults, the start point, the diverging one
+    assert len(order) == 3, (r.stdout[-3000:], r.stderr[-3000:])
+    first, second, bad = order
+    failures = marker.read_text().split()  # one line per injected failure, naming the trial
+    assert failures == [first, first, second, second, second], failures
+    assert t.loc[first, "status"] == "finished" and t.loc[first, "num_failures"] == 2
+    assert exp.histories[first]["epoch"].tolist() == [1, 2, 3]  # resumed at epoch 2 twice, nothing repeated
+    assert t.loc[second, "status"] == "error" and t.loc[second, "num_failures"] == 3  # 1 run + 2 retries, no more
+    assert exp.histories[second]["epoch"].tolist() == [1]
+    assert t.loc[bad, "config/lr"] > 1
     assert t.loc[bad, "status"] == "diverged" and t.loc[bad, "epochs_run"] == 1 and t.loc[bad, "num_failures"] == 0
-    assert bool(t.loc[bad, "diverged"]) and json.loads((tmp_path / "results" / "faults" / "summary.json")
-                                                      .read_text())["best_trial"] == good
+    assert bool(t.loc[bad, "diverged"])
+    assert json.loads((exp_dir / "summary.json").read_text())["best_trial"] == first
+    # Optuna was told the diverged trial's score: 0
+    with open(max(exp_dir.glob("searcher-state-*.pkl")), "rb") as f:  # our own file, written by this search
+        study = pickle.load(f)["_ot_study"]
+    told = {round(tr.params["aug_strength"], 9): tr for tr in study.trials}
+    diverged = told[round(t.loc[bad, "config/aug_strength"], 9)]
+    assert diverged.state.name == "COMPLETE" and diverged.value == 0.0, diverged
+    assert told[round(t.loc[first, "config/aug_strength"], 9)].value == pytest.approx(t.loc[first, "last_val_acc"])
 
 
 def test_cloud_storage_saves_the_settings_so_resume_needs_only_the_name(digits_dir, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from training.augment import TTA_VIEWS
+from training.failpoint import stop_here
 
 FORMAT_VERSION = 1
 
@@ -46,6 +47,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        stop_here(f"write:{path.name}")  # (the fault tests kill a process here: training/failpoint.py)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
         os.replace(tmp, path)
     except BaseException:
