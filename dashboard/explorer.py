@@ -159,9 +159,10 @@ def _body(root: Path, name: str) -> None:
 
 
 def _reading_notes(exp: Experiment) -> None:
-    """What was not read: trial folders or files outside the results root, malformed result lines,
-    a bloated result.json (the rest of the experiment is shown)."""
-    lines = [f"trial {md_text(t)} was not read: {md_text(why)}" for t, why in sorted(exp.refused.items())]
+    """What was not read: malformed entries of the experiment state, trial folders or files outside the
+    results root, malformed result lines, a bloated result.json (the rest of the experiment is shown)."""
+    lines = [md_text(n) for n in exp.state_notes]
+    lines += [f"trial {md_text(t)} was not read: {md_text(why)}" for t, why in sorted(exp.refused.items())]
     lines += [f"trial {md_text(t)}: {md_text(n)}" for t, ns in sorted(exp.notes.items()) for n in ns]
     if not lines:
         return

@@ -451,7 +451,7 @@ def ray_statuses(exp_dir: str | Path, root: str | Path | None = None, fs=None) -
         state = read()
         if state and "trial_data" in state:
             return parse_experiment_state(state)
-    return {}
+    return TrialStates()
 
 
 def _state_files(exp_dir: str | Path, root, fs) -> list:
@@ -486,10 +486,18 @@ def _read_fs_json(fs, path: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def parse_experiment_state(state: dict) -> dict[str, dict]:
-    """The trials of one experiment state (see ray_statuses)."""
-    out = {}
-    for entry in state.get("trial_data") or []:
+class TrialStates(dict):
+    """trial id -> its state (ray_statuses), and how many malformed entries of the state file were skipped."""
+
+    skipped: int = 0
+
+
+def parse_experiment_state(state: dict) -> TrialStates:
+    """The trials of one experiment state (see ray_statuses); a malformed entry is skipped and counted."""
+    out = TrialStates()
+    entries = state.get("trial_data") or []
+    out.skipped = 0 if isinstance(entries, list) else 1
+    for entry in entries if isinstance(entries, list) else []:
         try:
             info = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
             meta = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
@@ -497,7 +505,7 @@ def parse_experiment_state(state: dict) -> dict[str, dict]:
                                      "error_file": meta.get("error_filename"), "config": info.get("config") or {},
                                      "last_result": meta.get("last_result") or {}}
         except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError):
-            continue
+            out.skipped += 1
     return out
 
 

@@ -58,6 +58,8 @@ class Experiment:
     # trial id -> what was skipped or left out while reading it (malformed lines, a bloated result.json,
     # a file outside the results root)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    # what was skipped of the experiment state itself (malformed trial entries)
+    state_notes: list[str] = field(default_factory=list)
 
     @property
     def best_trial(self) -> str | None:
@@ -142,8 +144,11 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
     (Experiment.refused), a file outside is left out and named in Experiment.notes."""
     exp_dir = Path(exp_dir)
     inside = (lambda p: True) if root is None else functools.partial(is_inside, root)
-    statuses = ray_statuses(exp_dir, root)
-    statuses = {t: v for t, v in statuses.items() if isinstance(t, str) and _TRIAL_ID.fullmatch(t)}
+    read = ray_statuses(exp_dir, root)
+    statuses = {t: v for t, v in read.items() if isinstance(t, str) and _TRIAL_ID.fullmatch(t)}
+    skipped = getattr(read, "skipped", 0) + len(read) - len(statuses)
+    state_notes = [f"{skipped} malformed trial entr{'y' if skipped == 1 else 'ies'} of the experiment state "
+                   "skipped"] if skipped else []
     rows, histories, checkpoints, refused, notes = [], {}, {}, {}, {}
     ids = {d.name.removeprefix("trial_"): d for d in trial_dirs(exp_dir)}
     max_t = _budget_max_t(exp_dir)
@@ -184,7 +189,7 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
     orphans = sorted(t for t, d in ids.items() if statuses and t not in statuses and t not in refused
                      and not (d / "params.json").is_file())
     trials = pd.DataFrame(rows, columns=TRIAL_COLUMNS + sorted({k for r in rows for k in r} - set(TRIAL_COLUMNS)))
-    return Experiment(exp_dir, trials, histories, checkpoints, orphans, refused, notes)
+    return Experiment(exp_dir, trials, histories, checkpoints, orphans, refused, notes, state_notes)
 
 
 TRIAL_COLUMNS = ["trial_id", "status", "best_val_acc", "last_val_acc", "epochs_run", "max_epochs", "stopped_early",

@@ -712,16 +712,24 @@ def test_malformed_result_lines_are_skipped(app, copy_of_tiny, tiny):
         no_exception(at)
 
 
-def test_malformed_experiment_state_entry_is_skipped(copy_of_tiny, tiny):
-    """A number too long for int() in one trial's entry of the experiment state: that entry is
-    skipped (the trial is still read from its folder), the experiment still loads."""
+def test_malformed_experiment_state_entry_is_skipped(app, copy_of_tiny, tiny):
+    """A number too long for int() in one trial's entry of the experiment state, another entry not a pair: both
+    entries are skipped and counted (the trials are still read from their folders), the page says so and shows
+    the experiment."""
     exp_dir = copy_of_tiny / "tiny"
     state_file = sorted(exp_dir.glob("experiment_state-*.json"))[-1]
     state = json.loads(state_file.read_text())
     state["trial_data"][0][0] = '{"trial_id": "x", "status": ' + "9" * 5000 + "}"
+    state["trial_data"].append(["only one part"])
     state_file.write_text(json.dumps(state))
     exp = load_experiment(exp_dir)
     assert set(exp.trials["trial_id"]) == set(tiny.trials["trial_id"])
+    assert exp.state_notes == ["2 malformed trial entries of the experiment state skipped"]
+    assert tiny.state_notes == []  # (the experiment as it was: nothing skipped, no note)
+    at = app(copy_of_tiny).run()
+    no_exception(at)
+    assert "2 malformed trial entries of the experiment state skipped" in texts(at.warning)
+    assert set(table_with(at, "trial_id")["trial_id"]) == set(tiny.trials["trial_id"])
 
 
 def test_a_result_line_cut_in_the_middle_is_not_counted_as_malformed(tmp_path):
@@ -738,24 +746,42 @@ def test_a_result_line_cut_in_the_middle_is_not_counted_as_malformed(tmp_path):
     assert len(notes) == 1 and "first and last" in notes[0]
 
 
+def _bytes_read() -> int:
+    """What this process has read through read() so far (Linux: /proc/self/io rchar)."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar:")).split()[1])
+
+
 def test_bloated_result_json_is_read_bounded(app, copy_of_tiny, tiny):
-    """100,000 lines in one trial's result.json: a bounded number of rows is kept (always the last),
-    the trial and the rest of the experiment are shown."""
+    """100,000 lines (23 MB) in one trial's result.json: at most MAX_RESULT_BYTES of it are read (its head and
+    tail), at most MAX_HISTORY_ROWS rows kept, with the first, the last and the best of those read; the note says
+    so; the trial and the rest of the experiment are shown on the page."""
+    from search.layout import MAX_RESULT_BYTES
+
     exp_dir = copy_of_tiny / "tiny"
     victim = next(t for t in tiny.trials["trial_id"] if t != tiny.best_trial)
-    n = 100_000
-    with (exp_dir / f"trial_{victim}" / "result.json").open("w") as f:
+    n, best, pad = 100_000, 10_001, "x" * 120  # (the best row is in the head that is read, not a kept stride)
+    path = exp_dir / f"trial_{victim}" / "result.json"
+    with path.open("w") as f:
         for i in range(1, n + 1):
-            f.write(json.dumps({"epoch": i, "training_iteration": i, "val_acc": 0.2 + 0.1 * (i == 50_000),
-                                "val_loss": 1.0, "time_total_s": float(i), "done": i == n}) + "\n")
-
+            f.write(json.dumps({"epoch": i, "training_iteration": i, "val_acc": 0.2 + 0.7 * (i == best),
+                                "val_loss": 1.0, "time_total_s": float(i), "done": i == n, "pad": pad}) + "\n")
+    assert path.stat().st_size > 2.5 * MAX_RESULT_BYTES
+    load_experiment(copy_of_tiny / "nothing-here")  # (first-call imports are not what is measured)
+    before = _bytes_read()
     exp = load_experiment(exp_dir)
+    read = _bytes_read() - before
+    others = sum(p.stat().st_size for p in exp_dir.rglob("*") if p.is_file() and p.suffix != ".pt" and p != path)
+    assert read <= MAX_RESULT_BYTES + others, (read, MAX_RESULT_BYTES, others)
     history = exp.histories[victim]
     assert 100 < len(history) <= MAX_HISTORY_ROWS
     assert history["epoch"].iloc[-1] == n and history["epoch"].iloc[0] == 1 and history["epoch"].is_monotonic_increasing
+    assert best in set(history["epoch"]) and history["val_acc"].max() == pytest.approx(0.9)
+    assert (best - 1) not in set(history["epoch"]) or (best + 1) not in set(history["epoch"])  # (it was thinned)
     row = exp.trials.set_index("trial_id").loc[victim]
     assert row["epochs_run"] == n and row["status"] == "finished" and row["seconds"] == float(n)
-    assert " of them" in " ".join(exp.notes[victim])
+    assert row["best_val_acc"] == pytest.approx(0.9)
+    assert " of them" in " ".join(exp.notes[victim]) and "only its first and last" in " ".join(exp.notes[victim])
     for tid in tiny.trials["trial_id"]:  # the other trials as they were
         if tid != victim:
             assert exp.histories[tid]["epoch"].tolist() == tiny.histories[tid]["epoch"].tolist()

@@ -332,28 +332,8 @@ def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
                     os.kill(pid, signal.SIGKILL)
 
 
-# ---------------------------------------------------------------- 2: searcher state after SIGINT + resume
-
-
-def test_searcher_state_survives_interrupt_and_resume(digits_dir, tmp_path):
-    samples = 3
-    exp_dir, args = _search_args(digits_dir, tmp_path, "sigint", samples, 4)
-    proc = _start(args)
-
-    def second_trial_started():  # checkpoint files appear at once (results only at state snapshots)
-        return proc.poll() is not None or sum(any(d.glob("checkpoint_*/checkpoint.pt"))
-                                              for d in exp_dir.glob("trial_*")) >= 2
-
-    assert _wait_for(second_trial_started, every=0.1) and proc.poll() is None, proc.kill() or proc.stdout.read()
-    _interrupt(proc)
-    before = snapshot(exp_dir)
-    r = run_search(*args, "--resume", env={**os.environ, "RAY_ADDRESS": "local"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    after = snapshot(exp_dir)
-    assert_nothing_finished_changed(before, after, "after resume")
-    assert len(after) == samples and all(t["epochs"] == [1, 2, 3, 4] for t in after.values()), after
-    assert_tensorboard_complete(exp_dir, after)
-    assert_searcher_state(exp_dir, samples)
+# ---------------------------------------------------------------- 2: the searcher's state
+# (after Ctrl+C and --resume: tests/test_search.py::test_interrupt_then_resume)
 
 
 def test_stale_searcher_state_is_caught_up_on_resume(digits_dir, tmp_path):

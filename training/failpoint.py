@@ -2,10 +2,10 @@
 lands exactly where the test says it does (and the test fails when it did not), instead of racing
 a timer. Off unless the environment names one; nothing else reads these variables.
 
-  EMNIST_TUNE_STOP_AT="<point>=<marker>"
-      At `point` the process writes its pid to `marker` and stops itself (SIGSTOP). The test
-      waits for the marker, sees the process stopped there, and SIGKILLs it. Once per marker: a
-      resumed run (the marker exists) passes through.
+  EMNIST_TUNE_STOP_AT="<point>[#<n>]=<marker>"
+      At `point` (its n-th arrival, counted in <marker>.count; default the first) the process writes
+      its pid to `marker` and stops itself (SIGSTOP). The test waits for the marker, sees the process
+      stopped there, and SIGKILLs or interrupts it. Once per marker: a resumed run passes through.
   EMNIST_TUNE_FAULT_ONCE="<marker>:<epoch>[:<n1>,<n2>,...]"
       A trial raises a transient error after training `epoch` (search/trainable.py). The first
       trial to get there fails n1 times, the second n2 times, the others never (default: 1, the
@@ -34,8 +34,15 @@ def stop_here(point: str) -> None:
     if not spec:
         return
     want, sep, marker = spec.partition("=")
+    want, _, nth = want.partition("#")
     if not sep or want != point:
         return
+    if nth:  # (the processes that arrive here take turns: the tests run one trial at a time)
+        with open(f"{marker}.count", "a+") as f:
+            f.write(".")
+            f.seek(0)
+            if len(f.read()) != int(nth):
+                return
     try:  # O_EXCL: the first process to arrive stops; later ones (and a resumed run) go on
         fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
