@@ -57,4 +57,8 @@ def test_parse_set_and_yaml(tmp_path):
 def test_shipped_train_yaml_is_valid():
     from training.train import DEFAULT_CONFIG
 
-    assert make_config(base=load_yaml(DEFAULT_CONFIG)) == make_config(base=load_yaml(DEFAULT_CONFIG))
+    raw = load_yaml(DEFAULT_CONFIG)
+    cfg = make_config(base=raw)  # (raises on an unknown key or a bad value)
+    assert raw and cfg.to_dict() == {**TrainConfig().to_dict(), **raw}  # every value of the file, as written
+    with pytest.raises(ConfigError):  # the validation the file passed is real
+        make_config(base={**raw, "lr": -1.0})

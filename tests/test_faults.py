@@ -730,9 +730,10 @@ def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
     assert_checkpoints_hold_their_epochs(exp_dir, final)
 
 
-def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):
-    """Folders an older version's killed driver left behind (files but no trial in the experiment
-    state) are moved to orphaned/ on --resume, not shown as phantom trials; empty ones go."""
+def test_unknown_trial_folders_are_moved_and_empty_ones_removed(tmp_path):
+    """The policy of search.repairs.set_aside_unknown_trials (through `run.py --resume`:
+    tests/test_search.py::test_resume_sets_aside_trial_folders_the_experiment_does_not_know): a folder set
+    aside before is never merged into or overwritten."""
     from search.repairs import set_aside_unknown_trials
 
     exp = tmp_path / "exp"
@@ -742,11 +743,15 @@ def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(tmp_path):
         json.dumps({"trial_data": [[info, json.dumps({"num_failures": 0})]]}))
     (exp / "trial_bbbb_00001" / "checkpoint_000000").mkdir(parents=True)
     (exp / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"weights")
+    (exp / "orphaned" / "trial_bbbb_00001").mkdir(parents=True)  # set aside by an earlier resume
+    (exp / "orphaned" / "trial_bbbb_00001" / "older").write_bytes(b"older")
     (exp / "trial_cccc_00002").mkdir()
     assert load_experiment(exp).orphans == ["bbbb_00001", "cccc_00002"]
     set_aside_unknown_trials(exp)
     assert sorted(p.name for p in exp.glob("trial_*")) == ["trial_aaaa_00000"]
-    assert (exp / "orphaned" / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in (exp / "orphaned").iterdir()) == ["trial_bbbb_00001", "trial_bbbb_00001.1"]
+    assert (exp / "orphaned" / "trial_bbbb_00001" / "older").read_bytes() == b"older"
+    assert (exp / "orphaned" / "trial_bbbb_00001.1" / "checkpoint_000000" / "checkpoint.pt").read_bytes() == b"weights"
     assert load_experiment(exp).trials["trial_id"].tolist() == ["aaaa_00000"]
 
 

@@ -366,10 +366,10 @@ def test_storage_that_is_not_writable(tmp_path, digits_dir, monkeypatch, capsys)
     assert code == 2 and err.startswith("error: --storage") and "Read-only file system" in err
     assert len(err.strip().splitlines()) == 1
     monkeypatch.undo()
-    if os.geteuid() != 0:  # a folder without write permission (root would ignore the mode)
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        assert "not writable" in one_line_error(_search_with_storage(tmp_path, digits_dir, locked))
+    # a real folder no one may write in, root included (root ignores a folder's mode bits): sysfs
+    assert Path("/sys/kernel").is_dir()
+    line = one_line_error(_search_with_storage(tmp_path, digits_dir, "/sys/kernel"))
+    assert line.startswith("error: --storage /sys/kernel is not writable: /sys/kernel:"), line
 
 
 def test_unreachable_cloud_storage(tmp_path, digits_dir):
@@ -442,13 +442,20 @@ def test_resume_command_round_trips_through_the_shell(storage):
 
 
 def test_a_name_with_spaces_is_a_plain_folder_name(tmp_path):
-    from search.run import check_args, parse_args
+    from search.run import check_args, experiment_dir, parse_args
     from search.space import load_search_spec
     from search.storage import check_storage
+    from training.config import ConfigError
 
+    spec = load_search_spec(_space(tmp_path / "cfg"))
     args = parse_args(["--name", "my experiment", "--storage", str(tmp_path / "with space")])
-    check_args(args, load_search_spec(_space(tmp_path / "cfg")))
+    check_args(args, spec)  # accepted...
     check_storage(args.storage, args.name)
+    assert experiment_dir(args.storage, args.name) == str(tmp_path / "with space" / "my experiment")  # ...as one folder
+    assert not (tmp_path / "with space").exists()  # (checked without making anything)
+    for bad in ("a/b", "..", "/abs", "."):  # what is not a plain folder name is refused, naming it
+        with pytest.raises(ConfigError, match="--name must be a plain folder name"):
+            check_args(parse_args(["--name", bad, "--storage", str(tmp_path)]), spec)
 
 
 # --- 9. checkpoints of random or damaged bytes: CheckpointError, never another exception ----------

@@ -189,6 +189,32 @@ def test_edited_or_damaged_settings_and_sessions_on_resume(search_run, tmp_path)
     assert "incomplete" in r.stdout
 
 
+def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(search_run, tmp_path):
+    """Folders an older version's killed driver left behind (files but no trial in the experiment state) are moved
+    to orphaned/ by `run.py --resume`, not shown as phantom trials; an empty one is removed (not moved); the
+    experiment's own trials stay as they were."""
+    import shutil
+
+    from tests.test_faults import snapshot
+
+    exp = shutil.copytree(search_run[0], tmp_path / "results" / "exp", symlinks=True)
+    before = snapshot(exp)
+    (exp / "trial_bbbb_00001" / "checkpoint_000000").mkdir(parents=True)
+    (exp / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").write_bytes(b"weights")
+    (exp / "trial_cccc_00002").mkdir()
+    assert load_experiment(exp).orphans == ["bbbb_00001", "cccc_00002"]
+    r = run_search("--storage", tmp_path / "results", "--name", "exp", "--resume",
+                   env={**os.environ, "RAY_ADDRESS": "local"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "trial_bbbb_00001 is not in the experiment state" in r.stdout
+    assert (exp / "orphaned" / "trial_bbbb_00001" / "checkpoint_000000" / "checkpoint.pt").read_bytes() == b"weights"
+    assert sorted(p.name for p in (exp / "orphaned").iterdir()) == ["trial_bbbb_00001"]  # the empty one: removed
+    assert not (exp / "trial_cccc_00002").exists() and not (exp / "trial_bbbb_00001").exists()
+    after = load_experiment(exp)
+    assert after.orphans == [] and sorted(after.trials["trial_id"]) == sorted(before)
+    assert {t: v["rows"] for t, v in snapshot(exp).items()} == {t: v["rows"] for t, v in before.items()}
+
+
 def test_sigterm_stops_the_search_as_ctrl_c_does(digits_dir, tmp_path):
     """SLURM, Kubernetes and `timeout` send SIGTERM. Before: exit 1 after 2.7 s, Ray's stack dump, no resume
     command, the session's seconds lost. Now: as Ctrl+C, and the printed command (run as printed) continues it."""
