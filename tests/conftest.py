@@ -139,3 +139,51 @@ def loopback_server(monkeypatch):
     config.set_option("server.address", "127.0.0.1")
     yield
     config.set_option("server.address", old)
+
+
+class Refused:
+    """What a command line's main() did when run in this process: its exit code, stdout and stderr."""
+
+    def __init__(self, code: int, out: str, err: str):
+        self.returncode, self.stdout, self.stderr = code, out, err
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run a command line's main(argv) in this process (no interpreter start-up: the refusal tests take
+    milliseconds instead of seconds) and show that Ray never started: its temporary folder (RAY_TMPDIR, where a
+    Ray session writes its files) stays absent and Ray is not initialized here. One subprocess per command
+    (tests/test_inputs.py::test_refusals_print_one_line_without_traceback) shows what the user sees."""
+    import signal
+    import sys
+
+    ray_tmp = ray_tmp_dir()
+
+    def call(main, *args) -> Refused:
+        handler = signal.getsignal(signal.SIGTERM)  # (search/run.py sets its own)
+        try:
+            with monkeypatch.context() as m:  # (only for this call: a later real search in the test uses Ray)
+                m.setenv("RAY_TMPDIR", str(ray_tmp))
+                m.setenv("RAY_ADDRESS", "local")
+                code = main([str(a) for a in args])
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        out = capsys.readouterr()
+        assert_ray_never_started(ray_tmp)
+        ray = sys.modules.get("ray")
+        assert ray is None or not ray.is_initialized(), "Ray started"
+        return Refused(code, out.out, out.err)
+
+    yield call
+    ray_tmp.parent.rmdir()
+
+
+def ray_tmp_dir() -> Path:
+    """A RAY_TMPDIR that does not exist yet, short enough for Ray's socket paths (107 bytes)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp")) / "ray"
+
+
+def assert_ray_never_started(ray_tmp: Path) -> None:
+    assert not ray_tmp.exists(), f"Ray started: {sorted(p.name for p in ray_tmp.rglob('*'))[:5]}"

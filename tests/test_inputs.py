@@ -49,6 +49,19 @@ def one_line_error(r) -> str:
 
 
 @pytest.fixture
+def refuse(cli):
+    """A refusal of search/run.py or training/train.py, run through its main() in this process, Ray never
+    started (tests/conftest.py::cli); test_refusals_print_one_line_without_traceback runs them as a user does."""
+    from search.run import main as search_main
+    from training.train import main as train_main
+
+    def call(cmd, *args, timeout=None):
+        return cli(search_main if cmd is SEARCH else train_main, *args)
+
+    return call
+
+
+@pytest.fixture
 def small_dir(tmp_path) -> Path:
     return make_idx_dataset(tmp_path / "data", n_train=120, n_test=40)
 
@@ -186,12 +199,12 @@ def test_check_split_accepts_good_files(digits_dir):
 
 
 @pytest.mark.parametrize("gz", [True, False])
-def test_truncated_test_file_fails_the_train_cli_before_the_first_epoch(tmp_path, gz):
+def test_truncated_test_file_fails_the_train_cli_before_the_first_epoch(tmp_path, gz, refuse):
     folder = make_idx_dataset(tmp_path / "d", n_train=120, n_test=40, gz=gz)
     images = _images(folder, "test")
     images.write_bytes(images.read_bytes()[:-500])
     out = tmp_path / "run"
-    r = run(TRAIN, "--data-dir", folder, "--split", "digits", "--epochs", "1", "--out", out, *TINY)
+    r = refuse(TRAIN, "--data-dir", folder, "--split", "digits", "--epochs", "1", "--out", out, *TINY)
     line = one_line_error(r)
     assert str(images) in line and ("truncated" in line or "corrupt" in line)
     assert "epoch" not in r.stdout and not out.exists()  # refused before any training
@@ -200,13 +213,12 @@ def test_truncated_test_file_fails_the_train_cli_before_the_first_epoch(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_truncated_test_file_fails_the_search_before_ray_starts(tmp_path):
+def test_truncated_test_file_fails_the_search_before_ray_starts(tmp_path, refuse):
     folder = make_idx_dataset(tmp_path / "d", n_train=120, n_test=40)
     labels = _labels(folder, "test")
     write_idx(labels, np.zeros(39, np.uint8))
     space = _space(tmp_path)
-    r = run(SEARCH, "--config", space, "--data-dir", folder, "--storage", tmp_path / "results", "--name", "x",
-            timeout=120)
+    r = refuse(SEARCH, "--config", space, "--data-dir", folder, "--storage", tmp_path / "results", "--name", "x")
     line = one_line_error(r)
     assert str(labels) in line and "40 images" in line and "39 labels" in line
     assert "experiment x" not in r.stdout and not list((tmp_path / "results").glob("x/trial_*"))
@@ -266,10 +278,10 @@ def test_missing_device_is_refused(monkeypatch):
     ("width=1e9", "model too large"),
     ("device=cuda", "CUDA is not available"),
 ])
-def test_train_cli_refuses_before_any_work(tmp_path, setting, message):
+def test_train_cli_refuses_before_any_work(tmp_path, setting, message, refuse):
     if setting.startswith("device") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    r = run(TRAIN, "--data-dir", tmp_path / "no-data-needed", "--out", tmp_path / "run", "--set", setting, timeout=60)
+    r = refuse(TRAIN, "--data-dir", tmp_path / "no-data-needed", "--out", tmp_path / "run", "--set", setting)
     assert message in one_line_error(r)
     assert not (tmp_path / "run").exists()
 
@@ -281,14 +293,13 @@ def test_train_cli_refuses_before_any_work(tmp_path, setting, message):
          "  width: {uniform: [0.5, 8.0]}\n", "", "largest model it can sample (model=vgg, depth=20, width=8.0)"),
     ([], None, "fixed: {lr: .inf}\n", "lr must be a finite number"),
 ])
-def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fixed, message):
+def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fixed, message, refuse):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     path = _space(tmp_path, **({"space": space} if space else {}), fixed=fixed)
-    r = run(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", *args,
-            timeout=120)
-    assert message in one_line_error(r)
-    assert "experiment" not in r.stdout  # Ray never started
+    r = refuse(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", *args)
+    assert message in one_line_error(r)  # (and Ray never started: tests/conftest.py::cli)
+    assert "experiment" not in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -298,85 +309,109 @@ def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fix
     (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a finite number"),
     (["--samples", str(10**9)], "--samples must be between 1 and 100000"),
 ])
-def test_bad_options_are_one_line_and_leave_no_folder(tmp_path, digits_dir, args, message):
+def test_bad_options_are_one_line_and_leave_no_folder(tmp_path, digits_dir, args, message, refuse):
     """Before: a raw ValueError traceback (--seed), an error not naming the option (nan), and a results folder
     holding only .driver.lock."""
-    r = run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", tmp_path / "results",
-            "--name", "exp", *args, timeout=120)
+    r = refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage",
+               tmp_path / "results", "--name", "exp", *args)
     assert message in one_line_error(r)
     assert not (tmp_path / "results" / "exp").exists()
 
 
-def test_a_start_refused_after_the_lock_leaves_no_folder(tmp_path):
+def test_a_start_refused_after_the_lock_leaves_no_folder(tmp_path, refuse):
     """The data are read after the experiment's lock is taken: their error must not leave a folder behind."""
-    r = run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", tmp_path / "no-data", "--storage",
-            tmp_path / "results", "--name", "exp", timeout=120)
+    r = refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", tmp_path / "no-data", "--storage",
+               tmp_path / "results", "--name", "exp")
     one_line_error(r)
     assert not (tmp_path / "results" / "exp").exists()
 
 
-def test_a_huge_yaml_file_is_refused_before_it_is_parsed(tmp_path, digits_dir):
+def test_a_huge_yaml_file_is_refused_before_it_is_parsed(tmp_path, digits_dir, refuse):
     """A 14.6 MB space took PyYAML over 120 s and 3.2 GB; any config file over 1 MB is refused by its size."""
     path = _space(tmp_path / "cfg")
     with path.open("a") as f:
         f.write("# " + "x" * 1000 + "\n" * 1 + ("# padding\n" * 200_000))
-    r = run(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", timeout=60)
+    r = refuse(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results")
     assert "too large for a config file" in one_line_error(r)
     big = tmp_path / "big.yaml"
     big.write_text("lr: 0.001\n" + "# x\n" * 400_000)
-    r = run(TRAIN, "--config", big, "--data-dir", digits_dir, "--out", tmp_path / "run", timeout=60)
+    r = refuse(TRAIN, "--config", big, "--data-dir", digits_dir, "--out", tmp_path / "run")
     assert "too large for a config file" in one_line_error(r)
 
 
 # --- 6. storage that cannot be used ---------------------------------------------------------------
 
-def _search_with_storage(tmp_path, digits_dir, storage, name="exp", extra=(), env=None):
-    return run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", storage,
-               "--name", name, *extra, timeout=120, env=env)
+def _search_with_storage(refuse, tmp_path, digits_dir, storage, name="exp", extra=()):
+    return refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", storage,
+                  "--name", name, *extra)
 
 
-def test_storage_that_is_a_file(tmp_path, digits_dir):
+def test_storage_that_is_a_file(tmp_path, digits_dir, refuse):
     f = tmp_path / "results.txt"
     f.write_text("not a folder")
-    assert "is a file, not a folder" in one_line_error(_search_with_storage(tmp_path, digits_dir, f))
-    assert "which is a file" in one_line_error(_search_with_storage(tmp_path, digits_dir, f / "sub" / "dir"))
+    assert "is a file, not a folder" in one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, f))
+    assert "which is a file" in one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, f / "sub" / "dir"))
     assert f.read_text() == "not a folder"
 
 
-def test_name_longer_than_the_filesystem_allows(tmp_path, digits_dir):
+def test_name_longer_than_the_filesystem_allows(tmp_path, digits_dir, refuse):
     name = "n" * 300
     for extra in ([], ["--resume"]):
-        line = one_line_error(_search_with_storage(tmp_path, digits_dir, tmp_path / "results", name, extra))
+        line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / "results", name, extra))
         assert "--name is 300 bytes long" in line
-    line = one_line_error(_search_with_storage(tmp_path, digits_dir, tmp_path / ("s" * 300) / "results"))
+    line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / ("s" * 300) / "results"))
     assert "300 bytes long" in line
 
 
-def test_storage_that_is_not_writable(tmp_path, digits_dir, monkeypatch, capsys):
-    from search import run as search_run
+def test_storage_that_is_not_writable(tmp_path, digits_dir, monkeypatch, refuse):
     from search import storage
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(storage.tempfile, "mkstemp", read_only)
-    code = search_run.main(["--config", str(_space(tmp_path / "cfg")), "--data-dir", str(digits_dir),
-                            "--storage", str(tmp_path / "ro"), "--name", "exp"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: --storage") and "Read-only file system" in err
-    assert len(err.strip().splitlines()) == 1
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(storage.tempfile, "mkstemp", read_only)
+        line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / "ro"))
+    assert line.startswith("error: --storage") and "Read-only file system" in line
     # a real folder no one may write in, root included (root ignores a folder's mode bits): sysfs
     assert Path("/sys/kernel").is_dir()
-    line = one_line_error(_search_with_storage(tmp_path, digits_dir, "/sys/kernel"))
+    line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, "/sys/kernel"))
     assert line.startswith("error: --storage /sys/kernel is not writable: /sys/kernel:"), line
+
+
+def test_refusals_print_one_line_without_traceback(tmp_path, digits_dir):
+    """What a user sees, from a real interpreter: each command line refuses bad input with one `error:` line,
+    exit 2, no traceback, and (the search and final stage) before Ray starts: a Ray session would have written
+    its files under RAY_TMPDIR."""
+    from tests.conftest import assert_ray_never_started, ray_tmp_dir
+
+    final = [sys.executable, str(REPO / "search" / "final.py")]
+    export = [sys.executable, "-m", "training.export"]
+    text = tmp_path / "model.pt"
+    text.write_text("not a checkpoint")
+    ray_tmp = ray_tmp_dir()  # a Ray session would write its files here
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_tmp)}
+    for cmd, args, message in (
+        (SEARCH, ["--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--seed", "-1"], "--seed must be"),
+        (SEARCH, ["--name", "nope", "--resume", "--storage", tmp_path / "results"], "no experiment at"),
+        (TRAIN, ["--data-dir", digits_dir, "--out", tmp_path / "run", "--set", "lr=nan"], "lr must be a finite"),
+        (final, ["--name", "nope", "--storage", tmp_path / "results"], "nope"),
+        (PREDICT, [text, text], "model.pt"),
+        (export, [text, "--onnx", tmp_path / "m.onnx"], "model.pt"),
+    ):
+        r = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+        assert message in one_line_error(r), (cmd[-1], r.stderr)
+    assert_ray_never_started(ray_tmp)
+    ray_tmp.parent.rmdir()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "run").exists()
 
 
 def test_unreachable_cloud_storage(tmp_path, digits_dir):
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true",
            "EMNIST_TUNE_STORAGE_TIMEOUT_S": "60"}
     for uri in ("s3://bucket/emnist?endpoint_override=127.0.0.1:1&scheme=http", "nosuchfs://bucket/emnist"):
-        line = one_line_error(_search_with_storage(tmp_path, digits_dir, uri, env=env))
+        line = one_line_error(run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage",
+                                  uri, "--name", "exp", timeout=120, env=env))
         assert line.startswith(f"error: cannot reach storage {uri}: "), line
 
 
