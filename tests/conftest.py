@@ -104,9 +104,9 @@ def real_run(real_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_experiment(digits_dir, tmp_path_factory) -> Path:
-    """A small real experiment (Ray Tune + Optuna + ASHA, 4 trials x 2 epochs on generated digits),
-    for the dashboard tests. Returns the results root; the experiment is named 'tiny'."""
+def tiny_search(digits_dir, tmp_path_factory):
+    """A small real experiment (Ray Tune + Optuna + ASHA, 4 trials x 2 epochs on generated digits, then its
+    final stage), once per session: (results root, the finished process). The experiment is named 'tiny'."""
     import subprocess
     import sys
 
@@ -124,7 +124,13 @@ def tiny_experiment(digits_dir, tmp_path_factory) -> Path:
                        # a fresh local Ray instance, never one another process on this machine started
                        env={**os.environ, "RAY_ADDRESS": "local"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return root
+    return root, r
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tiny_search) -> Path:
+    """The results root of tiny_search, for the dashboard tests."""
+    return tiny_search[0]
 
 
 @pytest.fixture
