@@ -395,6 +395,23 @@ def _interrupted_with_two_checkpoints(digits_dir, tmp_path, name):
     return exp_dir, args
 
 
+@pytest.fixture(scope="module")
+def interrupted(digits_dir, tmp_path_factory):
+    """_interrupted_with_two_checkpoints, made once for the module's resume tests, and a copy of it as it was:
+    each test puts that copy back in the experiment's own place (Ray's state holds absolute paths: a copy
+    elsewhere is another experiment to Ray) and damages it in its own way."""
+    exp_dir, args = _interrupted_with_two_checkpoints(digits_dir, tmp_path_factory.mktemp("interrupted"), "shared")
+    template = shutil.copytree(exp_dir, exp_dir.parent.parent / "as-interrupted", symlinks=True)
+    return exp_dir, args, template
+
+
+def _fresh_copy(interrupted) -> tuple[Path, list]:
+    exp_dir, args, template = interrupted
+    shutil.rmtree(exp_dir)
+    shutil.copytree(template, exp_dir, symlinks=True)
+    return exp_dir, args
+
+
 def _checkpoint_epochs(exp_dir: Path, tid: str) -> dict[int, Path]:
     """epoch -> file of every checkpoint of the trial on disk, read from the files themselves."""
     return {int(load_checkpoint(f)["epoch"]): f for f in (exp_dir / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt")}
@@ -483,8 +500,8 @@ def test_resume_picks_the_newest_readable_checkpoint(digits_data, tiny_config, t
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_newest_checkpoint_falls_back_on_resume(digits_dir, tmp_path, damage):
-    exp_dir, args = _interrupted_with_two_checkpoints(digits_dir, tmp_path, f"damaged-{damage}")
+def test_damaged_newest_checkpoint_falls_back_on_resume(interrupted, damage):
+    exp_dir, args = _fresh_copy(interrupted)
     before = snapshot(exp_dir)
     tid = next(t for t, v in before.items() if v["status"] != "finished")
     # Damage the checkpoint Ray will hand back and any newer file (a resumed trial takes the newest
@@ -527,13 +544,13 @@ def test_damaged_newest_checkpoint_falls_back_on_resume(digits_dir, tmp_path, da
 
 
 @pytest.mark.parametrize("logged", [False, True])
-def test_epoch_the_driver_never_recorded_is_not_trained_again(digits_dir, digits_data, tmp_path, logged):
+def test_epoch_the_driver_never_recorded_is_not_trained_again(interrupted, digits_data, tmp_path, logged):
     """Interrupted right after a trial wrote its next checkpoint, before the driver recorded it:
     Ray hands back the older checkpoint. The trial resumes from the newer one; its epoch is
     reported from the checkpoint (or, when result.json already has it, not at all) and is not
     trained again. The newer checkpoint is made here (one more epoch, trained outside Ray), so the
     test does not depend on hitting that moment with a signal."""
-    exp_dir, args = _interrupted_with_two_checkpoints(digits_dir, tmp_path, f"unrecorded-{logged}")
+    exp_dir, args = _fresh_copy(interrupted)
     before = snapshot(exp_dir)
     tid = next(t for t, v in before.items() if v["status"] != "finished")
     trial = exp_dir / f"trial_{tid}"
