@@ -23,8 +23,8 @@ RUN = [sys.executable, str(REPO / "search" / "run.py")]
 ENV = {**os.environ, "RAY_ADDRESS": "local"}
 
 
-def _run(*args, timeout=600):
-    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=timeout)
+def _run(*args, timeout=600, env=ENV):
+    return subprocess.run([*RUN, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
 @pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1h30m", 5400), ("45", 45),
@@ -175,9 +175,14 @@ def test_a_timed_trial_that_had_its_seconds_is_finished_in_the_table_and_the_pro
 
 
 def test_a_budget_too_small_is_one_line_before_ray_starts(digits_dir, tmp_path):
+    from tests.conftest import assert_ray_never_started, ray_tmp_dir
+
     space = write_space(tmp_path, samples=4, max_epochs=2, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    ray_tmp = ray_tmp_dir()  # a Ray session would write its files here
     r = _run("--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results", "--name", "tiny",
-             "--time-budget", "3s", timeout=120)
+             "--time-budget", "3s", timeout=120, env={**ENV, "RAY_TMPDIR": str(ray_tmp)})
+    assert_ray_never_started(ray_tmp)
+    ray_tmp.parent.rmdir()
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "smallest budget that would work here is about" in lines[0], \
         r.stdout + r.stderr

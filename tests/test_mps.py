@@ -50,13 +50,18 @@ def test_daemon_that_cannot_start_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which(CONTROL) is not None, reason=f"{CONTROL} exists here: MPS would really start")
 def test_search_without_mps_tool_stops_before_ray(tmp_path, digits_dir):
+    from tests.conftest import assert_ray_never_started, ray_tmp_dir
     from tests.test_search import write_space
 
     space = write_space(tmp_path, 1, 1, 1, "  lr: {uniform: [0.001, 0.01]}\n")
+    ray_tmp = ray_tmp_dir()  # a Ray session would write its files here
     r = subprocess.run([sys.executable, str(REPO / "search" / "run.py"), "--config", str(space), "--data-dir",
                         str(digits_dir), "--storage", str(tmp_path / "res"), "--name", "m", "--mps"],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_tmp)})
     assert r.returncode == 2 and f"{CONTROL} not found" in r.stderr, r.stderr
+    assert_ray_never_started(ray_tmp)
+    ray_tmp.parent.rmdir()
     # the experiment is not locked afterwards: the same command without --mps may run it
     from search.lock import ExperimentLock
 
