@@ -146,7 +146,7 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
     inside = (lambda p: True) if root is None else functools.partial(is_inside, root)
     read = ray_statuses(exp_dir, root)
     statuses = {t: v for t, v in read.items() if isinstance(t, str) and _TRIAL_ID.fullmatch(t)}
-    skipped = getattr(read, "skipped", 0) + len(read) - len(statuses)
+    skipped = read.skipped + len(read) - len(statuses)
     state_notes = [f"{skipped} malformed trial entr{'y' if skipped == 1 else 'ies'} of the experiment state "
                    "skipped"] if skipped else []
     rows, histories, checkpoints, refused, notes = [], {}, {}, {}, {}

@@ -147,13 +147,6 @@ def loopback_server(monkeypatch):
     config.set_option("server.address", old)
 
 
-class Refused:
-    """What a command line's main() did when run in this process: its exit code, stdout and stderr."""
-
-    def __init__(self, code: int, out: str, err: str):
-        self.returncode, self.stdout, self.stderr = code, out, err
-
-
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run a command line's main(argv) in this process (no interpreter start-up: the refusal tests take
@@ -161,11 +154,12 @@ def cli(monkeypatch, capsys):
     Ray session writes its files) stays absent and Ray is not initialized here. One subprocess per command
     (tests/test_inputs.py::test_refusals_print_one_line_without_traceback) shows what the user sees."""
     import signal
+    import subprocess
     import sys
 
     ray_tmp = ray_tmp_dir()
 
-    def call(main, *args) -> Refused:
+    def call(main, *args) -> subprocess.CompletedProcess:
         handler = signal.getsignal(signal.SIGTERM)  # (search/run.py sets its own)
         try:
             with monkeypatch.context() as m:  # (only for this call: a later real search in the test uses Ray)
@@ -178,7 +172,7 @@ def cli(monkeypatch, capsys):
         assert_ray_never_started(ray_tmp)
         ray = sys.modules.get("ray")
         assert ray is None or not ray.is_initialized(), "Ray started"
-        return Refused(code, out.out, out.err)
+        return subprocess.CompletedProcess(args, code, out.out, out.err)  # (as subprocess.run would give)
 
     yield call
     ray_tmp.parent.rmdir()

@@ -149,11 +149,7 @@ def _cmd(pid: int) -> str:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return _state(pid) not in ("", "Z")
 
 
 def descendants(pid: int) -> dict[int, str]:
