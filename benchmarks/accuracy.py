@@ -36,7 +36,8 @@ from training.augment import TTA_VIEWS, shift_rotate
 from training.checkpoint import build_from_checkpoint, load_checkpoint
 from training.config import load_yaml, make_config, parse_set
 from training.data import load_dataset, load_test
-from training.trainer import predict_logits, train
+from training.inference import predict_logits
+from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
                               [--batch-sizes 1024,512,256,128,64] [--repeats 3] [--device auto]
 
 Every evaluation in the project (validation each epoch, the search's test summary, the final stage,
-the Predictor) goes through `training.trainer.predict_logits`, which runs at most CPU_EVAL_BATCH
+the Predictor) goes through `training.inference.predict_logits`, which runs at most CPU_EVAL_BATCH
 images at a time on the CPU. This prints, side by side in one process:
 
   - images/s of predict_logits at each raw batch size (the CPU cap lifted, so each size is really run);
@@ -27,8 +27,8 @@ import torch
 
 from benchmarks.train import device_name
 from models import build_model, list_models
-from training import trainer
-from training.trainer import predict_logits, resolve_device
+from training import inference
+from training.inference import predict_logits, resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,8 +69,8 @@ def images(a: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, i
 
 def timed(model: torch.nn.Module, x: torch.Tensor, batch: int, cap: int | None) -> tuple[float, float]:
     """(images/s, system seconds) of one predict_logits pass at `batch` with the CPU cap set to `cap`."""
-    saved = trainer.CPU_EVAL_BATCH
-    trainer.CPU_EVAL_BATCH = cap if cap is not None else sys.maxsize
+    saved = inference.CPU_EVAL_BATCH
+    inference.CPU_EVAL_BATCH = cap if cap is not None else sys.maxsize
     try:
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         predict_logits(model, x, batch, channels_last=x.device.type != "mps", precision="fp32")
@@ -78,7 +78,7 @@ def timed(model: torch.nn.Module, x: torch.Tensor, batch: int, cap: int | None) 
             torch.cuda.synchronize(x.device)
         seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     finally:
-        trainer.CPU_EVAL_BATCH = saved
+        inference.CPU_EVAL_BATCH = saved
     return len(x) / seconds, r1.ru_stime - r0.ru_stime
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device = resolve_device(a.device)
     x, n_classes, source = images(a, device)
-    cap = trainer.CPU_EVAL_BATCH
+    cap = inference.CPU_EVAL_BATCH
     print(f"device: {device_name(device)}, {torch.get_num_threads()} CPU threads; {len(x)} {source} images; "
           f"median of {a.repeats}; CPU_EVAL_BATCH = {cap}")
     # (label, raw batch, cap): every raw size with the cap lifted, then the project's default as it runs
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in rates.items()}
         cells = "  ".join(f"{k} {med[k]:7.0f}/s (sys {statistics.median(sys_s[k]):4.1f} s)" for k, _, _ in runs[:-1])
         print(f"{model_name:<11} {cells}")
-        print(f"{'':<11} project default (eval_batch_size 1024 -> {trainer.eval_batch_size(1024, device)} on "
+        print(f"{'':<11} project default (eval_batch_size 1024 -> {inference.eval_batch_size(1024, device)} on "
               f"{device.type}): {med['default']:.0f}/s vs 1024 uncapped {med['bs 1024']:.0f}/s: "
               f"{med['default'] / med['bs 1024']:.2f}x")
     return 0

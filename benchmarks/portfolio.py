@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import build_from_checkpoint, load_checkpoint
     from training.config import load_yaml, make_config
     from training.data import load_for_config, load_test
-    from training.trainer import predict_logits
+    from training.inference import predict_logits
 
     a = parse_args(argv)
     out = a.out / time.strftime("%Y%m%d-%H%M%S")

@@ -3,7 +3,7 @@
     python -m benchmarks.precision [--models small_cnn,mobile_cnn] [--threads 1] [--batch 128] [--steps 20]
                                    [--repeats 5] [--device cpu] [--width 1.0] [--compile]
 
-It decides what `precision: auto` means on a CPU with native bf16 (training.trainer.use_bf16): bf16 is ~2x
+It decides what `precision: auto` means on a CPU with native bf16 (training.inference.use_bf16): bf16 is ~2x
 faster for the plain convolutions of small_cnn, vgg and resnet, but the depthwise convolutions of mobile_cnn can
 be slower in bf16 than in fp32 (issue 19: 0.6x on an AMD EPYC). The two precisions alternate, `--repeats` times
 each, in one process at `--threads` threads (a trial's one thread by default), and the median of each is printed
@@ -27,7 +27,8 @@ import torch
 from benchmarks.train import device_name
 from models import build_model, list_models
 from training.config import make_config
-from training.trainer import make_optimizer, resolve_device, train_step, use_bf16
+from training.inference import resolve_device, use_bf16
+from training.trainer import make_optimizer, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,7 +42,8 @@ from training.data import (
     load_for_config,
 )
 from training.idx import IdxError
-from training.trainer import make_optimizer, resolve_device, train, train_step, use_bf16
+from training.inference import resolve_device, use_bf16
+from training.trainer import make_optimizer, train, train_step
 
 # The project's targets: one resident epoch of small_cnn over the full training set
 # (~89k images) in under a minute on 2 CPU cores, and a resident/conventional speed-up of at

@@ -118,7 +118,8 @@ def measure(config: dict, data, seconds: float = 1.0) -> Speed:
     """Training and validation images/s of one config on `data`, in this process's threads: two warm-up steps,
     then steps for about `seconds`; validation on up to 512 images."""
     from training.config import make_config
-    from training.trainer import predict_logits, run_epoch, setup
+    from training.inference import predict_logits
+    from training.trainer import run_epoch, setup
 
     c = make_config({**config, "epochs": 1, "hist_every": 0, "scheduler": "none"})  # (steps are set below)
     run = setup(c, data)

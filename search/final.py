@@ -42,7 +42,6 @@ from search.layout import (
     is_uri,
     own_dir,
     ray_statuses,
-    read_json,
     set_aside,
     trial_dirs,
 )
@@ -53,9 +52,10 @@ from search.results import load_experiment
 from search.selection import TTA_VIEWS, Candidate, candidates, select_ensemble
 from search.signals import sigterm_as_sigint
 from search.timed_refit import fit_refit
-from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.config import ConfigError
 from training.data import EmnistData
+from training.fileio import read_json, write_atomic
 
 FINAL_DIR = "final"
 MODEL_FILE = "model.pt"
@@ -312,8 +312,8 @@ def deliver_and_report(exp_dir: Path, final_dir: Path, plan: dict, data_dir, dev
                        summary: dict | None = None) -> tuple[dict, Path]:
     """(summary.json's "final", the delivered model written beside final/model.pt as a staged file). The caller
     writes the report and the summary, then moves the staged file over model.pt: see deliver()."""
+    from training.checkpoint import save_model
     from training.data import load_test
-    from training.ensemble import save_model
     from training.evaluate import class_probs, eval_precision
 
     summary = summary or {}
@@ -503,7 +503,7 @@ def deliver(exp_dir: Path, final_dir: Path, final: dict, staged: Path, summary: 
 def run_final(exp_dir: str | Path, data: EmnistData, settings: FinalSettings, data_dir=None) -> int:
     """The whole final stage on a finished experiment (the caller holds its lock). 0 when the
     delivered model and report are written, 130 when interrupted (run it again to continue)."""
-    from training.trainer import resolve_device
+    from training.inference import resolve_device
 
     if is_uri(exp_dir):
         print(f"results are in {exp_dir}: run the final stage on a local copy (python search/final.py)")

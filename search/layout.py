@@ -32,6 +32,8 @@ import math
 import os
 from pathlib import Path
 
+from training.fileio import parse_line, read_json, small_file, write_bytes
+
 DEFAULT_STORAGE = Path(__file__).resolve().parents[1] / "results"  # where experiments go without --storage
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint_<n>/ folder (search/trainable.py writes it)
 SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
@@ -62,10 +64,8 @@ def _read_file(exp_dir: str | Path, name: str) -> bytes | None:
 def _write_file(exp_dir: str | Path, name: str, data: bytes) -> None:
     """Write a file of the experiment folder (see _read_file); whole or not at all on local disk."""
     if not is_uri(exp_dir):
-        from training.checkpoint import write_atomic
-
         Path(exp_dir).mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(exp_dir) / name, lambda f: f.write(data))
+        write_bytes(Path(exp_dir) / name, data)
         return
     import pyarrow.fs
 
@@ -179,49 +179,6 @@ def is_uri(path: str | Path) -> bool:
     return "://" in str(path)
 
 
-def _parse_line(line: str | bytes) -> dict | None:
-    """One JSON object, or None for anything else. ValueError covers a number too long for int()
-    (Python refuses more than 4300 digits) and bad UTF-8; RecursionError very deep nesting."""
-    try:
-        row = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    """Every complete JSON line; a half-written last line (a search still running) is skipped."""
-    rows = []
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        line = line.strip()
-        if line and (row := _parse_line(line)) is not None:
-            rows.append(row)
-    return rows
-
-
-def _small_file(path: Path, max_bytes: int | None) -> bool:
-    """A regular file (a FIFO or device would block the reader) of at most max_bytes (None: any size)."""
-    try:
-        return path.is_file() and (max_bytes is None or path.stat().st_size <= max_bytes)
-    except (OSError, ValueError):  # (ValueError: a NUL byte in the path)
-        return False
-
-
-def read_json(path: Path, max_bytes: int | None = None) -> dict | None:
-    """A JSON object file; None when missing, unreadable, not an object or (with max_bytes) larger."""
-    if not _small_file(path, max_bytes):
-        return None
-    try:
-        value = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def whole_state(path: Path) -> bool:
     """An experiment state file Ray can restore from: JSON holding its trial list (not one cut short by a
     driver killed while Ray wrote it, see search.repairs.set_aside_damaged_state)."""
@@ -312,8 +269,8 @@ def _space_from_file(path: Path, saved: str | None):
 
     where = str(path)
     try:
-        here = _small_file(path, MAX_SPACE_BYTES)
-        if not here and path.name and _small_file(REPO_SPACES / path.name, MAX_SPACE_BYTES):
+        here = small_file(path, MAX_SPACE_BYTES)
+        if not here and path.name and small_file(REPO_SPACES / path.name, MAX_SPACE_BYTES):
             repo = REPO_SPACES / path.name
             if saved is not None and hashlib.sha256(repo.read_bytes()).hexdigest() == saved:
                 path, here = repo, True  # the same file, in this repository (an experiment from another machine)
@@ -327,7 +284,7 @@ def _space_from_file(path: Path, saved: str | None):
         if saved is not None and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
             return None, f"the search space file {where} has been edited since the search started"
         base = load_yaml(path).get("base")
-        if base and not _small_file((path.parent / str(base)).resolve(), MAX_SPACE_BYTES):
+        if base and not small_file((path.parent / str(base)).resolve(), MAX_SPACE_BYTES):
             return None, f"the base config of the search space file {where} is not there any more"
         return load_search_spec(path), None
     except (ConfigError, *_SPACE_ERRORS) as e:
@@ -424,7 +381,7 @@ def read_result_rows(path: Path, max_bytes: int = MAX_RESULT_BYTES) -> tuple[lis
         line = line.strip()
         if not line:
             continue
-        row = _parse_line(line)
+        row = parse_line(line)
         if row is None and i == last:
             continue  # no newline yet: still being written
         row = clean_result_row(row) if row is not None else None

@@ -95,7 +95,7 @@ class Ledger:
     def write(self) -> None:
         import json
 
-        from training.checkpoint import write_atomic
+        from training.fileio import write_atomic
 
         data = {"budget_s": self.budget_s, "sessions": [*self.earlier, self.record()]}
         try:

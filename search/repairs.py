@@ -57,13 +57,12 @@ from search.layout import (
     checkpoint_index,
     own_dir,
     ray_statuses,
-    read_json,
-    read_json_lines,
     set_aside,
     trial_dirs,
     whole_state,
 )
-from training.checkpoint import CheckpointError, load_checkpoint, write_atomic
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.fileio import read_json, read_json_lines, write_atomic
 
 
 class Resume(NamedTuple):

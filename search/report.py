@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from search.selection import SIGNIFICANT_P
-from training.checkpoint import write_atomic
+from training.fileio import write_atomic
 
 PAIRS_IMAGE = "confused_pairs.png"
 

@@ -33,10 +33,10 @@ from search.layout import (
     as_number,
     is_inside,
     ray_statuses,
-    read_json,
     read_result_rows,
     trial_dirs,
 )
+from training.fileio import read_json
 
 MAX_HISTORY_ROWS = 2000  # per-epoch rows kept of one trial for its curves (evenly spaced; last and best kept)
 

@@ -52,7 +52,7 @@ def candidates(exp, k: int) -> list[Candidate]:
 
 
 def _probs(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    from training.trainer import predict_logits
+    from training.inference import predict_logits
 
     # fp32: the probabilities that are averaged and compared should not carry bf16 rounding
     return predict_logits(model.to(dev), x.to(dev), batch_size=1024, precision="fp32").softmax(1).cpu()

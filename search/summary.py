@@ -8,9 +8,10 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import SUMMARY_FILE, is_uri, read_json, read_sessions, saved_space
+from search.layout import SUMMARY_FILE, is_uri, read_sessions, saved_space
 from search.results import Experiment, load_experiment
-from training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.fileio import read_json, write_atomic
 from training.metrics import format_pairs
 
 TOP_N = 5

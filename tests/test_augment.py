@@ -100,7 +100,7 @@ def test_tta_views_shift_and_rotate():
 
 def test_predict_probs_with_tta():
     from models import build_model
-    from training.trainer import predict_logits, predict_probs
+    from training.inference import predict_logits, predict_probs
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 10).eval()

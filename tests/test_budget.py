@@ -332,7 +332,7 @@ def test_auto_precision_keeps_depthwise_models_in_fp32_on_the_cpu(monkeypatch):
     import torch
 
     from models import build_model
-    from training import trainer
+    from training import inference
 
     cpu = torch.device("cpu")
     for native in (True, False):
@@ -340,8 +340,8 @@ def test_auto_precision_keeps_depthwise_models_in_fp32_on_the_cpu(monkeypatch):
         for name in ("small_cnn", "vgg", "resnet", "mobile_cnn"):
             model = build_model(name, 10)
             want = native and name != "mobile_cnn"
-            assert trainer.use_bf16(cpu, "auto", model) is want, (name, native)
-            assert trainer.use_bf16(cpu, "bf16", model) and not trainer.use_bf16(cpu, "fp32", model)
+            assert inference.use_bf16(cpu, "auto", model) is want, (name, native)
+            assert inference.use_bf16(cpu, "bf16", model) and not inference.use_bf16(cpu, "fp32", model)
 
 
 def test_the_budget_as_a_reader_sees_it(tmp_path):

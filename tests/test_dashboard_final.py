@@ -20,8 +20,7 @@ from dashboard import figures
 from dashboard import final as final_page
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, open_experiment
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.ensemble import save_model
+from training.checkpoint import load_checkpoint, save_checkpoint, save_model
 
 pytestmark = pytest.mark.usefixtures("loopback_server")
 

@@ -18,10 +18,9 @@ import torch
 
 from models import build_model, list_models
 from training import export
-from training.checkpoint import save_checkpoint
+from training.checkpoint import save_checkpoint, save_model
 from training.config import make_config
 from training.data import load_test, normalize
-from training.ensemble import save_model
 from training.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]

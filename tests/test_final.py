@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from search.final import FinalError, FinalSettings, run_final, whole_training_split
-from search.layout import ray_statuses, read_json_lines, trial_dirs
+from search.layout import ray_statuses, trial_dirs
 from search.selection import choose_k
 from tests.test_search import REPO, RUN, write_space
 from training import ensemble
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, save_model
 from training.data import load_test
-from training.ensemble import Ensemble, save_model
+from training.ensemble import Ensemble
+from training.fileio import read_json_lines
 from training.metrics import wilson_interval
 from training.predict import Predictor
 
@@ -495,7 +496,7 @@ def test_ensemble_file_refuses_pickled_and_damaged_members(tmp_path):
 
 
 def test_test_time_augmentation_file(tmp_path, digits_data):
-    from training.trainer import predict_probs
+    from training.inference import predict_probs
 
     path = save_model(tmp_path / "m.pt", _members(1), list("0123456789"), "digits", tta=7)
     predictor = Predictor.from_checkpoint(path)

@@ -13,8 +13,9 @@ from PIL import Image
 
 from tests.conftest import render_char
 from training.data import load_test
+from training.inference import evaluate
 from training.predict import Predictor
-from training.trainer import evaluate, train
+from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from training.checkpoint import (
     load_state,
     save_checkpoint,
 )
-from training.trainer import evaluate, train
+from training.inference import evaluate
+from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -400,7 +401,7 @@ def test_cpu_evaluation_runs_in_bounded_batches_with_the_same_logits():
     CPU_EVAL_BATCH (a large batch is slower there: benchmarks/eval.py), and the logits are those of
     the whole set run at once, in order."""
     from models import build_model
-    from training.trainer import CPU_EVAL_BATCH, eval_batch_size, predict_logits
+    from training.inference import CPU_EVAL_BATCH, eval_batch_size, predict_logits
 
     torch.manual_seed(0)
     model = build_model("small_cnn", 10).eval()

@@ -87,7 +87,7 @@ def augment(x: torch.Tensor, p: AugmentParams, generator: torch.Generator) -> to
 
 
 # Test-time augmentation: the identity, one-pixel shifts, then small rotations (dx px, dy px, degrees).
-# `training.trainer.predict_probs(..., tta=k)` averages the softmax over the first k views.
+# `training.inference.predict_probs(..., tta=k)` averages the softmax over the first k views.
 TTA_VIEWS = ((0, 0, 0), (1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 8), (0, 0, -8))
 
 

@@ -3,25 +3,29 @@ the epoch and its metrics (plus optimizer/scheduler/RNG state for resuming).
 
 Only tensors and plain containers go in, so `torch.load(weights_only=True)` can read it
 and a file carrying a pickled object is refused instead of executed.
+
+The one module that knows the file format, for both kinds of file:
+- a trial's checkpoint (`save_checkpoint`; a `last.pt` adds optimizer, scheduler, RNG and history);
+- the delivered model of a search (`save_model`: `results/<name>/final/model.pt`), an ordinary checkpoint whose
+  `model`/`config` are the first member's, plus `members` (each member's weights, config, epoch) when it is an
+  ensemble and `tta` when its prediction is averaged over views of the input (training/ensemble.py's modules).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from training.augment import TTA_VIEWS
-from training.failpoint import stop_here
+from training.ensemble import Ensemble, TestTimeAugment
+from training.fileio import write_atomic
 
 FORMAT_VERSION = 1
 
@@ -30,30 +34,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def member_of(ckpt: dict) -> dict[str, Any]:
+    """What an ensemble file keeps of a member checkpoint: weights, config, epoch, metrics."""
+    keep = ("model", "config", "epoch", "metrics")
+    return {k: ckpt[k] for k in keep if k in ckpt}
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """`write(file)` into a temporary file beside `path`, then rename it over `path`: a crash or
-    full disk mid-write leaves the previous file intact (or none), never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        stop_here(f"write:{path.name}")  # (the fault tests kill a process here: training/failpoint.py)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; these are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_model(path: str | Path, members: list[dict], classes: list[str], split: str,
+               info: dict | None = None, tta: int = 1) -> Path:
+    """Write the delivered model: `members` are loaded checkpoints (or member_of() of them), all
+    trained on the same classes. One member makes a plain single-model checkpoint. tta > 1: its
+    prediction is averaged over that many views of the input (TestTimeAugment)."""
+    if not members:
+        raise ValueError("save_model needs at least one member")
+    members = [member_of(m) for m in members]
+    first = members[0]
+    state: dict[str, Any] = {"model": first["model"], "config": first["config"], "classes": list(classes),
+                             "epoch": int(first["epoch"]), "split": split, "final": dict(info or {})}
+    if len(members) > 1:
+        state["members"] = members
+    if tta > 1:
+        state["tta"] = int(tta)
+    return save_checkpoint(path, state)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -185,8 +187,6 @@ def build_from_checkpoint(ckpt: dict, device: str | torch.device = "cpu", where:
     `tta` its prediction averaged over that many views of the input."""
     if not ckpt["classes"]:
         raise CheckpointError(f"{where} has no classes")
-    from training.ensemble import Ensemble, TestTimeAugment
-
     if "members" in ckpt:
         model = Ensemble([_build_one(m, len(ckpt["classes"]), f"{where} (member {i})")
                           for i, m in enumerate(ckpt["members"])])

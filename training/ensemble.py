@@ -1,22 +1,12 @@
-"""The delivered model of a search (`results/<name>/final/model.pt`): one model, or several
-averaged in probability space.
-
-The file is an ordinary checkpoint (model, config, classes, epoch: what every loader reads),
-whose `model`/`config` are the first member's, plus `members`: each member's weights, config
-and epoch. Everything is tensors and plain containers, so `torch.load(weights_only=True)`
-reads it and `training.checkpoint.load_checkpoint` checks it like any other checkpoint.
-"""
+"""The modules of a delivered model: several models averaged in probability space (Ensemble), and one
+model's prediction averaged over views of its input (TestTimeAugment). Only modules: their file format
+(`save_model`, and how a file is rebuilt into them) is training/checkpoint.py's."""
 
 from __future__ import annotations
-
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from training.checkpoint import save_checkpoint
 
 
 class TestTimeAugment(nn.Module):
@@ -66,27 +56,3 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
         return probs.log()
-
-
-def member_of(ckpt: dict) -> dict[str, Any]:
-    """What an ensemble file keeps of a member checkpoint: weights, config, epoch, metrics."""
-    keep = ("model", "config", "epoch", "metrics")
-    return {k: ckpt[k] for k in keep if k in ckpt}
-
-
-def save_model(path: str | Path, members: list[dict], classes: list[str], split: str,
-               info: dict | None = None, tta: int = 1) -> Path:
-    """Write the delivered model: `members` are loaded checkpoints (or member_of() of them), all
-    trained on the same classes. One member makes a plain single-model checkpoint. tta > 1: its
-    prediction is averaged over that many views of the input (TestTimeAugment)."""
-    if not members:
-        raise ValueError("save_model needs at least one member")
-    members = [member_of(m) for m in members]
-    first = members[0]
-    state: dict[str, Any] = {"model": first["model"], "config": first["config"], "classes": list(classes),
-                             "epoch": int(first["epoch"]), "split": split, "final": dict(info or {})}
-    if len(members) > 1:
-        state["members"] = members
-    if tta > 1:
-        state["tta"] = int(tta)
-    return save_checkpoint(path, state)

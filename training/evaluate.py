@@ -19,8 +19,8 @@ import torch
 
 from training.checkpoint import build_from_checkpoint, load_checkpoint
 from training.data import load_test
+from training.inference import predict_logits, resolve_device
 from training.metrics import summarize, wilson_interval
-from training.trainer import predict_logits, resolve_device
 
 PRECISION_ENV = "EMNIST_TEST_PRECISION"
 TEST_PRECISIONS = ("fp32", "bf16")

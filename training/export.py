@@ -40,8 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint, write_atomic
+from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.data import PIXEL_MEAN, PIXEL_STD, normalize
+from training.fileio import write_atomic
 
 INPUT, OUTPUT = "image", "probs"
 DEFAULT_OPSET = 18

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from training.inference import predict_logits, resolve_device
 from training.preprocess import ImageError, NoCharacterFound, load_image, preprocess
-from training.trainer import predict_logits, resolve_device
 
 
 @dataclass

@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from training.checkpoint import CheckpointError, write_atomic
+from training.checkpoint import CheckpointError
 from training.config import ConfigError, check_device, load_yaml, make_config, parse_set
 from training.data import REPO_ROOT, DataNotFoundError, check_split, load_for_config
+from training.fileio import write_atomic
 from training.idx import IdxError
 from training.metrics import format_pairs
 

@@ -13,9 +13,7 @@ import copy
 import dataclasses
 import sys
 import time
-import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import build_model
-from training.augment import TTA_VIEWS, AugmentParams, augment, shift_rotate
+from training.augment import AugmentParams, augment
 from training.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_state, save_checkpoint
 from training.config import TrainConfig, make_config
 from training.data import EmnistData, normalize, on_device
 from training.graphs import GraphedStep, graphs_wanted, try_graphed_step
+from training.inference import autocast, evaluate, resolve_device, use_bf16
 from training.metrics import confusion_matrix, summarize
 from training.schedule import epoch_schedule, fit_schedule, make_scheduler, position, schedule_steps_per_epoch
 
@@ -38,18 +37,6 @@ Reporter = Callable[[dict[str, Any], Path | None], None]
 Progress = Callable[[int, int, int, float], None]  # epoch, step, steps, running loss
 
 DIVERGENCE_CHECK_EVERY = 20  # steps; a GPU sync each time, so not every step
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device 'mps' requested but MPS is not available")
-    return torch.device(name)
 
 
 def make_optimizer(c: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -66,100 +53,13 @@ def make_optimizer(c: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=c.lr, **fused)
 
 
-# On the CPU a large evaluation batch is slower, not faster: a batch's activations beyond glibc malloc's
-# largest mmap threshold (32 MB; small_cnn's first layer at batch 1024 is ~100 MB) are fresh pages from the
-# kernel for every batch, and zeroing them shows up as system time. `python -m benchmarks.eval` measures it.
-CPU_EVAL_BATCH = 128
-
-
-def eval_batch_size(batch_size: int, device: torch.device) -> int:
-    """The batch an evaluation really runs at: the asked one, at most CPU_EVAL_BATCH on the CPU (the
-    logits do not depend on it)."""
-    return min(batch_size, CPU_EVAL_BATCH) if device.type == "cpu" else batch_size
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, channels_last: bool = False,
-                   precision: str = "auto") -> torch.Tensor:
-    """Logits for uint8 images (N, 28, 28) already on the model's device, `batch_size` at a time (at most
-    CPU_EVAL_BATCH on the CPU)."""
-    model.eval()
-    dev = x.device
-    batch_size = eval_batch_size(batch_size, dev)
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i : i + batch_size].unsqueeze(1).float().div_(255))
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, precision, model):
-            out.append(model(xb).float())
-    return torch.cat(out) if out else torch.empty(0, 0, device=dev)
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024, channels_last: bool = False,
-                  precision: str = "auto", tta: int = 1) -> torch.Tensor:
-    """Class probabilities for uint8 images (N, 28, 28) on the model's device. tta > 1: test-time
-    augmentation, the softmax averaged over the first `tta` views of `augment.TTA_VIEWS` (the
-    identity, one-pixel shifts, +-8 degree rotations); tta costs that many forward passes."""
-    if not 1 <= tta <= len(TTA_VIEWS):
-        raise ValueError(f"tta must be in [1, {len(TTA_VIEWS)}], got {tta}")
-    total = None
-    for view in TTA_VIEWS[:tta]:
-        p = predict_logits(model, shift_rotate(x, *view), batch_size, channels_last, precision).softmax(1)
-        total = p if total is None else total.add_(p)
-    return total.div_(tta)
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             channels_last: bool = False, precision: str = "auto") -> tuple[float, float, torch.Tensor]:
-    """(mean loss, accuracy, predictions) on uint8 images and labels on the model's device."""
-    logits = predict_logits(model, x, batch_size, channels_last, precision)
-    loss = F.cross_entropy(logits, y).item()
-    pred = logits.argmax(1)
-    return loss, (pred == y).float().mean().item(), pred
-
-
-def _has_depthwise(model: nn.Module) -> bool:
-    """Whether a model has grouped (depthwise) convolutions: oneDNN's bf16 kernels for them are slower than its fp32
-    ones on the CPU (benchmarks.precision: mobile_cnn 0.59x in bf16 on an Intel Xeon with AMX, 0.6x on an AMD EPYC
-    with AVX512-BF16, against 1.7-2.5x faster for the plain convolutions of small_cnn, vgg and resnet)."""
-    cached = _DEPTHWISE.get(model)
-    if cached is None:
-        cached = _DEPTHWISE[model] = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-    return cached
-
-
-_DEPTHWISE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def use_bf16(device: torch.device, precision: str = "auto", model: nn.Module | None = None) -> bool:
-    """bf16 autocast: ~2x on CUDA tensor cores, and ~2x for convolutions on CPUs with native bf16
-    (AVX512-BF16/AMX, where oneDNN has bf16 kernels). Never where it would be emulated (slow), nor on the
-    CPU for a model with depthwise convolutions, which are slower there in bf16 (_has_depthwise)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
-        return native and (model is None or not _has_depthwise(model))
-    return False
-
-
-def _autocast(device: torch.device, precision: str = "auto", model: nn.Module | None = None):
-    if use_bf16(device, precision, model):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, c: TrainConfig,
                channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on a normalised batch; returns (loss, logits). Shared with the benchmark
     so both pipelines train identically."""
     if channels_last:
         xb = xb.contiguous(memory_format=torch.channels_last)
-    with _autocast(xb.device, c.precision, model):
+    with autocast(xb.device, c.precision, model):
         logits = model(xb)
     loss = F.cross_entropy(logits.float(), yb, label_smoothing=c.label_smoothing)
     opt.zero_grad(set_to_none=True)
@@ -439,6 +339,26 @@ def save(run: Run, folder: Path, epoch: int, m: dict, val_metrics: dict, improve
     })
 
 
+def epoch_row(run: Run, epoch: int, t0: float, trained: tuple | None = None, val: tuple[float, float] | None = None,
+              eval_seconds: float | None = None) -> dict[str, Any]:
+    """An epoch's row of metrics (result.json, TensorBoard, the checkpoint), the same for an epoch that trained
+    and was evaluated (`trained` = (loss sum, correct, steps run, seconds of the steps), `val` = (loss, accuracy))
+    and for one that diverged (neither: its training loss is NaN and nothing was evaluated)."""
+    if trained is not None:
+        loss_sum, correct, steps_run, step_seconds = trained
+        images = steps_run * run.batch_size
+        train_loss, train_acc, per_sec = loss_sum.item() / steps_run, correct.item() / images, images / step_seconds
+    else:
+        train_loss, train_acc, per_sec = float("nan"), None, None
+    m = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+         "val_loss": val[0] if val else None, "val_acc": val[1] if val else None,
+         "lr": run.opt.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0, "images_per_sec": per_sec}
+    if eval_seconds is not None:
+        m["eval_seconds"] = eval_seconds
+    m["diverged"] = trained is None
+    return m
+
+
 def train(
     config: TrainConfig | dict,
     data: EmnistData,
@@ -501,11 +421,9 @@ def train(
             now = time.time()
             spent_all = timed_end is not None and now >= timed_end  # the timed run's seconds: this is its last epoch
             cut = steps_run < run.steps
-            lr = run.opt.param_groups[0]["lr"]
             if diverged:
-                m = {"epoch": epoch, "train_loss": float("nan"), "train_acc": None, "val_loss": None,
-                     "val_acc": None, "lr": lr, "epoch_seconds": time.perf_counter() - t0,
-                     "images_per_sec": None, "best_val_acc": max(run.best["val_acc"], 0.0), "diverged": True}
+                m = epoch_row(run, epoch, t0)
+                m["best_val_acc"] = max(run.best["val_acc"], 0.0)
                 run.history.append(m)
                 if tb:
                     tb.epoch(m)
@@ -517,19 +435,8 @@ def train(
             val_loss, val_acc, val_pred = evaluate(run.delivered, run.x_val, run.y_val, c.eval_batch_size,
                                                    run.channels_last, c.precision)
             eval_seconds = time.perf_counter() - t_eval
-            m = {
-                "epoch": epoch,
-                "train_loss": loss_sum.item() / steps_run,
-                "train_acc": correct.item() / (steps_run * run.batch_size),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": lr,
-                "epoch_seconds": time.perf_counter() - t0,
-                "images_per_sec": steps_run * run.batch_size / step_seconds,
-                "eval_seconds": eval_seconds,
-                "diverged": False,
-                **startup,
-            }
+            m = {**epoch_row(run, epoch, t0, (loss_sum, correct, steps_run, step_seconds), (val_loss, val_acc),
+                             eval_seconds), **startup}
             # what this run has cost so far, training and validation (a time-budgeted ASHA compares at it)
             m["run_seconds"] = run.spent + m["epoch_seconds"]
             startup = {}
