@@ -28,7 +28,7 @@ from benchmarks.train import device_name
 from models import build_model, list_models
 from training.config import make_config
 from training.inference import resolve_device, use_bf16
-from training.trainer import make_optimizer, train_step
+from training.optim import make_optimizer, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,7 +41,8 @@ def tutorial_trainable(config: dict, data_dir: str, workers: int) -> None:
 
     from benchmarks.train import PilDataset, pil_transform
     from training.config import make_config
-    from training.trainer import make_optimizer, make_scheduler
+    from training.optim import make_optimizer
+    from training.schedule import make_scheduler
 
     c = make_config(config)
     data = load_for_config(c, data_dir)  # in every trial

@@ -43,7 +43,8 @@ from training.data import (
 )
 from training.idx import IdxError
 from training.inference import resolve_device, use_bf16
-from training.trainer import make_optimizer, train, train_step
+from training.optim import make_optimizer, train_step
+from training.trainer import train
 
 # The project's targets: one resident epoch of small_cnn over the full training set
 # (~89k images) in under a minute on 2 CPU cores, and a resident/conventional speed-up of at

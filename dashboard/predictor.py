@@ -8,7 +8,7 @@ Nothing here raises into Streamlit for bad input: every failure becomes a messag
 
 Security: checkpoints are only ever taken from the experiment's own listing (or final/model.pt at
 its fixed place under the experiment) and re-checked with `safe_checkpoint` (never a user-typed
-path); uploads are decoded by `training.preprocess.load_image` (pixel-count limit checked before
+path); uploads are decoded by `training.ink.load_image` (pixel-count limit checked before
 decoding, truncated/corrupt files rejected); checkpoints are read weights-only. Uploads are limited
 to safety.MAX_UPLOAD_MB (the widget, the server option that safety.enforce sets, and a size check
 here); bind address and error details are safety.py's. This page sets no server option, uses no
@@ -25,18 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from dashboard import figures
-from dashboard import final as final_stage
 from dashboard.common import UnsafePath, md_text, no_checkpoint_reason, open_experiment, safe_checkpoint
+from dashboard.final_figures import delivered_key, final_results
+from dashboard.final_summary import delivered_words, read_final
+from dashboard.prediction_view import HIGH_DEPTH_MODES, model_view, preview, top_k_figure
 from dashboard.safety import MAX_UPLOAD_MB
 from search.results import Experiment
 from training.checkpoint import CheckpointError
+from training.ink import ImageError, load_image
 from training.predict import Prediction, Predictor
-from training.preprocess import ImageError, NoCharacterFound, load_image
+from training.preprocess import NoCharacterFound
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,8 @@ UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "gif"]
 CANVAS_SIZE = 280
 STROKE_WIDTH = 20  # ~7 % of the canvas: strokes come out like EMNIST's pen at 28x28
 TOP_K = 5
-MODEL_VIEW_SCALE = 8  # 28 px -> 224 px, nearest neighbour
 MAX_COMPARE = 6
 INK = {"White on black": ("#FFFFFF", "#000000"), "Black on white": ("#000000", "#FFFFFF")}
-
-_HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 # --- Trials ---------------------------------------------------------------------------------
@@ -107,12 +105,12 @@ def final_option(root: Path, name: str) -> tuple[TrialOption | None, str]:
     (None, "") when there is none, (None, why it cannot be used) when it does not load. Its name
     comes from summary.json ("refit ensemble of 3"); the file is always final/model.pt under the
     experiment, never a path named in summary.json."""
-    state = final_stage.read_final(root, name)
+    state = read_final(root, name)
     if state.model is None:
         return None, ""
-    words = final_stage.delivered_words(state.final)
-    key = figures.delivered_key(state.final)
-    test_acc = next((r["accuracy"] for r in figures.final_results(state.final) if r["key"] == key), None)
+    words = delivered_words(state.final)
+    key = delivered_key(state.final)
+    test_acc = next((r["accuracy"] for r in final_results(state.final) if r["key"] == key), None)
     if state.model_matches is False:  # the report is of another model.pt: its accuracy is not this file's
         test_acc, words = None, "not the model its report is about: run the final stage again"
     option = TrialOption(FINAL_ID, "final", None, checkpoint=state.model, test_acc=test_acc,
@@ -187,7 +185,7 @@ def describe_image(img: Image.Image, frames: int = 1, fmt: str = "image") -> lis
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         notes.append("Transparent image: the drawing is taken from the opaque pixels "
                      "(flattened onto a background that contrasts with the strokes).")
-    if img.mode in _HIGH_DEPTH_MODES:
+    if img.mode in HIGH_DEPTH_MODES:
         notes.append("16-bit image: read at full depth and scaled to 8 bits, like EMNIST.")
     elif img.mode == "F":
         notes.append("Floating-point image: intensities scaled to 8 bits.")
@@ -254,54 +252,6 @@ def _sentence(message: str) -> str:
     if message.lower().startswith("no character found"):
         message = "No character found" + message[len("no character found"):]
     return message if message.endswith(".") else message + "."
-
-
-# --- Display ----------------------------------------------------------------------------------
-
-
-def model_view(image: np.ndarray, scale: int = MODEL_VIEW_SCALE) -> Image.Image:
-    """The 28x28 model input, enlarged with nearest neighbour so its pixels stay visible."""
-    img = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L")
-    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-
-
-def preview(img: Any, size: int = CANVAS_SIZE) -> Image.Image | None:
-    """A small displayable copy of an uploaded image (None if it cannot be shown)."""
-    try:
-        if not isinstance(img, Image.Image):
-            return None
-        if img.mode in _HIGH_DEPTH_MODES or img.mode == "F":
-            a = np.asarray(img, dtype=np.float64)
-            top = a.max() or 1.0
-            im = Image.fromarray(np.clip(a / top * 255, 0, 255).astype(np.uint8), mode="L")
-        elif img.mode in ("RGB", "RGBA", "L", "LA"):
-            im = img.copy()
-        else:
-            has_alpha = img.mode in ("PA",) or "transparency" in img.info
-            im = img.convert("RGBA" if has_alpha else "RGB")
-        if max(im.size) < size // 2:  # a tiny image (e.g. 28x28): enlarge, keeping its pixels
-            f = (size // 2) // max(im.size)
-            im = im.resize((im.width * f, im.height * f), Image.Resampling.NEAREST)
-        im.thumbnail((size, size))
-        return im
-    except Exception:
-        return None
-
-
-def top_k_figure(top: list[tuple[str, float]], height: int = 260, title: str | None = None) -> go.Figure:
-    """Horizontal bars, most likely character on top, probabilities in %."""
-    chars = [f"'{c}'" for c, _ in top]  # quoted: keeps '1' a category, never a number
-    probs = [p for _, p in top]
-    fig = go.Figure(go.Bar(
-        x=probs, y=chars, orientation="h", text=[f"{p:.1%}" for p in probs], textposition="auto",
-        marker_color=["#1f77b4"] + ["#9ecae1"] * (len(top) - 1),
-        hovertemplate="%{y}: %{x:.2%}<extra></extra>",
-    ))
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30 if title else 10, "b": 10},
-                      title=title, showlegend=False)
-    fig.update_xaxes(range=[0, 1.02], tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", title=None)
-    fig.update_yaxes(type="category", autorange="reversed", title=None)
-    return fig
 
 
 def _code(text: str, limit: int = 40) -> str:
@@ -396,7 +346,7 @@ def _input_widgets() -> PageInput:
             return PageInput(error=f"The file is larger than {MAX_UPLOAD_MB} MB; characters are small images.")
         inp = read_upload(uploaded.getvalue())
         if inp.image is not None:
-            shown = preview(inp.image)
+            shown = preview(inp.image, CANVAS_SIZE)  # as large as the drawing canvas
             if shown is not None:
                 st.image(shown, caption=f"Uploaded: {uploaded.name}")
         return inp

@@ -17,13 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from training.preprocess import (
-    ImageError,
-    NoCharacterFound,
-    load_image,
-    preprocess,
-    to_grayscale_ink,
-)
+from training.ink import ImageError, load_image, to_grayscale_ink
+from training.preprocess import NoCharacterFound, preprocess
 
 # A "7" with a crossbar-free diagonal, in unit coordinates (x, y) of a square canvas.
 SEVEN = [(0.25, 0.2), (0.75, 0.2), (0.4, 0.85)]

@@ -336,7 +336,7 @@ def test_weight_average_unit():
     ramps up as (1 + t) / (10 + t), integer buffers copied, and the trained model left untouched."""
     from torch import nn
 
-    from training.trainer import WeightAverage
+    from training.optim import WeightAverage
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))

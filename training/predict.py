@@ -22,7 +22,8 @@ import torch
 
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.inference import predict_logits, resolve_device
-from training.preprocess import ImageError, NoCharacterFound, load_image, preprocess
+from training.ink import ImageError, load_image
+from training.preprocess import NoCharacterFound, preprocess
 
 
 @dataclass
