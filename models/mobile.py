@@ -3,7 +3,7 @@ cheapest model to search over on CPU-only machines."""
 
 from torch import nn
 
-from models.layers import channels
+from models.layers import WIDTH, channels
 from models.registry import register
 
 
@@ -18,7 +18,7 @@ def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
     ]
 
 
-@register
+@register(size={"width": WIDTH})
 def mobile_cnn(num_classes: int, width: float = 1.0, dropout: float = 0.2) -> nn.Module:
     c = [channels(b, width) for b in (32, 64, 128, 128, 256)]
     layers: list[nn.Module] = [

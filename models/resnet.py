@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from models.layers import channels
+from models.layers import LAYERS, WIDTH, channels
 from models.registry import register
 
 
@@ -24,7 +24,7 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-@register
+@register(size={"width": WIDTH, "blocks": LAYERS})
 def resnet(num_classes: int, width: float = 1.0, dropout: float = 0.1, blocks: int = 1) -> nn.Module:
     if blocks < 1:
         raise ValueError(f"resnet blocks per stage must be >= 1, got {blocks}")

@@ -6,11 +6,11 @@ train an epoch of EMNIST on two CPU cores in well under a minute.
 
 from torch import nn
 
-from models.layers import channels
+from models.layers import WIDTH, channels
 from models.registry import register
 
 
-@register
+@register(size={"width": WIDTH})
 def small_cnn(num_classes: int, width: float = 1.0, dropout: float = 0.25) -> nn.Module:
     c1, c2, hidden = channels(32, width), channels(64, width), channels(128, width)
     return nn.Sequential(

@@ -6,7 +6,7 @@ Global average pooling keeps the head small whatever the width.
 
 from torch import nn
 
-from models.layers import channels
+from models.layers import LAYERS, WIDTH, channels
 from models.registry import register
 
 
@@ -14,7 +14,7 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@register
+@register(size={"width": WIDTH, "depth": LAYERS})
 def vgg(num_classes: int, width: float = 1.0, dropout: float = 0.3, depth: int = 2) -> nn.Module:
     if depth < 1:
         raise ValueError(f"vgg depth must be >= 1, got {depth}")
