@@ -14,9 +14,11 @@
           adamw: {}
           sgd: {momentum: {uniform: [0.8, 0.99]}}
 
-Every sampled name is a TrainConfig key and appears once in the tree, so a trial's
-config is exactly a set of TrainConfig overrides. Everything is validated here, before
-Ray starts: unknown keys, empty or inverted ranges, unknown models, bad option values.
+Every sampled name is a config key (a TrainConfig field, or a keyword a registered model takes: its
+`heads`, say) and appears once in the tree, so a trial's config is exactly a set of config overrides.
+Everything is validated here, before Ray starts: unknown keys, empty or inverted ranges, unknown models,
+bad option values, and the largest model the space can sample (its size knobs, as the models declare
+them in models/registry.py, at the top of their ranges).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.config import FIELDS, ConfigError, load_yaml, make_config
+from training.config import ConfigError, config_keys, load_yaml, make_config, size_keys
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 TOP_KEYS = {"base", "fixed", "space", "max_epochs", "asha", "samples", "start"}
@@ -57,12 +59,13 @@ def _err(where: str, msg: str) -> ConfigError:
 
 def _check_dist(key: str, spec: Any, where: str, seen: set[str]) -> None:
     """Validate one parameter's distribution (recursing into conditional choices)."""
-    if key not in FIELDS:
+    keys = config_keys()
+    if key not in keys:
         import difflib
 
-        close = difflib.get_close_matches(key, FIELDS, n=1)
+        close = difflib.get_close_matches(key, keys, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _err(where, f"unknown parameter {key!r}{hint}; parameters are TrainConfig keys")
+        raise _err(where, f"unknown parameter {key!r}{hint}; parameters are TrainConfig keys or a model's keywords")
     if key in seen:
         raise _err(where, f"parameter {key!r} appears more than once; define it in one place")
     seen.add(key)
@@ -233,27 +236,33 @@ def _spec(doc: dict[str, Any], base: dict[str, Any], path: Path) -> SearchSpec:
     return spec
 
 
-SIZE_KEYS = ("model", "width", "depth", "blocks")  # what a model's parameter count depends on
+def __getattr__(name: str) -> Any:
+    if name == "SIZE_KEYS":  # what a model's parameter count depends on: the model and every size knob it declares
+        return ("model", *size_keys())  # (read at each use: a model registered later counts)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _MAX_CORNERS = 1000
 
 
-def _largest_models(tree: dict[str, Any]) -> list[dict[str, Any]]:
+def _largest_models(tree: dict[str, Any], size: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """The space's points with the largest models: every model it can choose (with its branch),
-    each at the top of the width/depth/blocks ranges (parameters grow with each of them)."""
+    each at the top of the ranges of the size knobs the models declare (parameters grow with each)."""
+    size = size or ("model", *size_keys())
     corners: list[dict[str, Any]] = [{}]
     for key, dist in tree.items():
         if not isinstance(dist, dict):
-            options = [{key: dist}] if key in SIZE_KEYS else [{}]
+            options = [{key: dist}] if key in size else [{}]
         else:
             kind, arg = next(iter(dist.items()))
             if kind == "choice":
                 options = []
                 for option in arg:
                     sub = arg.get(option) if isinstance(arg, dict) else None
-                    own = {key: option} if key in SIZE_KEYS else {}
-                    options += [{**own, **c} for c in (_largest_models(sub) if sub else [{}])]
+                    own = {key: option} if key in size else {}
+                    options += [{**own, **c} for c in (_largest_models(sub, size) if sub else [{}])]
             else:
-                options = [{key: arg[1]}] if key in SIZE_KEYS else [{}]
+                options = [{key: arg[1]}] if key in size else [{}]
         unique = {tuple(sorted(o.items(), key=str)): o for o in options}
         corners = [{**c, **o} for c in corners for o in unique.values()][:_MAX_CORNERS]
     return corners
@@ -352,6 +361,8 @@ def start_points(spec: SearchSpec) -> list[dict[str, Any]]:
     config: `{model: vgg, width: 1.0}` takes vgg's `depth` and every other parameter from it (as default_point, a
     default that is not one of a choice's options is left to the sampler). A key the space does not sample, one not
     on the branches the point chooses, or a value outside its distribution is a ConfigError naming the point."""
+    from models import list_models, model_defaults
+
     base = spec.trial_base()
     out = []
     for i, given in enumerate(spec.start):
@@ -359,8 +370,10 @@ def start_points(spec: SearchSpec) -> list[dict[str, Any]]:
         unknown = sorted(str(k) for k in given if k not in spec.params)
         if unknown:
             raise _err(where, f"{unknown} are not parameters of the space ({', '.join(spec.params)})")
+        model = given.get("model", base["model"])  # (its keywords without a field: that model's defaults)
+        own = model_defaults(model) if isinstance(model, str) and model in list_models() else {}
         try:
-            point = _point(spec.space, {**base, **given}, given)
+            point = _point(spec.space, {**own, **base, **given}, given)
         except ValueError as e:
             raise _err(where, f"is not a point of the space: {e}") from None
         unused = sorted(set(given) - set(point))
@@ -375,16 +388,17 @@ def start_points(spec: SearchSpec) -> list[dict[str, Any]]:
 
 
 def cheapest_point(spec: SearchSpec) -> dict[str, Any]:
-    """The default point with every size parameter the space searches (width, depth, blocks) at the low end of
-    its range: the cheapest model of the default's kind, a budget's second point (FLAML's low-cost start)."""
-    point = default_point(spec)
+    """The default point with every size parameter the space searches (width, depth, blocks: the size knobs the
+    models declare) at the low end of its range: the cheapest model of the default's kind, a budget's second point
+    (FLAML's low-cost start)."""
+    point, size = default_point(spec), size_keys()
 
     def walk(tree: dict[str, Any]) -> None:
         for key, dist in tree.items():
             if not isinstance(dist, dict):
                 continue
             kind, arg = next(iter(dist.items()))
-            if key in point and key in SIZE_KEYS and kind in ("uniform", "loguniform", "int", "logint"):
+            if key in point and key in size and kind in ("uniform", "loguniform", "int", "logint"):
                 point[key] = int(arg[0]) if kind in ("int", "logint") else float(arg[0])
             if kind == "choice" and isinstance(arg, dict) and isinstance(arg.get(point.get(key)), dict):
                 walk(arg[point[key]])
@@ -402,7 +416,8 @@ def default_point(spec: SearchSpec) -> dict[str, Any]:
 def _point(space: dict[str, Any], values: dict[str, Any], strict: dict[str, Any] | None = None) -> dict[str, Any]:
     """`values` as a point of the space: the parameters of the branches their choices take. A value that is not one
     of a choice's options is left out (the sampler picks), unless it is in `strict` (given on purpose): then, as a
-    number of `strict` outside its range, it is a ValueError."""
+    number of `strict` outside its range, it is a ValueError. A key `values` lacks (a keyword of another model than
+    the config's) is left out too."""
     strict = strict or {}
     point: dict[str, Any] = {}
 
@@ -411,6 +426,8 @@ def _point(space: dict[str, Any], values: dict[str, Any], strict: dict[str, Any]
             if not isinstance(dist, dict):
                 continue
             kind, arg = next(iter(dist.items()))
+            if key not in values:
+                continue
             value = values[key]
             if kind == "choice":
                 if value not in list(arg):

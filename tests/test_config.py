@@ -30,6 +30,10 @@ def test_defaults_and_overrides():
         ({"model": 3}, "model must be a string"),
         ({"ema_decay": 1.0}, "ema_decay must be in \\[0, 1\\)"),
         ({"ema_decay": -0.1}, "ema_decay must be in"),
+        ({"width": 0}, "width must be > 0, got 0.0"),  # (size ranges: as each model declares them)
+        ({"depth": 0}, "depth must be >= 1, got 0"),
+        ({"model": "resnet", "blocks": 101}, "blocks must be <= 100, got 101"),
+        ({"blocks": 1.5}, "blocks must be an integer"),
     ],
 )
 def test_bad_values_are_clear(overrides, message):
@@ -62,3 +66,17 @@ def test_shipped_train_yaml_is_valid():
     assert raw and cfg.to_dict() == {**TrainConfig().to_dict(), **raw}  # every value of the file, as written
     with pytest.raises(ConfigError):  # the validation the file passed is real
         make_config(base={**raw, "lr": -1.0})
+
+
+def test_configs_stay_flat_with_the_models_own_keys():
+    """A config is one flat mapping of keys (what checkpoints, trial configs and YAML hold): depth and blocks as
+    before, whatever the model, and nothing else a model's registration adds for the shipped models."""
+    from training.config import FIELDS, config_keys, size_keys
+
+    for model in ("small_cnn", "vgg", "resnet", "mobile_cnn"):
+        c = make_config({"model": model, "depth": 3, "blocks": 2})
+        assert list(c.to_dict()) == list(FIELDS) == config_keys()
+        assert make_config(base=c.to_dict()) == c and c.model_args == {}
+    assert size_keys() == ["width", "depth", "blocks"]
+    assert make_config({"model": "vgg", "depth": 3}).model_kwargs() == {"width": 1.0, "dropout": 0.25, "depth": 3}
+    assert make_config({"model": "resnet", "blocks": 2}).model_kwargs() == {"width": 1.0, "dropout": 0.25, "blocks": 2}

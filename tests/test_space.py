@@ -341,3 +341,11 @@ def test_search_json_too_large_or_odd_is_a_reason(tmp_path):
     assert saved_space(exp)[2] == "the experiment has no readable search.json"
     (exp / "search.json").write_text(json.dumps({"config": "a\x00b"}))
     assert "not on this machine" in saved_space(exp)[2]
+
+
+def test_size_keys_come_from_the_models():
+    """What a model's parameter count depends on: the model and the size knobs the models declare where they are
+    registered (tests/test_models.py adds one with a new knob), in TrainConfig's order."""
+    from search.space import SIZE_KEYS
+
+    assert SIZE_KEYS == ("model", "width", "depth", "blocks")

@@ -3,6 +3,10 @@ inside checkpoints (as a plain dict, which `torch.load(weights_only=True)` accep
 
 `make_config` is the single gate every entry point goes through (YAML, --set, Ray trial
 configs, checkpoints): unknown keys and bad values fail here, before any training starts.
+
+The model's keys come from the model registry (models/registry.py): a keyword a registered model takes is a
+config key (those without a field of their own ride in `model_args`, given and stored as top-level keys like
+the fields), and each size knob a model declares is checked against its declared range.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import difflib
 import functools
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,6 @@ CUDA_GRAPHS = ("auto", "off")
 # Sane bounds, checked before any work: a model beyond MAX_PARAMS (counted on PyTorch's "meta"
 # device, which allocates nothing) would not fit in memory, or not train in any useful time.
 MAX_PARAMS = 100_000_000
-MAX_LAYERS = 100  # vgg depth / resnet blocks per stage
 MAX_SEED = 2**63 - 1
 
 
@@ -36,7 +39,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     train_limit: int = 0  # 0 = all training images; else a stratified subset of this size
     val_limit: int = 0
-    # model (kwargs the model does not take are refused by the registry)
+    # model (kwargs the model does not take are refused by the registry; size ranges are the model's own)
     model: str = "small_cnn"
     width: float = 1.0
     dropout: float = 0.25
@@ -83,17 +86,39 @@ class TrainConfig:
     cuda_graphs: str = "auto"  # auto = each training step one CUDA graph replay on CUDA (training/graphs.py); off
     eval_batch_size: int = 1024  # validation batch (at most trainer.CPU_EVAL_BATCH on the CPU, where larger is slower)
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
+    # A registered model's keywords without a field above (a new model's own knob, e.g. heads): given and stored as
+    # top-level keys like the fields (to_dict flattens them in); make_config adds the config's model's defaults.
+    model_args: dict[str, Any] = field(default_factory=dict)
 
     def model_kwargs(self) -> dict[str, Any]:
-        from models import model_kwargs
+        """The keyword arguments of the config's model, for models.build_model."""
+        from models import model_defaults
 
-        return {k: getattr(self, k) for k in model_kwargs(self.model)}
+        values = {**model_defaults(self.model), **self.model_args}
+        return {k: getattr(self, k) if k in FIELDS else values[k] for k in model_defaults(self.model)}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The config as one flat mapping of config keys (what make_config takes back)."""
+        values = asdict(self)
+        extra = values.pop("model_args")
+        return {**values, **extra}
 
 
-FIELDS = {f.name: f for f in fields(TrainConfig)}
+FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model_args"}  # (a model's own keys: config_keys)
+
+
+def config_keys() -> list[str]:
+    """Every key a config takes: TrainConfig's fields, then each keyword a registered model takes that has no field."""
+    from models import model_keywords
+
+    return [*FIELDS, *(k for k in model_keywords() if k not in FIELDS)]
+
+
+def size_keys() -> list[str]:
+    """The config keys a model's parameter count grows with: every size knob a registered model declares."""
+    from models import widest_ranges
+
+    return [k for k in config_keys() if k in widest_ranges()]
 
 
 class ConfigError(ValueError):
@@ -101,7 +126,9 @@ class ConfigError(ValueError):
 
 
 def _coerce(key: str, value: Any) -> Any:
-    kind = type(getattr(TrainConfig(), key))
+    from models import model_keywords
+
+    kind = type(getattr(TrainConfig(), key) if key in FIELDS else model_keywords()[key])
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -129,7 +156,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _check(c: TrainConfig) -> None:
-    from models import list_models
+    from models import list_models, size_ranges, widest_ranges
     from training.data import SPLITS
 
     def need(ok: bool, msg: str) -> None:
@@ -149,10 +176,12 @@ def _check(c: TrainConfig) -> None:
     need(c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}")
     need(c.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {c.eval_batch_size}")
     need(c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}")
-    need(c.width > 0, f"width must be > 0, got {c.width}")
-    need(c.depth >= 1 and c.blocks >= 1, "depth and blocks must be >= 1")
-    need(c.depth <= MAX_LAYERS and c.blocks <= MAX_LAYERS, f"depth and blocks must be <= {MAX_LAYERS}, got "
-         f"depth {c.depth}, blocks {c.blocks}")
+    own, widest = size_ranges(c.model), widest_ranges()
+    for k in size_keys():  # the model's own range; for a key it does not take, the widest any model declares
+        if k in FIELDS or k in c.model_args:
+            problem = own.get(k, widest[k]).problem(k, getattr(c, k) if k in FIELDS else c.model_args[k])
+            if problem:
+                raise ConfigError(problem)
     need(0 <= c.seed <= MAX_SEED, f"seed must be in [0, 2**63), got {c.seed}")
     need(0 <= c.dropout < 1, f"dropout must be in [0, 1), got {c.dropout}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
@@ -185,14 +214,17 @@ def _describe(kwargs: dict[str, Any]) -> str:
 def count_parameters(c: TrainConfig) -> float:
     """Parameters of the model `c` describes, counted without allocating it (math.inf when even
     its shapes overflow). Uses the split's built-in class count."""
+    from models import builder
     from training.data import BUILTIN_CLASSES
 
     kwargs = {k: (0.0 if k == "dropout" else v) for k, v in c.model_kwargs().items()}  # dropout adds none
-    return _count_parameters(c.model, tuple(sorted(kwargs.items())), len(BUILTIN_CLASSES[c.split]))
+    return _count_parameters(c.model, tuple(sorted(kwargs.items())), len(BUILTIN_CLASSES[c.split]),
+                             builder(c.model))
 
 
 @functools.lru_cache(maxsize=512)
-def _count_parameters(model: str, kwargs: tuple, num_classes: int) -> float:
+def _count_parameters(model: str, kwargs: tuple, num_classes: int, _builder: Any) -> float:
+    """(`_builder`, the model's registered builder, keys the cache: a name registered again is another model.)"""
     import torch
 
     from models import build_model
@@ -226,17 +258,26 @@ def check_device(device: str) -> None:
 
 
 def make_config(overrides: dict[str, Any] | None = None, base: TrainConfig | dict | None = None) -> TrainConfig:
-    """Defaults <- base <- overrides, validated. Unknown keys suggest the closest valid one."""
+    """Defaults <- base <- overrides, validated. Unknown keys suggest the closest valid one. A model's keyword
+    without a field goes to model_args, where the config's model's own defaults complete it."""
+    from models import list_models, model_defaults
+
     values = base.to_dict() if isinstance(base, TrainConfig) else dict(base or {})
     values.update(overrides or {})
-    unknown = [k for k in values if k not in FIELDS]
+    keys = config_keys()
+    unknown = [k for k in values if k not in keys]
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, FIELDS, n=1)
+            close = difflib.get_close_matches(k, keys, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown config key(s): {', '.join(hints)}. Valid keys: {', '.join(FIELDS)}")
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}. Valid keys: {', '.join(keys)}")
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    extra = {k: v for k, v in values.items() if k not in FIELDS}
+    model = values.get("model", TrainConfig.model)
+    if model in list_models():  # (another is refused by _check)
+        extra = {**{k: v for k, v in model_defaults(model).items() if k not in FIELDS}, **extra}
+    config = TrainConfig(**{k: v for k, v in values.items() if k in FIELDS}, model_args=extra)
     _check(config)
     return config
 
