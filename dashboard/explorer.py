@@ -14,20 +14,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import figures
-from dashboard.common import (
-    UnsafePath,
-    md_text,
-    no_checkpoint_reason,
-    open_experiment,
-    read_tail,
-    safe_checkpoint,
-    safe_child,
-    safe_file,
-)
+from dashboard import analyses, explorer_figures, importance_study, trial_detail, trial_table
+from dashboard.common import UnsafePath, md_text, open_experiment, safe_child
 from dashboard.common import section as _section
 from search.layout import SETTINGS_FILE, saved_space
-from search.results import OUTSIDE, TRIAL_COLUMNS, Experiment
+from search.results import TRIAL_COLUMNS, Experiment
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
@@ -63,29 +54,18 @@ def _load(root: str, name: str, fingerprint: tuple, refresh: int) -> Experiment:
     return open_experiment(Path(root), name)
 
 
-@st.cache_data(max_entries=32, show_spinner="Reading the checkpoint…")
-def _checkpoint_metrics(path: str, size: int, mtime_ns: int) -> dict:
-    """What the page shows from a checkpoint (not the weights): val metrics, classes, epoch."""
-    from training.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    metrics = ckpt.get("metrics") if isinstance(ckpt.get("metrics"), dict) else {}
-    return {"val": metrics.get("val"), "classes": [str(c) for c in ckpt["classes"]], "epoch": ckpt.get("epoch"),
-            "val_acc": metrics.get("val_acc")}
-
-
 @st.cache_data(max_entries=8, show_spinner=False)
 def _search_space(exp_path: str, settings_stat: tuple, refresh: int):
     """(the experiment's search space, ASHA's rungs, None), or (None, None, why not): search.layout.saved_space."""
     spec, max_epochs, why = saved_space(exp_path)
     if spec is None:
         return None, None, why
-    return spec, figures.asha_rungs(max_epochs, spec.grace_period, spec.reduction_factor), None
+    return spec, analyses.asha_rungs(max_epochs, spec.grace_period, spec.reduction_factor), None
 
 
-def searched(exp: Experiment) -> tuple[figures.Searched, list[int] | None]:
+def searched(exp: Experiment) -> tuple[analyses.Searched, list[int] | None]:
     """(the trials with only what each trial sampled, the searched `config/*` columns, their distributions
-    in the space and why the space is not used or None: see figures.only_sampled; ASHA's rungs or None)."""
+    in the space and why the space is not used or None: see analyses.only_sampled; ASHA's rungs or None)."""
     from search.space import DefineByRun, sampled_params
 
     settings = exp.path / SETTINGS_FILE
@@ -102,7 +82,7 @@ def searched(exp: Experiment) -> tuple[figures.Searched, list[int] | None]:
             sampled = lambda config: sampled_params(space, config)  # noqa: E731
         except Exception as e:  # noqa: BLE001 - a space this version cannot use: the fallback
             note = f"the search space cannot be replayed ({type(e).__name__})"
-    found = figures.only_sampled(exp.trials, sampled)
+    found = analyses.only_sampled(exp.trials, sampled)
     return (found if sampled is not None else found._replace(note=note)), rungs
 
 
@@ -150,7 +130,7 @@ def _body(root: Path, name: str) -> None:
     try:
         found, rungs = searched(exp)
     except Exception as e:  # noqa: BLE001 - the table as it is, and say so
-        found = figures.only_sampled(trials, None)._replace(note=f"{type(e).__name__}: {e}")
+        found = analyses.only_sampled(trials, None)._replace(note=f"{type(e).__name__}: {e}")
         rungs = None
     _section("trials table", _trials_table, trials, found.trials, found.params)
     _section("hyperparameter figures", _hyperparameters, exp, found, rungs)
@@ -225,7 +205,7 @@ def _trials_table(trials: pd.DataFrame, masked: pd.DataFrame | None = None, para
     (`masked`, `params`: see `searched`); "All settings" shows every setting of every trial."""
     st.subheader("Trials")
     masked = trials if masked is None else masked
-    params = figures.varying_params(trials) if params is None else params
+    params = trial_table.varying_params(trials) if params is None else params
     c1, c2, c3, c4 = st.columns([2, 2, 2, 1])
     statuses = sorted(trials["status"].astype(str).unique())
     chosen = c1.multiselect("Status", statuses, key="explorer_status_filter", placeholder="All statuses")
@@ -246,7 +226,7 @@ def _trials_table(trials: pd.DataFrame, masked: pd.DataFrame | None = None, para
     if min_acc > 0:
         view = view[pd.to_numeric(view["best_val_acc"], errors="coerce") >= min_acc]
 
-    config_cols = [c for c in trials.columns if c.startswith(figures.CONFIG)] if show_all else list(params)
+    config_cols = [c for c in trials.columns if c.startswith(trial_table.CONFIG)] if show_all else list(params)
     source = trials if show_all else masked.assign(**{c: trials[c] for c in trials if c not in params})
     if "config/model" in trials and "config/model" not in config_cols:
         config_cols = ["config/model", *config_cols]
@@ -254,7 +234,7 @@ def _trials_table(trials: pd.DataFrame, masked: pd.DataFrame | None = None, para
     table = source.loc[view.index, cols].copy()
     order = {t: i for i, t in enumerate(_ranked_ids(view))}
     table = table.sort_values("trial_id", key=lambda s: s.astype(str).map(order)).reset_index(drop=True)
-    table = table.rename(columns={c: figures.param_name(c) for c in config_cols})
+    table = table.rename(columns={c: trial_table.param_name(c) for c in config_cols})
     st.dataframe(table, hide_index=True, key="explorer_trials_table", column_config={
         "trial_id": st.column_config.TextColumn("trial"),
         "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.4f"),
@@ -274,33 +254,33 @@ def _budget(trials: pd.DataFrame, histories: dict, rungs: list[int] | None) -> t
     """(the trials with the metric to compare them by, its column, its label). ASHA stopped trials after
     different numbers of epochs, so their best val acc is not comparable: they are compared at one epoch
     that all of them reached (a rung; the user picks another), from their histories."""
-    counts = figures.budget_counts(trials, histories, rungs)
-    n_usable = len(figures.usable_trials(trials))
-    enough = max(figures.IMPORTANCE_MIN_TRIALS, min(figures.BUDGET_MIN_TRIALS, n_usable))
+    counts = analyses.budget_counts(trials, histories, rungs)
+    n_usable = len(trial_table.usable_trials(trials))
+    enough = max(importance_study.IMPORTANCE_MIN_TRIALS, min(analyses.BUDGET_MIN_TRIALS, n_usable))
     options = [e for e in sorted(counts) if counts[e] >= enough]
     if not options:
         st.caption("No epoch was reached by enough finished or ASHA-stopped trials yet: the figures compare "
                    "best val acc, whatever the number of epochs each trial ran.")
-        return trials, figures.METRIC, "best val acc"
-    default = figures.default_budget({e: counts[e] for e in options}, n_usable)
+        return trials, trial_table.METRIC, "best val acc"
+    default = analyses.default_budget({e: counts[e] for e in options}, n_usable)
     epoch = st.selectbox("Compare the trials at", options, index=options.index(default), key="explorer_budget",
                          format_func=lambda e: f"val acc at epoch {e} ({counts[e]} trials)",
                          help="Trials stopped by ASHA ran fewer epochs than finished ones, so importance and "
                               "the parallel coordinates' colour use the validation accuracy at one epoch every "
                               "compared trial reached (default: the highest ASHA rung that at least half of the "
                               "usable trials, and at least 5, reached).")
-    data = trials.assign(**{BUDGET_COLUMN: figures.metric_at_epoch(trials, histories, epoch)})
+    data = trials.assign(**{BUDGET_COLUMN: analyses.metric_at_epoch(trials, histories, epoch)})
     return data, BUDGET_COLUMN, f"val acc at epoch {epoch}"
 
 
 @st.cache_data(max_entries=16, show_spinner="Resampling the trials…")
 def _importance(data: pd.DataFrame, metric: str, params: tuple[str, ...], space: tuple, _distributions: dict):
-    """figures.importance (Optuna's PED-ANOVA, and its intervals over resamples of the trials: about a
+    """importance_study.importance (Optuna's PED-ANOVA, and its intervals over resamples of the trials: about a
     second for 30 trials), once per table; `space`: the distributions as text (the cache's key for them)."""
-    return figures.importance(data, metric, list(params), _distributions)
+    return importance_study.importance(data, metric, list(params), _distributions)
 
 
-def _space_note(found: figures.Searched) -> str:
+def _space_note(found: analyses.Searched) -> str:
     """What the figures use when the space is unknown, and which parameters importance leaves out."""
     text = (f"Which parameters each trial sampled is not known ({md_text(found.note)}), so the figures use every "
             "setting that differs between the trials: a conditional parameter also counts in the trials "
@@ -308,12 +288,12 @@ def _space_note(found: figures.Searched) -> str:
     if not found.left_out:
         return text + (" None of them shows in its values that it was conditional (one that does not would be "
                        "ranked with its default in the trials that did not sample it).")
-    lines = [f"- {md_text(figures.param_name(c))}: {md_text(why)}" for c, why in found.left_out.items()]
+    lines = [f"- {md_text(trial_table.param_name(c))}: {md_text(why)}" for c, why in found.left_out.items()]
     return (text + " Hyperparameter importance leaves out those whose values show they were conditional (the "
             "trials that did not sample one hold its default) rather than rank their defaults:\n" + "\n".join(lines))
 
 
-def _hyperparameters(exp: Experiment, found: figures.Searched, rungs: list[int] | None = None) -> None:
+def _hyperparameters(exp: Experiment, found: analyses.Searched, rungs: list[int] | None = None) -> None:
     st.subheader("Hyperparameters")
     trials, params = found.trials, found.params
     if found.note:
@@ -323,32 +303,32 @@ def _hyperparameters(exp: Experiment, found: figures.Searched, rungs: list[int] 
     space = tuple(sorted((k, repr(v)) for k, v in found.distributions.items()))
     result = _importance(data, metric, tuple(ranked), space, found.distributions)
     importance = result.values if result is not None else {}
-    names = [figures.param_name(c) for c in params]
+    names = [trial_table.param_name(c) for c in params]
     order = [n for n in importance if n in names] + [n for n in names if n not in importance]
-    axes = st.multiselect("Parallel-coordinates axes", order, default=order[:figures.PARCOORDS_DEFAULT_AXES],
-                          key="explorer_parcoords_axes",
-                          help=f"Default: the {figures.PARCOORDS_DEFAULT_AXES} most important searched parameters.")
-    st.plotly_chart(figures.parallel_coordinates(data, axes, metric, label), key="explorer_parcoords")
+    shown = explorer_figures.PARCOORDS_DEFAULT_AXES
+    axes = st.multiselect("Parallel-coordinates axes", order, default=order[:shown], key="explorer_parcoords_axes",
+                          help=f"Default: the {shown} most important searched parameters.")
+    st.plotly_chart(explorer_figures.parallel_coordinates(data, axes, metric, label), key="explorer_parcoords")
     left, right = st.columns(2)
     with left:
         if names:
             param = st.selectbox("Hyperparameter", names, key="explorer_param")
-            st.plotly_chart(figures.param_vs_metric(trials, param), key="explorer_param_vs_metric")
+            st.plotly_chart(explorer_figures.param_vs_metric(trials, param), key="explorer_param_vs_metric")
         else:
             st.info("No hyperparameter differs between the trials yet, so there is nothing to compare.")
     with right:
-        fig = figures.param_importance(data, metric, label, ranked, result=result)
+        fig = explorer_figures.param_importance(data, metric, label, ranked, result=result)
         if fig is None:
-            reason = figures.importance_inputs(data, metric, ranked)[2]
+            reason = importance_study.importance_inputs(data, metric, ranked)[2]
             st.info(f"Hyperparameter importance is not available yet: {reason}.")
         else:
             st.plotly_chart(fig, key="explorer_importance")
             _importance_notes(result)
 
 
-def _importance_notes(result: figures.Importance) -> None:
+def _importance_notes(result: importance_study.Importance) -> None:
     """How sure the bars are, and how a conditional parameter's bar was measured."""
-    share, k = f"{figures.BOOTSTRAP_LEVEL:.0%}", result.resamples
+    share, k = f"{importance_study.BOOTSTRAP_LEVEL:.0%}", result.resamples
     if not result.supported:
         st.info(f"These bars are not a ranking: {result.caveat}. The values are Optuna's all the same, drawn "
                 f"pale; the lines show where {share} of {k} resamples of the trials put each of them.")
@@ -374,9 +354,9 @@ def _curves(exp: Experiment) -> None:
     chosen = st.multiselect("Trials", ranked, default=with_result[:TOP_CURVES], key="explorer_curve_trials",
                             format_func=_trial_label(trials), help=f"Default: the top {TOP_CURVES} by best val acc.")
     left, right = st.columns(2)
-    left.plotly_chart(figures.learning_curves(exp.histories, chosen, "val_acc"), key="explorer_curve_acc")
-    right.plotly_chart(figures.learning_curves(exp.histories, chosen, "val_loss"), key="explorer_curve_loss")
-    st.plotly_chart(figures.asha_milestones(trials, exp.histories), key="explorer_asha")
+    left.plotly_chart(explorer_figures.learning_curves(exp.histories, chosen, "val_acc"), key="explorer_curve_acc")
+    right.plotly_chart(explorer_figures.learning_curves(exp.histories, chosen, "val_loss"), key="explorer_curve_loss")
+    st.plotly_chart(explorer_figures.asha_milestones(trials, exp.histories), key="explorer_asha")
 
 
 # ---------------------------------------------------------------- one trial
@@ -390,85 +370,4 @@ def _trial_details(root: Path, exp: Experiment) -> None:
                        help="Per-class results from this trial's best checkpoint (default: the best trial).")
     if tid is None:
         return
-    row = trials.loc[trials["trial_id"].astype(str) == tid].iloc[0]
-    config = {figures.param_name(k): v for k, v in row.items() if k.startswith(figures.CONFIG) and _present(v)}
-    with st.expander("Configuration", expanded=False):
-        if config:
-            st.json(config)
-        else:
-            st.write("No params.json for this trial yet.")
-    if row["status"] == "error":
-        _error_file(root, exp, tid)
-
-    path = exp.best_checkpoint(tid)
-    if path is None and any(OUTSIDE in n and "checkpoint" in n for n in exp.notes.get(tid, [])):
-        st.error(f"The checkpoint of trial {tid} is outside the results root, so it was not opened.")
-        return
-    if path is None:
-        hint = " Press Refresh after its first epoch." if row["status"] == "running" else ""
-        hint = " (see its error.txt below)" if row["status"] == "error" else hint
-        st.info(f"Trial {tid} {no_checkpoint_reason(str(row['status']))}.{hint}")
-        return
-    try:
-        real = safe_checkpoint(root, path)
-        stat = real.stat()
-        info = _checkpoint_metrics(str(real), stat.st_size, stat.st_mtime_ns)
-    except UnsafePath:
-        st.error(f"The checkpoint of trial {tid} is outside the results root, so it was not opened.")
-        return
-    except FileNotFoundError:
-        st.warning(f"The checkpoint of trial {tid} disappeared while reading it. Press Refresh.")
-        return
-    except Exception as e:  # noqa: BLE001 - CheckpointError has a clear message; anything else too
-        from training.checkpoint import CheckpointError
-
-        if isinstance(e, CheckpointError):
-            st.warning(f"Trial {tid}'s best checkpoint cannot be used: {_first_line(str(e))}")
-        else:
-            st.error(f"Could not read trial {tid}'s checkpoint ({real.name}): {type(e).__name__}: {e}")
-        return
-
-    val = info.get("val") if isinstance(info.get("val"), dict) else None
-    if not val:
-        st.info(f"Trial {tid}'s checkpoint (epoch {info.get('epoch')}) has no per-class validation metrics.")
-        return
-    acc = val.get("accuracy")
-    st.caption(f"Best checkpoint of trial {tid}: epoch {info.get('epoch')}, "
-               f"val accuracy {acc:.4f} on {val.get('n', '?')} images · `{real.parent.name}/{real.name}`"
-               if isinstance(acc, int | float) else f"Best checkpoint of trial {tid}: epoch {info.get('epoch')}")
-    left, right = st.columns([3, 2])
-    with left:
-        st.markdown("**Per-class precision / recall / F1**")
-        st.dataframe(figures.per_class_table(val), hide_index=True, key="explorer_per_class", column_config={
-            c: st.column_config.NumberColumn(c, format="%.3f") for c in ("precision", "recall", "f1")})
-    with right:
-        st.markdown("**Most confused pairs**")
-        pairs = figures.confused_pairs_table(val.get("most_confused"))
-        if pairs.empty:
-            st.info("No two classes were confused with each other.")
-        else:
-            st.dataframe(pairs, hide_index=True, key="explorer_pairs")
-    st.plotly_chart(figures.confusion_heatmap(val.get("confusion"), info.get("classes")), key="explorer_confusion")
-
-
-def _present(value) -> bool:
-    """A config cell that has a value (a list or dict from params.json counts, NaN/None do not)."""
-    return value is not None and not (isinstance(value, float) and value != value)
-
-
-def _first_line(text: str, limit: int = 400) -> str:
-    """The first line of a message, cut to a readable length (torch's errors run on for lines)."""
-    first = text.strip().splitlines()[0] if text.strip() else text
-    return first if len(first) <= limit else first[: limit - 1].rstrip() + "…"
-
-
-def _error_file(root: Path, exp: Experiment, tid: str) -> None:
-    """The tail of a failed trial's error.txt, if there is one inside the results root."""
-    try:
-        path = safe_file(root, exp.path / f"trial_{tid}" / "error.txt", "error.txt")
-        text = read_tail(path) if path.is_file() else ""
-    except (UnsafePath, OSError):
-        return
-    if text:
-        with st.expander("error.txt (last lines)"):
-            st.code("\n".join(text.strip().splitlines()[-30:]), language=None)
+    trial_detail.render(root, exp, tid)

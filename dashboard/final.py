@@ -14,28 +14,23 @@ each re-checked to be inside the results root (`safe_file`), each bounded in siz
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import io
-import json
 import re
 import shlex
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 from PIL import Image
 
-from dashboard import figures
-from dashboard.common import REPO_ROOT, UnsafePath, md_text, safe_child, safe_file, section
+from dashboard import final_figures
+from dashboard.class_figures import confused_pairs_table
+from dashboard.common import REPO_ROOT, md_text, section
+from dashboard.figure_helpers import as_count, finite_number
+from dashboard.final_summary import FINAL_DIR, FinalState, delivered_words, file_inside, read_final
 
-SUMMARY = "summary.json"
-FINAL_DIR = "final"
-MODEL = "model.pt"
 REPORT = "report.md"
 PAIRS_PNG = "confused_pairs.png"
-MAX_SUMMARY_BYTES = 32 * 2**20  # a summary is a few hundred kB even for 47 classes and many trials
 MAX_REPORT_BYTES = 512 * 2**10
 MAX_PNG_BYTES = 10 * 2**20
 MAX_PNG_PIXELS = 16_000_000  # Streamlit decodes (and may resize) the image on the server
@@ -48,120 +43,12 @@ MISSING = {
 }
 
 
-# ---------------------------------------------------------------- reading
-
-
-@dataclass
-class FinalState:
-    """What is on disk of an experiment's final stage. `final` is summary.json's "final" object when
-    it is one; otherwise `problem` names what is wrong and `message` says it in a sentence."""
-
-    exp_dir: Path | None = None
-    final: dict | None = None
-    problem: str = ""  # "", "unsafe", "no_summary", "unreadable", "absent", "malformed"
-    message: str = ""
-    model: Path | None = None  # final/model.pt (real path, inside the root), when it is a file
-    # False: final/model.pt is not the file summary.json reports on (its sha256 differs: a final stage stopped
-    # between writing the report and the model, or a file replaced by hand). None: not known (older summaries).
-    model_matches: bool | None = None
-
-
-@functools.lru_cache(maxsize=32)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    """sha256 of a file, cached by its path, mtime and size (a new model.pt is hashed again)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_matches(model: Path | None, final: dict | None) -> bool | None:
-    """Whether final/model.pt is the model summary.json's "final" reports on (see FinalState.model_matches)."""
-    want = (final or {}).get("model_sha256")
-    if model is None or not isinstance(want, str):
-        return None
-    try:
-        st_ = model.stat()
-        return _file_sha256(str(model), st_.st_mtime_ns, st_.st_size) == want
-    except OSError:
-        return None
-
-
 def final_command(root: Path, name: str) -> str:
     """The command that runs the final stage of this experiment (--storage only when not the default)."""
     cmd = f"python search/final.py --name {shlex.quote(name)}"
     if Path(root).resolve() != DEFAULT_STORAGE.resolve():
         cmd += f" --storage {shlex.quote(str(root))}"
     return cmd
-
-
-def _inside(root: Path, exp_dir: Path, *parts: str) -> Path | None:
-    """exp_dir/parts as a real path inside root when it is a regular file (a FIFO would block the
-    reader, a folder is not a file); None when missing or outside root."""
-    try:
-        path = safe_file(root, exp_dir.joinpath(*parts), parts[-1])
-    except UnsafePath:
-        return None
-    return path if path.is_file() else None
-
-
-def read_final(root: Path, name: str) -> FinalState:
-    """The final stage of experiment `name` under root, never raising for what is on disk."""
-    try:
-        exp_dir = safe_child(root, name)
-    except UnsafePath as e:
-        return FinalState(problem="unsafe", message=f"Cannot open this experiment: {e}.")
-    state = FinalState(exp_dir=exp_dir, model=_inside(root, exp_dir, FINAL_DIR, MODEL))
-    summary_path = exp_dir / SUMMARY
-    if not summary_path.exists():
-        state.problem, state.message = "no_summary", (
-            "This experiment has no summary.json yet: the search is still running, was interrupted, "
-            "or ran before summaries were written.")
-        return state
-    summary, why = _read_summary(root, summary_path)
-    if summary is None:
-        state.problem, state.message = "unreadable", f"summary.json cannot be read: {why}."
-        return state
-    if "final" not in summary:
-        state.problem, state.message = "absent", (
-            "This experiment has no final model yet: its summary.json has no \"final\" entry (an older "
-            "search, a search run with --no-final, or a final stage that has not finished).")
-        return state
-    if not isinstance(summary["final"], dict):
-        state.problem, state.message = "malformed", (
-            f"summary.json's \"final\" entry is damaged (a {type(summary['final']).__name__}, not an object), "
-            "so the final model's results cannot be shown.")
-        return state
-    state.final = summary["final"]
-    state.model_matches = model_matches(state.model, state.final)
-    return state
-
-
-def _read_summary(root: Path, path: Path) -> tuple[dict | None, str]:
-    """(summary.json as a dict, "") or (None, why not)."""
-    try:
-        real = safe_file(root, path, SUMMARY)
-        if not real.is_file():
-            return None, "it is not a regular file"
-        if real.stat().st_size > MAX_SUMMARY_BYTES:
-            return None, f"it is larger than {MAX_SUMMARY_BYTES // 2**20} MB"
-        value = json.loads(real.read_bytes())
-    except UnsafePath:
-        return None, "it leads outside the results root"
-    except OSError as e:
-        return None, e.strerror or type(e).__name__
-    except (ValueError, RecursionError):
-        return None, "it is not valid JSON (damaged, or written by hand)"
-    if not isinstance(value, dict):
-        return None, "it is not a JSON object"
-    return value, ""
-
-
-def delivered_words(final: dict | None) -> str:
-    """summary.json's description of final/model.pt ("refit ensemble of 3"), plain and short."""
-    text = (final or {}).get("delivered")
-    return " ".join(str(text).split())[:80] if isinstance(text, str) and text.strip() else ""
 
 
 def read_report(path: Path) -> str:
@@ -221,8 +108,8 @@ def render(root: Path, name: str) -> None:
 def _delivered(state: FinalState) -> None:
     final = state.final
     words = delivered_words(final)
-    key = figures.delivered_key(final)
-    result = next((r for r in figures.final_results(final) if r["key"] == key), None)
+    key = final_figures.delivered_key(final)
+    result = next((r for r in final_figures.final_results(final) if r["key"] == key), None)
     st.subheader("Delivered model")
     acc = result["accuracy"] if result else None
     ci = result["ci"] if result else None
@@ -262,24 +149,24 @@ def _delivered(state: FinalState) -> None:
 def _test_results(state: FinalState) -> None:
     st.subheader("Best single trial vs ensemble vs refit (test split)")
     final = state.final
-    present = {r["key"] for r in figures.final_results(final)}
+    present = {r["key"] for r in final_figures.final_results(final)}
     if not present:
         st.warning("summary.json has no test results of the final models.")
         return
-    missing = [MISSING[k] for k in figures.FINAL_MODELS if k not in present]
+    missing = [MISSING[k] for k in final_figures.FINAL_MODELS if k not in present]
     if missing:
         st.caption("Not in this run: " + "; ".join(missing) + ".")
     left, right = st.columns([2, 3])
-    left.plotly_chart(figures.final_accuracy_figure(final), key="final_accuracy")
+    left.plotly_chart(final_figures.final_accuracy_figure(final), key="final_accuracy")
     with right:
-        st.dataframe(figures.final_results_table(final), hide_index=True, key="final_results", column_config={
+        st.dataframe(final_figures.final_results_table(final), hide_index=True, key="final_results", column_config={
             "test acc": st.column_config.NumberColumn("test acc", format="%.4f"),
             "delivered": st.column_config.CheckboxColumn("delivered", help="final/model.pt"),
         })
-        members = [r for r in figures.final_results(final) if r["members"]]
+        members = [r for r in final_figures.final_results(final) if r["members"]]
         for r in members:
             st.caption(f"{r['key']} members: " + ", ".join(md_text(m, 40) for m in r["members"][:20]))
-        trials = figures.top_trials_table(final)
+        trials = final_figures.top_trials_table(final)
         if not trials.empty:
             st.markdown("**The top trials' own best checkpoints**")
             st.dataframe(trials, hide_index=True, key="final_top_trials", column_config={
@@ -292,21 +179,21 @@ def _selection(state: FinalState, name: str) -> None:
     if not isinstance(selection, dict):
         st.info("summary.json has no record of the selection.")
         return
-    k = figures.as_count(selection.get("chosen_k"))
+    k = as_count(selection.get("chosen_k"))
     pays = selection.get("ensemble_pays")
     metric = selection.get("metric")
-    cells = [("Metric", figures.short_text(metric, 30) if isinstance(metric, str) else "–"),
+    cells = [("Metric", final_figures.short_text(metric, 30) if isinstance(metric, str) else "–"),
              ("Chosen k", str(k) if k is not None else "–"),
              ("Ensemble pays", {True: "yes", False: "no"}.get(pays, "–") if isinstance(pays, bool) else "–")]
     for col, (label, value) in zip(st.columns(len(cells)), cells, strict=True):
         col.metric(label, value)
     left, right = st.columns([3, 2])
-    left.plotly_chart(figures.selection_figure(state.final), key="final_selection")
+    left.plotly_chart(final_figures.selection_figure(state.final), key="final_selection")
     with right:
         candidates = selection.get("candidates")
         candidates = [c for c in candidates if isinstance(c, dict)] if isinstance(candidates, list) else []
-        rows = [{"trial": figures.short_text(c.get("trial_id", "?"), 40),
-                 "val acc": figures.as_number(c.get("val_acc"))} for c in candidates]
+        rows = [{"trial": final_figures.short_text(c.get("trial_id", "?"), 40),
+                 "val acc": finite_number(c.get("val_acc"))} for c in candidates]
         if rows:
             st.markdown("**Candidates** (top trials by validation accuracy)")
             st.dataframe(rows, hide_index=True, key="final_candidates",
@@ -320,22 +207,22 @@ def _refit_info(refit) -> None:
     if not isinstance(refit, dict):
         return
     epochs = refit.get("epochs", refit.get("epochs_mode"))
-    seeds = figures.as_count(refit.get("seeds"))
+    seeds = as_count(refit.get("seeds"))
     members = refit.get("members")
     members = [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
-    finished = figures.as_count(refit.get("finished"))
+    finished = as_count(refit.get("finished"))
     st.markdown(f"**Refit** on the whole training split: epochs {md_text(epochs if epochs is not None else '?', 30)}, "
                 f"{seeds if seeds is not None else '?'} seed(s) per config, {len(members)} model(s) planned"
                 + (f", {finished} finished" if finished is not None else ""))
     if members:
-        rows = [{figures.short_text(k, 30): figures.short_text(v, 40) for k, v in m.items()
+        rows = [{final_figures.short_text(k, 30): final_figures.short_text(v, 40) for k, v in m.items()
                  if isinstance(v, str | int | float | bool) or v is None} for m in members[:50]]
         st.dataframe(rows, hide_index=True, key="final_refit_members")
 
 
 def _per_class(state: FinalState, name: str) -> None:
     st.subheader("Per-class F1: top trials and final models (test split)")
-    matrix = figures.f1_matrix(state.final)
+    matrix = final_figures.f1_matrix(state.final)
     if matrix.empty or matrix.isna().all().all():
         st.info("summary.json has no per-class results to compare.")
         return
@@ -344,26 +231,26 @@ def _per_class(state: FinalState, name: str) -> None:
         view = st.radio("Classes", [f"All {len(cols)}", f"The {HARDEST} hardest (lowest mean F1)"], horizontal=True,
                         key=f"final_f1_classes:{name}")
         if not view.startswith("All"):
-            cols = figures.hardest_classes(matrix, HARDEST)
-    st.plotly_chart(figures.f1_heatmap(matrix[cols]), key="final_f1")
+            cols = final_figures.hardest_classes(matrix, HARDEST)
+    st.plotly_chart(final_figures.f1_heatmap(matrix[cols]), key="final_f1")
     st.caption("Rows: the final models (the delivered one marked), then the top trials' own best checkpoints. "
                "Red cells are the characters a model gets wrong; hover for the values.")
 
 
 def _confused(root: Path, state: FinalState, name: str) -> None:
     st.subheader("Most confused pairs (test split)")
-    results = [r for r in figures.final_results(state.final) if r["most_confused"]]
+    results = [r for r in final_figures.final_results(state.final) if r["most_confused"]]
     if results:
-        delivered = figures.delivered_key(state.final)
+        delivered = final_figures.delivered_key(state.final)
         keys = [r["key"] for r in results]
         default = keys.index(delivered) if delivered in keys else 0
         key = st.selectbox("Model", keys, index=default, key=f"final_pairs_model:{name}",
                            format_func=lambda k: k + (" (delivered)" if k == delivered else ""))
         chosen = next(r for r in results if r["key"] == key)
-        st.dataframe(figures.confused_pairs_table(chosen["most_confused"]), hide_index=True, key="final_pairs")
+        st.dataframe(confused_pairs_table(chosen["most_confused"]), hide_index=True, key="final_pairs")
     else:
         st.info("summary.json lists no confused pairs for the final models.")
-    png = _inside(root, state.exp_dir, FINAL_DIR, PAIRS_PNG)
+    png = file_inside(root, state.exp_dir, FINAL_DIR, PAIRS_PNG)
     if png is None:
         st.caption("final/confused_pairs.png is not there.")
         return
@@ -375,7 +262,7 @@ def _confused(root: Path, state: FinalState, name: str) -> None:
 
 
 def _report(root: Path, state: FinalState) -> None:
-    path = _inside(root, state.exp_dir, FINAL_DIR, REPORT)
+    path = file_inside(root, state.exp_dir, FINAL_DIR, REPORT)
     if path is None:
         st.caption("final/report.md is not there.")
         return

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from dashboard import figures
+from dashboard import analyses, explorer_figures, importance_study, trial_table
 from search.space import DefineByRun, load_search_spec, replay, sampled_params
 from training.config import make_config
 
@@ -157,9 +157,9 @@ def test_sampled_params_follow_the_branches(space):
 def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     trials = loaded.trials
     assert trials["config/momentum"].notna().all() and trials["config/gamma"].notna().all()  # the full config
-    masked, params, dists, note, left_out = figures.only_sampled(trials, lambda c: sampled_params(space, c))
+    masked, params, dists, note, left_out = analyses.only_sampled(trials, lambda c: sampled_params(space, c))
     assert note is None and left_out == {}
-    assert {figures.param_name(c) for c in params} == {
+    assert {trial_table.param_name(c) for c in params} == {
         "lr", "width", "dropout", "weight_decay", "label_smoothing", "aug_strength", "aug_rotate", "batch_size",
         "optimizer", "scheduler", "momentum", "gamma"}  # not split, epochs, seed, ... (fixed)
     sgd = trials["config/optimizer"] == "sgd"
@@ -170,12 +170,12 @@ def test_only_sampled_blanks_the_branches_not_taken(loaded, space):
     # ... and the ranges the space sampled them from (for importance), not the ranges the trials happen to span
     assert dists["lr"] == FloatDistribution(1e-4, 1e-1, log=True)
     assert dists["batch_size"] == CategoricalDistribution([64, 128, 256])
-    assert dists["gamma"] == FloatDistribution(0.2, 0.6) and set(dists) == {figures.param_name(c) for c in params}
+    assert dists["gamma"] == FloatDistribution(0.2, 0.6) and set(dists) == {trial_table.param_name(c) for c in params}
 
     # without the space: what varies between the trials, and the note says why
-    same, varying, _, note, _ = figures.only_sampled(trials, None)
-    assert same is trials and set(varying) == set(figures.varying_params(trials)) and "unknown" in note
-    _, _, _, note, _ = figures.only_sampled(trials, lambda c: None)
+    same, varying, _, note, _ = analyses.only_sampled(trials, None)
+    assert same is trials and set(varying) == set(trial_table.varying_params(trials)) and "unknown" in note
+    _, _, _, note, _ = analyses.only_sampled(trials, lambda c: None)
     assert "does not fit the config of trial(s) 00000, 00001, 00002 and 27 more" in note
 
 
@@ -193,14 +193,14 @@ def test_importance_of_a_conditional_parameter_uses_only_the_trials_that_sampled
                      "config/momentum": rng.uniform(0.8, 0.99) if sgd else 0.9, "config/scheduler": "none"})
     full = pd.DataFrame(rows)
     names = lambda c: sampled_params(space, {**make_config({}).to_dict(), **c})  # noqa: E731
-    masked, params, dists, _, _ = figures.only_sampled(full, names)
+    masked, params, dists, _, _ = analyses.only_sampled(full, names)
     assert set(params) == {"config/optimizer", "config/lr", "config/momentum", "config/scheduler"}  # (constant)
-    values = figures.importance_values(masked, params=params)
+    values = importance_study.importance_values(masked, params=params)
 
     other = full.copy()
     other.loc[other["config/optimizer"] == "adamw", "config/momentum"] = rng.uniform(0.8, 0.99, 20)
-    assert figures.importance_values(figures.only_sampled(other, names)[0], params=params) == values
-    unmasked = figures.importance_values(full, params=params)
+    assert importance_study.importance_values(analyses.only_sampled(other, names)[0], params=params) == values
+    unmasked = importance_study.importance_values(full, params=params)
     assert values["momentum"] < unmasked["momentum"]  # the 0.9 default no longer counts
     assert max(values, key=values.get) == "optimizer"
 
@@ -225,45 +225,45 @@ def test_replay_gives_the_searcher_and_the_dashboard_the_same_trial(space):
 def test_importance_uses_the_space_range_where_every_value_fits():
     lr = FloatDistribution(1e-4, 1e-1, log=True)
     narrow = pd.Series([1e-3, 2e-3, 1.5e-3])  # spans less than the space: the space's range counts
-    assert figures._distribution(narrow, lr) is lr
-    own = figures._distribution(pd.Series([1e-3, 0.5]), lr)  # 0.5 is outside the space (another space)
+    assert importance_study._distribution(narrow, lr) is lr
+    own = importance_study._distribution(pd.Series([1e-3, 0.5]), lr)  # 0.5 is outside the space (another space)
     assert own == FloatDistribution(1e-3, 0.5, log=True)
     sizes = CategoricalDistribution([64, 128, 256])
-    assert figures._distribution(pd.Series([64.0, 128.0]), sizes) is sizes  # as the table holds them
-    assert figures._distribution(pd.Series(["adamw"]), sizes) == CategoricalDistribution(["adamw"])
+    assert importance_study._distribution(pd.Series([64.0, 128.0]), sizes) is sizes  # as the table holds them
+    assert importance_study._distribution(pd.Series(["adamw"]), sizes) == CategoricalDistribution(["adamw"])
 
 
 # ---------------------------------------------------------------- the budget trials are compared at
 
 
 def test_budget_counts_and_default():
-    assert figures.asha_rungs(12, 2, 3) == [2, 6, 12]
-    assert figures.asha_rungs(10, 1, 2) == [1, 2, 4, 8, 10]
-    assert figures.default_budget({2: 30, 6: 10, 12: 3}, 30) == 2  # 10 < half of 30
-    assert figures.default_budget({2: 12, 6: 6, 12: 2}, 12) == 6  # half, and at least 5
-    assert figures.default_budget({1: 4, 2: 4}, 4) == 2  # fewer than 5 trials: all of them
-    assert figures.default_budget({2: 3, 6: 1}, 9) == 2  # none has enough: the most trials
-    assert figures.default_budget({}, 0) is None
+    assert analyses.asha_rungs(12, 2, 3) == [2, 6, 12]
+    assert analyses.asha_rungs(10, 1, 2) == [1, 2, 4, 8, 10]
+    assert analyses.default_budget({2: 30, 6: 10, 12: 3}, 30) == 2  # 10 < half of 30
+    assert analyses.default_budget({2: 12, 6: 6, 12: 2}, 12) == 6  # half, and at least 5
+    assert analyses.default_budget({1: 4, 2: 4}, 4) == 2  # fewer than 5 trials: all of them
+    assert analyses.default_budget({2: 3, 6: 1}, 9) == 2  # none has enough: the most trials
+    assert analyses.default_budget({}, 0) is None
 
 
 def test_a_parameter_that_drives_accuracy_at_the_rung_ranks_first(loaded, space):
-    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
-    counts = figures.budget_counts(masked, loaded.histories, figures.asha_rungs(12, 2, 3))
+    masked, params, dists, _, _ = analyses.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    counts = analyses.budget_counts(masked, loaded.histories, analyses.asha_rungs(12, 2, 3))
     assert counts == {2: 30, 6: 10, 12: 3}
-    assert figures.budget_counts(masked, loaded.histories) == {2: 30, 6: 10, 12: 3}  # from epochs_run
-    assert figures.default_budget(counts, 30) == 2
-    at2 = figures.metric_at_epoch(masked, loaded.histories, 2)
+    assert analyses.budget_counts(masked, loaded.histories) == {2: 30, 6: 10, 12: 3}  # from epochs_run
+    assert analyses.default_budget(counts, 30) == 2
+    at2 = analyses.metric_at_epoch(masked, loaded.histories, 2)
     hist = loaded.histories["00000"]
     assert at2.iloc[0] == pytest.approx(float(hist.loc[hist["epoch"] == 2, "val_acc"].iloc[0]))
     data = masked.assign(at2=at2)
-    values = figures.importance_values(data, "at2", params, dists)
+    values = importance_study.importance_values(data, "at2", params, dists)
     assert max(values, key=values.get) == "lr" and values["lr"] > 0.3
-    fig = figures.param_importance(data, "at2", "val acc at epoch 2", params)
+    fig = explorer_figures.param_importance(data, "at2", "val acc at epoch 2", params)
     assert "for val acc at epoch 2<br><sup>(30 trials" in fig.layout.title.text
     assert fig.data[0].y[-1] == "lr"  # on top
 
-    axes = [n for n in values][:figures.PARCOORDS_DEFAULT_AXES]
-    pc = figures.parallel_coordinates(data, axes, "at2", "val acc at epoch 2")
+    axes = [n for n in values][:explorer_figures.PARCOORDS_DEFAULT_AXES]
+    pc = explorer_figures.parallel_coordinates(data, axes, "at2", "val acc at epoch 2")
     labels = [d.label for d in pc.data[0].dimensions]
     assert len(labels) == 9 and labels[-1] == "val acc at epoch 2" and "(30 trials)" in pc.layout.title.text
     assert list(pc.data[0].line.color) == pytest.approx(at2.tolist())
@@ -386,15 +386,15 @@ def test_importance_is_optunas_on_the_same_trials(synthetic, loaded, space):
     page's numbers are Optuna's PedAnovaImportanceEvaluator on the trials as Optuna sampled them, at the page's
     target quantile (its best 10 of 30 trials); and, on the parameters every trial sampled, Optuna's run on
     those parameters alone."""
-    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    masked, params, dists, _, _ = analyses.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
     assert (loaded.trials["status"] == "stopped").sum() == 27
-    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
-    page = figures.importance_values(data, "at2", params, dists)
+    data = masked.assign(at2=analyses.metric_at_epoch(masked, loaded.histories, 2))
+    page = importance_study.importance_values(data, "at2", params, dists)
     assert {"momentum", "gamma"} <= set(page)
     _same_values(page, _optuna_reference(synthetic, "synthetic", quantile=1 / 3))
     alone = _optuna_reference(synthetic, "synthetic", quantile=1 / 3, params=UNCONDITIONAL)
     _same_values(_renormalised(page, UNCONDITIONAL), alone)
-    result = figures.importance(data, "at2", params, dists)
+    result = importance_study.importance(data, "at2", params, dists)
     assert result.values == page  # the resampling does not change the values drawn
 
 
@@ -407,10 +407,10 @@ def test_importance_is_optunas_with_its_defaults_from_100_trials(tmp_path):
     exp = write_experiment(root, seed=3, n_trials=120)
     space = DefineByRun(load_search_spec(root.parent / "synthetic-space.yaml"))
     loaded = load_experiment(exp)
-    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
-    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
-    assert figures.importance_quantile(120) == 0.1
-    _same_values(figures.importance_values(data, "at2", params, dists), _optuna_reference(root, "synthetic"))
+    masked, params, dists, _, _ = analyses.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    data = masked.assign(at2=analyses.metric_at_epoch(masked, loaded.histories, 2))
+    assert importance_study.importance_quantile(120) == 0.1
+    _same_values(importance_study.importance_values(data, "at2", params, dists), _optuna_reference(root, "synthetic"))
 
 
 def test_page_importance_after_the_space_file_was_edited(monkeypatch, tmp_path):
@@ -456,7 +456,7 @@ def test_page_without_the_copy_leaves_out_what_was_conditional(monkeypatch, tmp_
 
 
 def test_conditional_in_values_rule(loaded):
-    assert set(figures.conditional_in_values(loaded.trials)) == {"config/gamma", "config/momentum"}
+    assert set(analyses.conditional_in_values(loaded.trials)) == {"config/gamma", "config/momentum"}
     rng = np.random.default_rng(0)
     rows = []
     for i in range(30):
@@ -466,26 +466,26 @@ def test_conditional_in_values_rule(loaded):
                      "config/batch_size": 128 if model == "mobile_cnn" else int(rng.choice([64, 128, 256])),
                      "config/depth": int(rng.integers(1, 5)) if model == "vgg" else 2,  # vgg only (default 2)
                      "config/odd": [{"a": i % 2}] if i % 3 else None})  # values of no config type
-    found = figures.conditional_in_values(pd.DataFrame(rows))
+    found = analyses.conditional_in_values(pd.DataFrame(rows))
     assert list(found) == ["config/depth"]
     assert found["config/depth"] == "always 2 (its default) where model is mobile_cnn or small_cnn (16 trials)"
-    assert figures.conditional_in_values(pd.DataFrame(rows[:2])) == {}  # too few to show anything
-    assert figures.conditional_in_values(pd.DataFrame()) == {}
+    assert analyses.conditional_in_values(pd.DataFrame(rows[:2])) == {}  # too few to show anything
+    assert analyses.conditional_in_values(pd.DataFrame()) == {}
 
 
 def test_importance_says_how_sure_it_is(synthetic, loaded, space):
     """Intervals over 100 seeded resamples of the trials for every value and rank, drawn as lines beside the
     bars; with these 30 trials (lr decides, the rest is noise) most ranks move over many places."""
-    masked, params, dists, _, _ = figures.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
-    data = masked.assign(at2=figures.metric_at_epoch(masked, loaded.histories, 2))
-    result = figures.importance(data, "at2", params, dists)
-    assert result == figures.importance(data, "at2", params, dists)  # seeded: the same on every page load
-    assert result.resamples == figures.BOOTSTRAP_RESAMPLES and result.n_trials == 30
+    masked, params, dists, _, _ = analyses.only_sampled(loaded.trials, lambda c: sampled_params(space, c))
+    data = masked.assign(at2=analyses.metric_at_epoch(masked, loaded.histories, 2))
+    result = importance_study.importance(data, "at2", params, dists)
+    assert result == importance_study.importance(data, "at2", params, dists)  # seeded: the same on every page load
+    assert result.resamples == importance_study.BOOTSTRAP_RESAMPLES and result.n_trials == 30
     for n in result.values:
         assert 0 <= result.low[n] <= result.high[n] <= 1 and 1 <= result.rank_low[n] <= result.rank_high[n] <= 12
     assert sum(result.rank_high[n] - result.rank_low[n] >= 5 for n in result.values) >= 6
     assert result.sampled_in["gamma"] == int(masked["config/gamma"].notna().sum()) < 30
-    fig = figures.param_importance(data, "at2", "val acc at epoch 2", params, result=result)
+    fig = explorer_figures.param_importance(data, "at2", "val acc at epoch 2", params, result=result)
     bar, lines = fig.data
     low = dict(zip(lines.y[0::3], lines.x[0::3], strict=True))
     assert low[bar.y[-1]] == result.low[list(result.values)[0]]
@@ -506,16 +506,16 @@ def _noise_trials(n: int, decides: bool, seed: int = 0) -> pd.DataFrame:
 
 
 def test_a_ranking_only_where_the_trials_support_one():
-    few = figures.importance(_noise_trials(12, decides=True))
+    few = importance_study.importance(_noise_trials(12, decides=True))
     assert few.caveat.startswith("12 trials are too few to rank the hyperparameters: it takes at least 20")
-    fig = figures.param_importance(_noise_trials(12, decides=True), result=few)
+    fig = explorer_figures.param_importance(_noise_trials(12, decides=True), result=few)
     assert set(fig.data[0].marker.color) == {"#cdb9e0"} and "not a supported ranking" in fig.layout.title.text
-    noise = figures.importance(_noise_trials(28, decides=False))  # the issue: 28 trials, nothing decides
+    noise = importance_study.importance(_noise_trials(28, decides=False))  # the issue: 28 trials, nothing decides
     assert noise.caveat.startswith("in 100 resamples of these 28 trials, every parameter's rank moves")
     assert not noise.settled
-    clear = figures.importance(_noise_trials(40, decides=True))
+    clear = importance_study.importance(_noise_trials(40, decides=True))
     assert clear.supported and clear.settled == ["lr"] and clear.rank_low["lr"] == 1
-    fig = figures.param_importance(_noise_trials(40, decides=True), result=clear)
+    fig = explorer_figures.param_importance(_noise_trials(40, decides=True), result=clear)
     colours = dict(zip(fig.data[0].y, fig.data[0].marker.color, strict=True))
     assert colours["lr"] == "#9467bd" and colours["width"] == "#cdb9e0"  # only the settled place in full colour
 

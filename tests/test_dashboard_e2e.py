@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dashboard import figures
+from dashboard import final_figures
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, open_experiment
 from dashboard.safety import ALLOW_REMOTE_ENV
@@ -68,8 +68,8 @@ def _delivered_accuracy(root: Path, name: str) -> str:
     """The delivered model's test accuracy as the Final model page writes it, from summary.json."""
     final = json.loads((root / name / "summary.json").read_text()).get("final")
     assert isinstance(final, dict), f"{name}'s summary.json has no \"final\": the search needs its final stage"
-    key = figures.delivered_key(final)
-    result = next(r for r in figures.final_results(final) if r["key"] == key)
+    key = final_figures.delivered_key(final)
+    result = next(r for r in final_figures.final_results(final) if r["key"] == key)
     return f"{result['accuracy']:.4f}"
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from dashboard import figures
+from dashboard import class_figures, explorer_figures, importance_study, trial_table
 from dashboard.common import open_experiment
 from search.layout import read_result_rows
 from search.results import MAX_HISTORY_ROWS, load_experiment
@@ -66,11 +66,11 @@ def dims(fig: go.Figure) -> dict:
 
 
 def test_varying_params_are_the_searched_ones(tiny):
-    assert set(figures.varying_params(tiny.trials)) == {"config/lr", "config/width", "config/aug_strength"}
+    assert set(trial_table.varying_params(tiny.trials)) == {"config/lr", "config/width", "config/aug_strength"}
 
 
 def test_parallel_coordinates_real(tiny):
-    fig = figures.parallel_coordinates(tiny.trials)
+    fig = explorer_figures.parallel_coordinates(tiny.trials)
     d = dims(fig)
     assert list(d) == ["aug_strength", "lr", "width", "best_val_acc"]
     acc = tiny.trials["best_val_acc"].tolist()
@@ -80,7 +80,7 @@ def test_parallel_coordinates_real(tiny):
 
 
 def test_param_vs_metric_real(tiny):
-    fig = figures.param_vs_metric(tiny.trials, "lr")
+    fig = explorer_figures.param_vs_metric(tiny.trials, "lr")
     assert all(t.type == "scatter" and t.mode == "markers" for t in fig.data)
     xs = [x for t in fig.data for x in t.x]
     ys = [y for t in fig.data for y in t.y]
@@ -96,7 +96,7 @@ def test_param_vs_metric_real(tiny):
 def test_learning_curves_real(tiny):
     ids = tiny.trials["trial_id"].tolist()
     for metric in ("val_acc", "val_loss"):
-        fig = figures.learning_curves(tiny.histories, ids, metric)
+        fig = explorer_figures.learning_curves(tiny.histories, ids, metric)
         assert [t.name for t in fig.data] == ids
         for t in fig.data:
             h = tiny.histories[t.name]
@@ -106,7 +106,7 @@ def test_learning_curves_real(tiny):
 
 
 def test_asha_milestones_real(tiny):
-    fig = figures.asha_milestones(tiny.trials, tiny.histories)
+    fig = explorer_figures.asha_milestones(tiny.trials, tiny.histories)
     (bar,) = fig.data
     assert bar.type == "bar"
     assert list(bar.x) == [1, 2]
@@ -116,7 +116,7 @@ def test_asha_milestones_real(tiny):
 
 
 def test_param_importance_real(tiny):
-    fig = figures.param_importance(tiny.trials)
+    fig = explorer_figures.param_importance(tiny.trials)
     assert fig is not None
     bar, spread = fig.data  # the bars, and where the resamples of the trials put each value
     assert bar.type == "bar" and bar.orientation == "h"
@@ -129,7 +129,7 @@ def test_param_importance_real(tiny):
 
 def test_per_class_table_real(best_val):
     val, classes = best_val
-    df = figures.per_class_table(val)
+    df = class_figures.per_class_table(val)
     assert list(df.columns) == ["class", "precision", "recall", "f1", "support"]
     assert df["class"].tolist() == [str(c) for c in classes]
     assert int(df["support"].sum()) == val["n"]
@@ -138,7 +138,7 @@ def test_per_class_table_real(best_val):
 
 def test_confusion_heatmap_real(best_val):
     val, classes = best_val
-    fig = figures.confusion_heatmap(val["confusion"], classes)
+    fig = class_figures.confusion_heatmap(val["confusion"], classes)
     (hm,) = fig.data
     assert hm.type == "heatmap"
     z = np.array(hm.z)
@@ -152,7 +152,7 @@ def test_confusion_heatmap_real(best_val):
 
 def test_confused_pairs_table_real(best_val):
     val, _ = best_val
-    df = figures.confused_pairs_table(val["most_confused"])
+    df = class_figures.confused_pairs_table(val["most_confused"])
     assert list(df.columns) == ["pair", "mistakes", "detail"]
     assert len(df) == len(val["most_confused"])
     assert df["mistakes"].tolist() == [p["count"] for p in val["most_confused"]]
@@ -169,14 +169,14 @@ EMPTY = pd.DataFrame(columns=["trial_id", "status", "best_val_acc", "last_val_ac
 
 
 def test_figures_on_empty_trials():
-    assert figures.varying_params(EMPTY) == []
-    assert "No trial has a validation result" in annotation_text(figures.parallel_coordinates(EMPTY))
-    assert "No trial has a value for lr" in annotation_text(figures.param_vs_metric(EMPTY, "lr"))
-    assert "No trials yet" in annotation_text(figures.asha_milestones(EMPTY, {}))
-    assert "No trial chosen" in annotation_text(figures.learning_curves({}, [], "val_acc"))
-    assert figures.param_importance(EMPTY) is None
-    assert figures.importance_inputs(EMPTY)[2] == "there are no trials yet"
-    for fig in (figures.parallel_coordinates(EMPTY), figures.asha_milestones(EMPTY, {})):
+    assert trial_table.varying_params(EMPTY) == []
+    assert "No trial has a validation result" in annotation_text(explorer_figures.parallel_coordinates(EMPTY))
+    assert "No trial has a value for lr" in annotation_text(explorer_figures.param_vs_metric(EMPTY, "lr"))
+    assert "No trials yet" in annotation_text(explorer_figures.asha_milestones(EMPTY, {}))
+    assert "No trial chosen" in annotation_text(explorer_figures.learning_curves({}, [], "val_acc"))
+    assert explorer_figures.param_importance(EMPTY) is None
+    assert importance_study.importance_inputs(EMPTY)[2] == "there are no trials yet"
+    for fig in (explorer_figures.parallel_coordinates(EMPTY), explorer_figures.asha_milestones(EMPTY, {})):
         assert not fig.data
 
 
@@ -189,7 +189,7 @@ def test_parallel_coordinates_categorical_and_log_axes():
         {"best_val_acc": 0.9, "config/optimizer": "sgd", "config/lr": 1e-2, "config/nesterov": True,
          "config/width": 1.0},
     ])
-    d = dims(figures.parallel_coordinates(t))
+    d = dims(explorer_figures.parallel_coordinates(t))
     assert list(d) == ["optimizer", "lr (log)", "nesterov", "best_val_acc"]  # width does not vary
     assert list(d["optimizer"].ticktext) == ["adam", "sgd"]
     assert list(d["optimizer"].values) == [1, 0, 1]
@@ -206,12 +206,12 @@ def test_parallel_coordinates_nan_single_trial_and_conditional_param():
         {"best_val_acc": np.nan, "status": "running", "config/optimizer": "adam", "config/momentum": np.nan,
          "config/lr": 0.03},
     ])
-    d = dims(figures.parallel_coordinates(t))
+    d = dims(explorer_figures.parallel_coordinates(t))
     assert len(d["best_val_acc"].values) == 2  # the running trial has nothing to colour by
     assert list(d["lr"].values) == pytest.approx([0.01, 0.02])
     assert d["momentum"].values[0] == pytest.approx(0.9) and math.isnan(d["momentum"].values[1])
 
-    one = figures.parallel_coordinates(t.iloc[[0]])
+    one = explorer_figures.parallel_coordinates(t.iloc[[0]])
     (trace,) = one.data
     assert [dim.label for dim in trace.dimensions] == ["best_val_acc"]  # nothing varies in one trial
     assert trace.line.cmin < trace.line.cmax
@@ -225,27 +225,27 @@ def test_param_vs_metric_log_axis_status_colours_and_nan():
         {"status": "stopped", "best_val_acc": 0.4, "config/weight_decay": 1e-3},
         {"status": "diverged", "best_val_acc": np.nan, "config/weight_decay": 1e-2},
     ])
-    fig = figures.param_vs_metric(t, "config/weight_decay")
+    fig = explorer_figures.param_vs_metric(t, "config/weight_decay")
     assert fig.layout.xaxis.type == "log"
     traces = {tr.name: tr for tr in fig.data}
     assert set(traces) == {"finished", "stopped"}  # the diverged trial has no accuracy to plot
     assert list(traces["stopped"].y) == [0.5, 0.4]
     assert list(traces["stopped"].hovertext) == ["t1", "t2"]  # the trial, named on hover
-    assert traces["finished"].marker.color == figures.STATUS_COLORS["finished"]
+    assert traces["finished"].marker.color == explorer_figures.STATUS_COLORS["finished"]
     assert traces["stopped"].marker.color != traces["finished"].marker.color
 
-    narrow = figures.param_vs_metric(make_trials([{"config/lr": 1e-3}, {"config/lr": 5e-3}]), "lr")
+    narrow = explorer_figures.param_vs_metric(make_trials([{"config/lr": 1e-3}, {"config/lr": 5e-3}]), "lr")
     assert narrow.layout.xaxis.type != "log"
 
 
 def test_param_vs_metric_categorical_and_missing():
     t = make_trials([{"config/model": "resnet", "best_val_acc": 0.8}, {"config/model": "small_cnn"}])
-    fig = figures.param_vs_metric(t, "model")
+    fig = explorer_figures.param_vs_metric(t, "model")
     assert fig.layout.xaxis.type == "category"
     assert list(fig.data[0].x) == ["resnet", "small_cnn"]
-    assert "No trial has a value for dropout" in annotation_text(figures.param_vs_metric(t, "dropout"))
+    assert "No trial has a value for dropout" in annotation_text(explorer_figures.param_vs_metric(t, "dropout"))
     no_acc = make_trials([{"config/model": "resnet", "best_val_acc": np.nan}])
-    assert "validation result" in annotation_text(figures.param_vs_metric(no_acc, "model"))
+    assert "validation result" in annotation_text(explorer_figures.param_vs_metric(no_acc, "model"))
 
 
 def test_learning_curves_missing_history_nan_and_order():
@@ -254,28 +254,30 @@ def test_learning_curves_missing_history_nan_and_order():
         "b": pd.DataFrame(),  # started, no epoch yet
         "c": pd.DataFrame({"epoch": [1], "train_loss": [2.0]}),  # no val metrics
     }
-    fig = figures.learning_curves(histories, ["a", "b", "c", "missing"], "val_loss")
+    fig = explorer_figures.learning_curves(histories, ["a", "b", "c", "missing"], "val_loss")
     (tr,) = fig.data
     assert tr.name == "a"
     assert list(tr.x) == [1, 2, 3]  # sorted by epoch
     assert tr.y[0] == 2.0 and tr.y[1] == 1.0 and (tr.y[2] is None or math.isnan(tr.y[2]))  # inf is a gap
     assert "b, c, missing" in fig.layout.title.text
-    assert "have no validation accuracy yet" in annotation_text(figures.learning_curves(histories, ["b"], "val_acc"))
+    assert "have no validation accuracy yet" in annotation_text(
+        explorer_figures.learning_curves(histories, ["b"], "val_acc"))
 
 
 def test_asha_milestones_successive_halving_and_history_fallback():
     t = make_trials([{"epochs_run": e, "max_epochs": 5} for e in (1, 1, 1, 1, 2, 2, 4)])
-    (bar,) = figures.asha_milestones(t, {}).data
+    (bar,) = explorer_figures.asha_milestones(t, {}).data
     assert list(bar.x) == [1, 2, 3, 4, 5]  # up to the epoch budget, even if nobody got there
     assert list(bar.y) == [7, 3, 1, 1, 0]
 
     t = make_trials([{"epochs_run": np.nan, "max_epochs": np.nan}, {"epochs_run": 1, "max_epochs": np.nan}])
     hist = {"t0": pd.DataFrame({"epoch": [1, 2, 3]})}
-    (bar,) = figures.asha_milestones(t, hist).data
+    (bar,) = explorer_figures.asha_milestones(t, hist).data
     assert list(bar.y) == [2, 1, 1]
 
     pending = make_trials([{"epochs_run": 0, "max_epochs": np.nan, "status": "pending"}])
-    assert "No trial has finished an epoch" in annotation_text(figures.asha_milestones(pending, {"t0": pd.DataFrame()}))
+    assert "No trial has finished an epoch" in annotation_text(
+        explorer_figures.asha_milestones(pending, {"t0": pd.DataFrame()}))
 
 
 def test_param_importance_needs_three_usable_trials_and_a_varying_param():
@@ -284,18 +286,19 @@ def test_param_importance_needs_three_usable_trials_and_a_varying_param():
     rows += [{"status": "running", "best_val_acc": 0.99, "config/lr": 5e-3, "config/width": 2.0},
              {"status": "error", "best_val_acc": np.nan, "config/lr": 5e-3, "config/width": 2.0}]
     t = make_trials(rows)
-    usable, params, reason = figures.importance_inputs(t)
+    usable, params, reason = importance_study.importance_inputs(t)
     assert reason is None and len(usable) == 3 and params == ["config/lr", "config/width"]
-    fig = figures.param_importance(t)
+    fig = explorer_figures.param_importance(t)
     assert set(fig.data[0].y) == {"lr", "width"}
     assert "3 trials" in fig.layout.title.text
 
     two = t.iloc[[0, 1, 3]]  # one of these is running: 2 usable
-    assert figures.param_importance(two) is None
-    assert "at least 3" in figures.importance_inputs(two)[2] and "are 2" in figures.importance_inputs(two)[2]
+    assert explorer_figures.param_importance(two) is None
+    assert ("at least 3" in importance_study.importance_inputs(two)[2]
+            and "are 2" in importance_study.importance_inputs(two)[2])
     same = make_trials([{"config/lr": 1e-3, "best_val_acc": a} for a in (0.1, 0.2, 0.3)])
-    assert figures.param_importance(same) is None
-    assert "no hyperparameter differs" in figures.importance_inputs(same)[2]
+    assert explorer_figures.param_importance(same) is None
+    assert "no hyperparameter differs" in importance_study.importance_inputs(same)[2]
 
 
 def test_param_importance_categorical_int_and_conditional_params():
@@ -305,24 +308,24 @@ def test_param_importance_categorical_int_and_conditional_params():
         rows.append({"config/optimizer": "sgd" if sgd else "adamw", "config/momentum": 0.9 if sgd else np.nan,
                      "config/batch_size": [64, 128][i % 4 // 2], "config/channels_last": i % 3 == 0,
                      "best_val_acc": 0.9 if sgd else 0.2 + 0.01 * i, "status": "stopped" if i > 5 else "finished"})
-    values = figures.importance_values(make_trials(rows))
+    values = importance_study.importance_values(make_trials(rows))
     assert set(values) == {"optimizer", "batch_size", "channels_last"}  # momentum is constant where it is set
     assert sum(values.values()) == pytest.approx(1.0)
     assert max(values, key=values.get) == "optimizer"  # it decides the accuracy here
 
 
 def test_checkpoint_tables_on_missing_metrics():
-    df = figures.per_class_table(None)
+    df = class_figures.per_class_table(None)
     assert list(df.columns) == ["class", "precision", "recall", "f1", "support"] and df.empty
-    assert figures.per_class_table({"accuracy": 0.5}).empty
-    pairs = figures.confused_pairs_table([])
+    assert class_figures.per_class_table({"accuracy": 0.5}).empty
+    pairs = class_figures.confused_pairs_table([])
     assert list(pairs.columns) == ["pair", "mistakes", "detail"] and pairs.empty
-    partial = figures.confused_pairs_table([{"a": "O", "b": "0", "count": 3}])
+    partial = class_figures.confused_pairs_table([{"a": "O", "b": "0", "count": 3}])
     assert partial["mistakes"].tolist() == [3] and "?× 'O' read as '0'" in partial["detail"][0]
     for bad in (None, [], [[1, 2, 3]], [[1, 2], [3]]):
-        fig = figures.confusion_heatmap(bad, ["a", "b"])
+        fig = class_figures.confusion_heatmap(bad, ["a", "b"])
         assert not fig.data and "no confusion matrix" in annotation_text(fig)
-    fig = figures.confusion_heatmap([[3, 1], [0, 4]], ["only-one-name"])
+    fig = class_figures.confusion_heatmap([[3, 1], [0, 4]], ["only-one-name"])
     assert list(fig.data[0].x) == ["0", "1"]  # class names that do not fit: indices instead
     assert np.array(fig.data[0].customdata)[0] == pytest.approx([0.75, 0.25])  # row shares for hover
 
@@ -791,7 +794,7 @@ def test_bloated_result_json_is_read_bounded(app, copy_of_tiny, tiny):
     assert set(table_with(at, "trial_id")["trial_id"]) == set(tiny.trials["trial_id"])
     at.multiselect(key="explorer_curve_trials").set_value(list(tiny.trials["trial_id"])).run()
     no_exception(at)
-    asha = figures.asha_milestones(exp.trials, exp.histories)
-    assert len(asha.data[0].x) <= figures.MAX_BARS and asha.data[0].x[-1] == n
-    curve = figures.learning_curves(exp.histories, [victim], "val_acc")
+    asha = explorer_figures.asha_milestones(exp.trials, exp.histories)
+    assert len(asha.data[0].x) <= explorer_figures.MAX_BARS and asha.data[0].x[-1] == n
+    curve = explorer_figures.learning_curves(exp.histories, [victim], "val_acc")
     assert len(curve.data[0].x) <= MAX_HISTORY_ROWS and curve.layout.xaxis.dtick is None

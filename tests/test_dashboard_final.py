@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dashboard import figures
 from dashboard import final as final_page
+from dashboard import final_figures
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, open_experiment
 from training.checkpoint import load_checkpoint, save_checkpoint, save_model
@@ -114,8 +114,8 @@ def _texts(elements) -> str:
 
 def test_f1_heatmap_one_row_per_model_one_column_per_class():
     final = final_entry()
-    matrix = figures.f1_matrix(final)
-    fig = figures.f1_heatmap(matrix)
+    matrix = final_figures.f1_matrix(final)
+    fig = final_figures.f1_heatmap(matrix)
     heat = fig.data[0]
     assert list(heat.y) == ["single: best single trial a1b2c3", "ensemble: ensemble of 3",
                             "refit (delivered): refit ensemble of 3", "trial a1b2c3", "trial d4e5f6"]
@@ -128,24 +128,24 @@ def test_f1_heatmap_one_row_per_model_one_column_per_class():
     assert z[4, :9] == pytest.approx([0.5] * 9) and math.isnan(z[4, 9])  # missing: NaN (an empty cell), not 0
     assert heat.texttemplate == "%{z:.2f}" and "F1" in heat.hovertemplate
     # The hardest classes: lowest mean F1 over the models (5 and 2 here), in class order.
-    assert figures.hardest_classes(matrix, 2) == ["2", "5"]
-    assert list(figures.f1_heatmap(matrix[["2", "5"]]).data[0].x) == ["2", "5"]
+    assert final_figures.hardest_classes(matrix, 2) == ["2", "5"]
+    assert list(final_figures.f1_heatmap(matrix[["2", "5"]]).data[0].x) == ["2", "5"]
 
 
 def test_final_figures_and_tables():
     final = final_entry()
-    assert figures.delivered_key(final) == "refit"
-    table = figures.final_results_table(final)
+    assert final_figures.delivered_key(final) == "refit"
+    table = final_figures.final_results_table(final)
     assert table["model"].tolist() == ["single", "ensemble", "refit"]
     assert table["delivered"].tolist() == [False, False, True]
     assert table["test acc"].tolist() == pytest.approx([0.9052, 0.9071, 0.9082])
-    fig = figures.final_accuracy_figure(final)
+    fig = final_figures.final_accuracy_figure(final)
     assert list(fig.data[0].x) == ["single", "ensemble", "refit (delivered)"]
     assert list(fig.data[0].error_y.array) == pytest.approx([0.01] * 3)
-    sel = figures.selection_by_k(final)
+    sel = final_figures.selection_by_k(final)
     assert sel["k"].tolist() == [1, 2, 3] and sel["chosen"].tolist() == [False, False, True]
-    assert len(figures.selection_figure(final).data[0].x) == 3
-    assert figures.top_trials_table(final)["trial"].tolist() == ["a1b2c3", "d4e5f6"]
+    assert len(final_figures.selection_figure(final).data[0].x) == 3
+    assert final_figures.top_trials_table(final)["trial"].tolist() == ["a1b2c3", "d4e5f6"]
 
 
 @pytest.mark.parametrize("delivered, present, expected", [
@@ -161,16 +161,16 @@ def test_delivered_key(delivered, present, expected):
     final = final_entry()
     final["delivered"] = delivered
     final["test"] = {k: v for k, v in final["test"].items() if k in present}
-    assert figures.delivered_key(final) == expected
+    assert final_figures.delivered_key(final) == expected
 
 
 def test_delivered_kind_wins_over_the_words():
     final = final_entry()
     final["delivered"], final["delivered_kind"] = "best single trial a1b2c3 (no refit finished)", "single"
-    assert figures.delivered_key(final) == "single"
+    assert final_figures.delivered_key(final) == "single"
     final["delivered_kind"] = "refit"  # not among the tested models: the words decide
     final["test"].pop("refit")
-    assert figures.delivered_key(final) == "single"
+    assert final_figures.delivered_key(final) == "single"
 
 
 @pytest.mark.parametrize("final", [
@@ -179,11 +179,11 @@ def test_delivered_kind_wins_over_the_words():
 ])
 def test_final_figures_on_malformed_entries(final):
     """Anything summary.json may hold: empty tables and figures that say so, never an exception."""
-    figures.final_results_table(final)
-    figures.top_trials_table(final)
-    assert figures.selection_by_k(final).empty
-    for fig in (figures.final_accuracy_figure(final), figures.selection_figure(final),
-                figures.f1_heatmap(figures.f1_matrix(final))):
+    final_figures.final_results_table(final)
+    final_figures.top_trials_table(final)
+    assert final_figures.selection_by_k(final).empty
+    for fig in (final_figures.final_accuracy_figure(final), final_figures.selection_figure(final),
+                final_figures.f1_heatmap(final_figures.f1_matrix(final))):
         assert not fig.data and fig.layout.annotations
 
 

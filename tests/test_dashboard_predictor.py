@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from streamlit.testing.v1 import AppTest
 
+from dashboard import prediction_view
 from dashboard import predictor as page
 from dashboard.common import ENV_RESULTS, UnsafePath, open_experiment
 from dashboard.safety import MAX_UPLOAD_MB
@@ -306,10 +307,10 @@ def test_canvas_inputs(best_predictor):
 
 def test_model_view_and_figure():
     img = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
-    view = page.model_view(img)
+    view = prediction_view.model_view(img)
     assert view.size == (224, 224)
     assert np.array_equal(np.asarray(view)[::8, ::8], img)  # nearest neighbour: pixels kept exactly
-    fig = page.top_k_figure([("1", 0.6), ("7", 0.3), ("I", 0.05)])
+    fig = prediction_view.top_k_figure([("1", 0.6), ("7", 0.3), ("I", 0.05)])
     assert fig.layout.yaxis.type == "category" and list(fig.data[0].y) == ["'1'", "'7'", "'I'"]
 
 
