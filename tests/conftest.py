@@ -178,6 +178,21 @@ def cli(monkeypatch, capsys):
     ray_tmp.parent.rmdir()
 
 
+@pytest.fixture
+def refuse(cli):
+    """A refusal of search/run.py or training/train.py, run through its main() in this process, Ray never
+    started (tests/conftest.py::cli); tests/test_inputs.py::test_refusals_print_one_line_without_traceback runs
+    them as a user does."""
+    from search.run import main as search_main
+    from tests.helpers import SEARCH
+    from training.train import main as train_main
+
+    def call(cmd, *args, timeout=None):
+        return cli(search_main if cmd is SEARCH else train_main, *args)
+
+    return call
+
+
 def ray_tmp_dir() -> Path:
     """A RAY_TMPDIR that does not exist yet, short enough for Ray's socket paths (107 bytes)."""
     import tempfile

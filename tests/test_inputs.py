@@ -1,21 +1,17 @@
 """Bad input is refused early, in one line, naming what is wrong: IDX files that are not 28x28
 EMNIST images, strict mapping files, a damaged test split (checked before the first epoch),
 configs that cannot run here (non-finite numbers, a device this machine lacks, a model too large
-to allocate), storage that cannot be written, an extended run (new schedule length), the printed
-resume command (shell-quoted), and checkpoints of random or damaged bytes (CheckpointError only)."""
+to allocate), every command line's refusal as a user sees it, and an extended run (new schedule length).
+Storage that cannot be written: tests/test_storage.py; the printed resume command: tests/test_run.py;
+checkpoints of random or damaged bytes: tests/test_checkpoint.py."""
 
 from __future__ import annotations
 
-import errno
 import gzip
-import io
 import json
 import os
-import random
-import shlex
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,42 +19,13 @@ import pytest
 import torch
 
 from tests.conftest import make_idx_dataset
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tests.helpers import PREDICT, REPO, SEARCH, TRAIN, one_line_error, one_trial_space, run
+from training.checkpoint import load_checkpoint
 from training.config import ConfigError, check_device, load_yaml, make_config, parse_set
 from training.data import check_split, load_dataset, read_split
 from training.idx import IdxError, write_idx
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(REPO / "training" / "train.py")]
-SEARCH = [sys.executable, str(REPO / "search" / "run.py")]
-PREDICT = [sys.executable, str(REPO / "training" / "predict.py")]
 TINY = ["--set", "batch_size=32", "--set", "hist_every=0", "--set", "eval_batch_size=256"]
-
-
-def run(cmd, *args, timeout=300, env=None):
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "RAY_ADDRESS": "local", **(env or {})})
-
-
-def one_line_error(r) -> str:
-    """The CLI refused with exit 2 and a single `error: ...` line on stderr (no traceback)."""
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-3000:]
-    return lines[0]
-
-
-@pytest.fixture
-def refuse(cli):
-    """A refusal of search/run.py or training/train.py, run through its main() in this process, Ray never
-    started (tests/conftest.py::cli); test_refusals_print_one_line_without_traceback runs them as a user does."""
-    from search.run import main as search_main
-    from training.train import main as train_main
-
-    def call(cmd, *args, timeout=None):
-        return cli(search_main if cmd is SEARCH else train_main, *args)
-
-    return call
 
 
 @pytest.fixture
@@ -217,20 +184,11 @@ def test_truncated_test_file_fails_the_search_before_ray_starts(tmp_path, refuse
     folder = make_idx_dataset(tmp_path / "d", n_train=120, n_test=40)
     labels = _labels(folder, "test")
     write_idx(labels, np.zeros(39, np.uint8))
-    space = _space(tmp_path)
+    space = one_trial_space(tmp_path)
     r = refuse(SEARCH, "--config", space, "--data-dir", folder, "--storage", tmp_path / "results", "--name", "x")
     line = one_line_error(r)
     assert str(labels) in line and "40 images" in line and "39 labels" in line
     assert "experiment x" not in r.stdout and not list((tmp_path / "results").glob("x/trial_*"))
-
-
-def _space(folder: Path, space: str = "  lr: {loguniform: [1.0e-3, 1.0e-2]}\n", fixed: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.yaml").write_text("split: digits\nbatch_size: 32\neval_batch_size: 256\nhist_every: 0\n"
-                                      "scheduler: none\n")
-    path = folder / "space.yaml"
-    path.write_text(f"base: base.yaml\nsamples: 1\nmax_epochs: 1\nasha: {{grace_period: 1}}\n{fixed}space:\n{space}")
-    return path
 
 
 # --- 5. configs that cannot run: non-finite numbers, a missing device, a model too large ----------
@@ -296,7 +254,7 @@ def test_train_cli_refuses_before_any_work(tmp_path, setting, message, refuse):
 def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fixed, message, refuse):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    path = _space(tmp_path, **({"space": space} if space else {}), fixed=fixed)
+    path = one_trial_space(tmp_path, **({"space": space} if space else {}), fixed=fixed)
     r = refuse(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results", *args)
     assert message in one_line_error(r)  # (and Ray never started: tests/conftest.py::cli)
     assert "experiment" not in r.stdout
@@ -312,7 +270,7 @@ def test_search_refuses_before_ray_starts(tmp_path, digits_dir, args, space, fix
 def test_bad_options_are_one_line_and_leave_no_folder(tmp_path, digits_dir, args, message, refuse):
     """Before: a raw ValueError traceback (--seed), an error not naming the option (nan), and a results folder
     holding only .driver.lock."""
-    r = refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage",
+    r = refuse(SEARCH, "--config", one_trial_space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage",
                tmp_path / "results", "--name", "exp", *args)
     assert message in one_line_error(r)
     assert not (tmp_path / "results" / "exp").exists()
@@ -320,7 +278,7 @@ def test_bad_options_are_one_line_and_leave_no_folder(tmp_path, digits_dir, args
 
 def test_a_start_refused_after_the_lock_leaves_no_folder(tmp_path, refuse):
     """The data are read after the experiment's lock is taken: their error must not leave a folder behind."""
-    r = refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", tmp_path / "no-data", "--storage",
+    r = refuse(SEARCH, "--config", one_trial_space(tmp_path / "cfg"), "--data-dir", tmp_path / "no-data", "--storage",
                tmp_path / "results", "--name", "exp")
     one_line_error(r)
     assert not (tmp_path / "results" / "exp").exists()
@@ -328,7 +286,7 @@ def test_a_start_refused_after_the_lock_leaves_no_folder(tmp_path, refuse):
 
 def test_a_huge_yaml_file_is_refused_before_it_is_parsed(tmp_path, digits_dir, refuse):
     """A 14.6 MB space took PyYAML over 120 s and 3.2 GB; any config file over 1 MB is refused by its size."""
-    path = _space(tmp_path / "cfg")
+    path = one_trial_space(tmp_path / "cfg")
     with path.open("a") as f:
         f.write("# " + "x" * 1000 + "\n" * 1 + ("# padding\n" * 200_000))
     r = refuse(SEARCH, "--config", path, "--data-dir", digits_dir, "--storage", tmp_path / "results")
@@ -339,45 +297,7 @@ def test_a_huge_yaml_file_is_refused_before_it_is_parsed(tmp_path, digits_dir, r
     assert "too large for a config file" in one_line_error(r)
 
 
-# --- 6. storage that cannot be used ---------------------------------------------------------------
-
-def _search_with_storage(refuse, tmp_path, digits_dir, storage, name="exp", extra=()):
-    return refuse(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage", storage,
-                  "--name", name, *extra)
-
-
-def test_storage_that_is_a_file(tmp_path, digits_dir, refuse):
-    f = tmp_path / "results.txt"
-    f.write_text("not a folder")
-    assert "is a file, not a folder" in one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, f))
-    assert "which is a file" in one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, f / "sub" / "dir"))
-    assert f.read_text() == "not a folder"
-
-
-def test_name_longer_than_the_filesystem_allows(tmp_path, digits_dir, refuse):
-    name = "n" * 300
-    for extra in ([], ["--resume"]):
-        line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / "results", name, extra))
-        assert "--name is 300 bytes long" in line
-    line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / ("s" * 300) / "results"))
-    assert "300 bytes long" in line
-
-
-def test_storage_that_is_not_writable(tmp_path, digits_dir, monkeypatch, refuse):
-    from search import storage
-
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    with monkeypatch.context() as m:
-        m.setattr(storage.tempfile, "mkstemp", read_only)
-        line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, tmp_path / "ro"))
-    assert line.startswith("error: --storage") and "Read-only file system" in line
-    # a real folder no one may write in, root included (root ignores a folder's mode bits): sysfs
-    assert Path("/sys/kernel").is_dir()
-    line = one_line_error(_search_with_storage(refuse, tmp_path, digits_dir, "/sys/kernel"))
-    assert line.startswith("error: --storage /sys/kernel is not writable: /sys/kernel:"), line
-
+# --- 6. one line, no traceback, from a real interpreter (storage: tests/test_storage.py) ----------
 
 def test_refusals_print_one_line_without_traceback(tmp_path, digits_dir):
     """What a user sees, from a real interpreter: each command line refuses bad input with one `error:` line,
@@ -392,7 +312,8 @@ def test_refusals_print_one_line_without_traceback(tmp_path, digits_dir):
     ray_tmp = ray_tmp_dir()  # a Ray session would write its files here
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_tmp)}
     for cmd, args, message in (
-        (SEARCH, ["--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--seed", "-1"], "--seed must be"),
+        (SEARCH, ["--config", one_trial_space(tmp_path / "cfg"), "--data-dir", digits_dir, "--seed", "-1"],
+         "--seed must be"),
         (SEARCH, ["--name", "nope", "--resume", "--storage", tmp_path / "results"], "no experiment at"),
         (TRAIN, ["--data-dir", digits_dir, "--out", tmp_path / "run", "--set", "lr=nan"], "lr must be a finite"),
         (final, ["--name", "nope", "--storage", tmp_path / "results"], "nope"),
@@ -404,32 +325,6 @@ def test_refusals_print_one_line_without_traceback(tmp_path, digits_dir):
     assert_ray_never_started(ray_tmp)
     ray_tmp.parent.rmdir()
     assert not (tmp_path / "results").exists() and not (tmp_path / "run").exists()
-
-
-def test_unreachable_cloud_storage(tmp_path, digits_dir):
-    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true",
-           "EMNIST_TUNE_STORAGE_TIMEOUT_S": "60"}
-    for uri in ("s3://bucket/emnist?endpoint_override=127.0.0.1:1&scheme=http", "nosuchfs://bucket/emnist"):
-        line = one_line_error(run(SEARCH, "--config", _space(tmp_path / "cfg"), "--data-dir", digits_dir, "--storage",
-                                  uri, "--name", "exp", timeout=120, env=env))
-        assert line.startswith(f"error: cannot reach storage {uri}: "), line
-
-
-def test_storage_probe_that_hangs_times_out(monkeypatch):
-    from search import storage
-
-    monkeypatch.setattr(storage, "_PROBE", "import time; time.sleep(60)")
-    monkeypatch.setattr(storage, "STORAGE_TIMEOUT_S", 1.0)
-    with pytest.raises(ConfigError, match="cannot reach storage s3://b/x: no answer within 1 s"):
-        storage.check_storage("s3://b/x", "exp")
-
-
-def test_good_storage_passes(tmp_path):
-    from search.storage import check_storage
-
-    check_storage(str(tmp_path / "new" / "results"), "my experiment")  # created later, by the driver
-    assert not (tmp_path / "new").exists()  # the check creates nothing
-    check_storage(str(tmp_path), "exp")
 
 
 # --- 7. extending a finished run ------------------------------------------------------------------
@@ -454,166 +349,7 @@ def test_extending_a_finished_run_rebuilds_the_schedule(tmp_path, small_dir, sch
     assert [m["lr"] for m in history[1:]] == pytest.approx([m["lr"] for m in fresh_history[1:]], rel=1e-6)
 
 
-# --- 8. the printed resume command is shell-quoted -------------------------------------------------
-
-@pytest.mark.parametrize("storage", ["/tmp/with space/results", "s3://bucket/my results"])
-def test_resume_command_round_trips_through_the_shell(storage):
-    from search.run import parse_args, resume_command
-
-    name = "my exp's \"best\" $HOME"
-    args = parse_args(["--storage", storage, "--name", name, "--config", "/tmp/a dir/space.yaml",
-                       "--data-dir", "/tmp/emnist data", "--samples", "3", "--seed", "1"])
-    command = resume_command(args, name)
-    words = shlex.split(command)
-    assert words[:2] == ["python", "search/run.py"]
-    again = parse_args(words[2:])
-    assert again.name == name and again.storage == storage and again.resume
-    if "://" in storage:  # cloud storage saves no settings: every flag is in the command
-        assert again.config == Path("/tmp/a dir/space.yaml") and again.data_dir == Path("/tmp/emnist data")
-        assert again.samples == 3 and again.seed == 1
-    # and a shell really gets those words back
-    echo = subprocess.run(["sh", "-c", f"printf '%s\\n' {command.split(' ', 2)[2]}"], capture_output=True, text=True)
-    assert echo.stdout.splitlines() == words[2:]
-
-
-def test_a_name_with_spaces_is_a_plain_folder_name(tmp_path):
-    from search.run import check_args, experiment_dir, parse_args
-    from search.space import load_search_spec
-    from search.storage import check_storage
-    from training.config import ConfigError
-
-    spec = load_search_spec(_space(tmp_path / "cfg"))
-    args = parse_args(["--name", "my experiment", "--storage", str(tmp_path / "with space")])
-    check_args(args, spec)  # accepted...
-    check_storage(args.storage, args.name)
-    assert experiment_dir(args.storage, args.name) == str(tmp_path / "with space" / "my experiment")  # ...as one folder
-    assert not (tmp_path / "with space").exists()  # (checked without making anything)
-    for bad in ("a/b", "..", "/abs", "."):  # what is not a plain folder name is refused, naming it
-        with pytest.raises(ConfigError, match="--name must be a plain folder name"):
-            check_args(parse_args(["--name", bad, "--storage", str(tmp_path)]), spec)
-
-
-# --- 9. checkpoints of random or damaged bytes: CheckpointError, never another exception ----------
-
-@pytest.fixture(scope="module")
-def real_checkpoints(tmp_path_factory, digits_data):
-    from training.trainer import train
-
-    out = tmp_path_factory.mktemp("ck")
-    train({"split": "digits", "epochs": 1, "batch_size": 64, "hist_every": 0, "width": 0.25, "scheduler": "onecycle"},
-          digits_data, out_dir=out)
-    return out / "best.pt", out / "last.pt"
-
-
-def _pickle_span(data: bytes) -> tuple[int, int]:
-    info = next(i for i in zipfile.ZipFile(io.BytesIO(data)).infolist() if i.filename.endswith("data.pkl"))
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    return start, start + info.compress_size
-
-
-def _damaged_files(good: bytes, rng: random.Random):
-    yield b"hello world, this is not a checkpoint\n"  # the issue's KeyError: 101
-    yield b"\x80"
-    yield b"PK\x03\x04"
-    yield b""
-    for _ in range(150):  # random bytes, some starting like a pickle or a zip
-        prefix = rng.choice([b"", b"\x80\x02", b"\x80\x04", b"PK\x03\x04", b"hello"])
-        yield prefix + rng.randbytes(rng.randint(0, 4000))
-    for cut in sorted({*range(0, len(good), max(1, len(good) // 100)), *(rng.randrange(len(good)) for _ in range(50))}):
-        yield good[:cut]  # truncated at many points
-    start, end = _pickle_span(good)
-    for i in range(400):  # byte flips: half inside the pickled structure, half anywhere
-        b = bytearray(good)
-        for _ in range(rng.randint(1, 4)):
-            b[rng.randrange(start, end) if i % 2 else rng.randrange(len(b))] = rng.randrange(256)
-        yield bytes(b)
-
-
-@pytest.mark.parametrize("which", [0, 1], ids=["best.pt", "last.pt"])
-def test_fuzzed_checkpoints_give_checkpoint_error_only(real_checkpoints, tmp_path, which):
-    from training.predict import Predictor
-
-    good = real_checkpoints[which].read_bytes()
-    path = tmp_path / "fuzz.pt"
-    rng = random.Random(which)
-    outcomes = {"refused": 0, "loaded": 0}
-    for data in _damaged_files(good, rng):
-        path.write_bytes(data)
-        try:
-            ckpt = load_checkpoint(path)
-            Predictor.from_checkpoint(path)
-        except CheckpointError as e:
-            assert str(path) in str(e) or "checkpoint" in str(e)
-            outcomes["refused"] += 1
-            continue
-        # what loads is a checkpoint the code can use
-        assert isinstance(ckpt["model"], dict) and isinstance(ckpt["classes"], list)
-        outcomes["loaded"] += 1
-    assert outcomes["refused"] > 300 and outcomes["loaded"] > 0, outcomes
-
-
-def test_predict_cli_on_a_text_file_named_pt(tmp_path):
-    ck = tmp_path / "model.pt"
-    ck.write_text("hello, I am a text file\n")
-    image = tmp_path / "a.png"
-    from PIL import Image
-
-    Image.new("L", (28, 28), 255).save(image)
-    line = one_line_error(run(PREDICT, ck, image, timeout=60))
-    assert str(ck) in line and "unreadable" in line
-
-
-def test_damaged_resume_state_is_a_checkpoint_error(real_checkpoints, digits_data, tmp_path):
-    from training.trainer import train
-
-    config = {"split": "digits", "epochs": 2, "batch_size": 64, "hist_every": 0, "width": 0.25,
-              "scheduler": "onecycle"}
-    ckpt = load_checkpoint(real_checkpoints[1])
-    for damage in (lambda c: c["optimizer"].update(param_groups=[]),
-                   lambda c: c["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
-                   lambda c: c["rng"].pop("order"),
-                   lambda c: c.update(bad_epochs="many")):
-        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
-        bad["optimizer"], bad["rng"] = dict(ckpt["optimizer"]), dict(ckpt["rng"])
-        damage(bad)
-        with pytest.raises(CheckpointError, match="cannot resume"):
-            train(config, digits_data, resume=bad)
-    for key, value in (("history", "nope"), ("rng", None), ("epoch", -1), ("classes", [1, 2]),
-                       ("model", {"w": "not a tensor"}), ("optimizer", [])):
-        save_checkpoint(tmp_path / "bad.pt", {**ckpt, key: value})
-        with pytest.raises(CheckpointError, match="damaged"):
-            load_checkpoint(tmp_path / "bad.pt")
-
-
-def test_a_class_list_with_duplicates_is_refused_by_every_loader(real_checkpoints, tmp_path):
-    """['A'] * 47 as the class list: a prediction could not say which class it means. Refused by load_checkpoint,
-    so by predict, export, the dashboard and resume alike, as duplicate classes in a mapping file are."""
-    ckpt = load_checkpoint(real_checkpoints[1])
-    for classes, message in ((["A"] * len(ckpt["classes"]), "names a class more than once \\('A'\\)"),
-                             ([*ckpt["classes"][:-1], ckpt["classes"][0]], "more than once"),
-                             (["", *ckpt["classes"][1:]], "empty class name")):
-        save_checkpoint(tmp_path / "dup.pt", {**ckpt, "classes": classes})
-        with pytest.raises(CheckpointError, match=message):
-            load_checkpoint(tmp_path / "dup.pt")
-    save_checkpoint(tmp_path / "dup.pt", {**ckpt, "classes": ["A"] * len(ckpt["classes"])})
-    for cmd in (["-m", "training.export", str(tmp_path / "dup.pt"), "--onnx", str(tmp_path / "m.onnx")],
-                [str(REPO / "training" / "predict.py"), str(tmp_path / "dup.pt"), str(tmp_path / "dup.pt")]):
-        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=REPO, timeout=120)
-        assert "more than once" in one_line_error(r)
-    assert not (tmp_path / "m.onnx").exists()
-
-
-def test_damaged_newest_trial_checkpoint_falls_back(real_checkpoints, tmp_path):
-    """The search's resume path skips a checkpoint of garbage (it raised KeyError before) for the older one."""
-    from search.layout import CHECKPOINT_FILE
-    from search.repairs import resume_state
-
-    for n, data in ((1, real_checkpoints[1].read_bytes()), (2, b"hello, garbage")):
-        (tmp_path / f"checkpoint_00000{n}").mkdir()
-        (tmp_path / f"checkpoint_00000{n}" / CHECKPOINT_FILE).write_bytes(data)
-    resume = resume_state(None, tmp_path)
-    assert resume.path == tmp_path / "checkpoint_000001" / CHECKPOINT_FILE and resume.state["epoch"] == 1
-
+# --- 8. the printed resume command: tests/test_run.py; 9. damaged checkpoints: tests/test_checkpoint.py
 
 def test_shipped_configs_still_pass():
     from search.space import load_search_spec
