@@ -20,7 +20,6 @@ import pytest
 
 from dashboard import class_figures, explorer_figures, importance_study, trial_table
 from dashboard.common import open_experiment
-from search.layout import read_result_rows
 from search.results import MAX_HISTORY_ROWS, load_experiment
 from training.checkpoint import load_checkpoint
 
@@ -733,20 +732,6 @@ def test_malformed_experiment_state_entry_is_skipped(app, copy_of_tiny, tiny):
     no_exception(at)
     assert "2 malformed trial entries of the experiment state skipped" in texts(at.warning)
     assert set(table_with(at, "trial_id")["trial_id"]) == set(tiny.trials["trial_id"])
-
-
-def test_a_result_line_cut_in_the_middle_is_not_counted_as_malformed(tmp_path):
-    path = tmp_path / "result.json"
-    rows = [{"epoch": i, "training_iteration": i, "val_acc": 0.5} for i in range(1, 201)]
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    path.write_text(text + '{"epoch": 201, "val_')  # still being written
-    got, notes = read_result_rows(path)
-    assert [r["epoch"] for r in got] == list(range(1, 201)) and notes == []
-    # a file above the byte limit: its head and tail, cut at whole lines, no line counted as malformed
-    got, notes = read_result_rows(path, max_bytes=2000)
-    epochs = [r["epoch"] for r in got]
-    assert epochs[0] == 1 and epochs[-1] == 200 and 10 < len(epochs) < 60 and epochs == sorted(epochs)
-    assert len(notes) == 1 and "first and last" in notes[0]
 
 
 def _bytes_read() -> int:
