@@ -17,8 +17,9 @@ import streamlit as st
 from dashboard import analyses, explorer_figures, importance_study, trial_detail, trial_table
 from dashboard.common import UnsafePath, md_text, open_experiment, safe_child
 from dashboard.common import section as _section
-from search.layout import SETTINGS_FILE, saved_space
+from search.layout import CHECKPOINT_FILE, PARAMS_FILE, RESULT_FILE, SETTINGS_FILE, STATE_GLOB
 from search.results import TRIAL_COLUMNS, Experiment
+from search.settings import saved_space
 
 AUTO_REFRESH_SECONDS = 15
 TOP_CURVES = 5
@@ -37,8 +38,8 @@ def _fingerprint(path: Path) -> tuple:
     """Names, sizes and modification times of every file the loader reads: a new epoch, checkpoint,
     trial or state file changes it, so the cached experiment is re-read."""
     found = []
-    patterns = ("experiment_state-*.json", "trial_*", "trial_*/params.json", "trial_*/result.json",
-                "trial_*/error.txt", "trial_*/checkpoint_*/checkpoint.pt")
+    patterns = (STATE_GLOB, "trial_*", f"trial_*/{PARAMS_FILE}", f"trial_*/{RESULT_FILE}",
+                "trial_*/error.txt", f"trial_*/checkpoint_*/{CHECKPOINT_FILE}")
     for pattern in patterns:
         for p in sorted(path.glob(pattern)):
             try:
@@ -56,7 +57,7 @@ def _load(root: str, name: str, fingerprint: tuple, refresh: int) -> Experiment:
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _search_space(exp_path: str, settings_stat: tuple, refresh: int):
-    """(the experiment's search space, ASHA's rungs, None), or (None, None, why not): search.layout.saved_space."""
+    """(the experiment's search space, ASHA's rungs, None), or (None, None, why not): search.settings.saved_space."""
     spec, max_epochs, why = saved_space(exp_path)
     if spec is None:
         return None, None, why

@@ -1,7 +1,7 @@
 """Where everything of an experiment is on disk, and how each file is read: the one module that
 knows Ray Tune's layout (with our trial names) and our own files beside it.
 
-    <exp>/search.json                   the settings the search started with (search/run.py)
+    <exp>/search.json                   the settings the search started with (search.settings.SearchSettings)
     <exp>/experiment_state-*.json       trial statuses, one per driver session (Ray; JSON)
     <exp>/searcher-state-*.pkl          the Optuna study (Ray; pickled, unpickled only by Ray; search.repairs
                                         checks that it is whole, opcode by opcode)
@@ -10,7 +10,9 @@ knows Ray Tune's layout (with our trial names) and our own files beside it.
     <exp>/trial_<id>/checkpoint_<n>/checkpoint.pt   (n counts up per trial)
     <exp>/trial_<id>/events.out.tfevents.*           TensorBoard
     <exp>/summary.json, trials.csv, best.pt          written when the search ends (search/summary.py)
-    <exp>/final/                        the final stage (search/final.py), its refit a Tune experiment too
+    <exp>/final/                        the final stage (search/final.py): plan.json (search.plan.FinalPlan),
+                                        model.pt, report.md, confused_pairs.png, refit/ (a Tune experiment too);
+                                        summary.json's "final" is search.final_report.FinalReport
     <exp>/orphaned/, <exp>/damaged/     set aside on --resume (search/repairs.py): trial folders no state
                                         names; files cut short or damaged (Ray's state, sessions.json, summary.json,
                                         final/plan.json), numbered NAME.1, NAME.2 rather than overwritten
@@ -32,21 +34,29 @@ import math
 import os
 from pathlib import Path
 
-from training.fileio import parse_line, read_json, small_file, write_bytes
+from training.fileio import parse_line, read_json, write_bytes
 
 DEFAULT_STORAGE = Path(__file__).resolve().parents[1] / "results"  # where experiments go without --storage
 CHECKPOINT_FILE = "checkpoint.pt"  # inside every checkpoint_<n>/ folder (search/trainable.py writes it)
-SETTINGS_FILE = "search.json"  # the settings a search started with (search.run.apply_saved_settings)
+SETTINGS_FILE = "search.json"  # the settings a search started with (search.settings.SearchSettings)
 SESSIONS_FILE = "sessions.json"  # seconds of each driver session (the search's wall-clock over resumes)
 SUMMARY_FILE = "summary.json"  # written when the search ends (search/summary.py), its "final" by search/final.py
-PARAMS_FILE = "params.json"
-RESULT_FILE = "result.json"
+TRIALS_FILE = "trials.csv"  # one row per trial (search/summary.py)
+BEST_FILE = "best.pt"  # the best trial's best checkpoint (search/summary.py)
+PARAMS_FILE = "params.json"  # in a trial folder: its config
+RESULT_FILE = "result.json"  # in a trial folder: one JSON line per epoch
+FINAL_DIR = "final"  # <exp>/final/: the final stage (search/final.py)
+PLAN_FILE = "plan.json"  # final/plan.json: what the final stage chose and refits (search.plan.FinalPlan)
+MODEL_FILE = "model.pt"  # final/model.pt: the delivered model (search/delivery.py)
+REPORT_FILE = "report.md"  # final/report.md (search/report.py)
+PAIRS_IMAGE = "confused_pairs.png"  # final/confused_pairs.png (search/report.py)
+REFIT_DIR = "refit"  # final/refit/: the refit's Ray Tune experiment (search/refit.py)
 STATE_GLOB = "experiment_state-*.json"  # Ray's experiment state, one file per driver session
 STATE_COPY_DIR = "state-copy"  # the driver's whole copies of Ray's state files (search.repairs.StateKeeper)
 ENDED_FILE = "ended.json"  # in a trial folder: the trial ended (search.repairs.StateKeeper)
 
 
-def _read_file(exp_dir: str | Path, name: str) -> bytes | None:
+def read_storage_file(exp_dir: str | Path, name: str) -> bytes | None:
     """A file of the experiment folder, local or at any storage URI Ray writes to (through pyarrow, as Ray
     does); None when it is not there."""
     if not is_uri(exp_dir):
@@ -61,8 +71,8 @@ def _read_file(exp_dir: str | Path, name: str) -> bytes | None:
         return f.read()
 
 
-def _write_file(exp_dir: str | Path, name: str, data: bytes) -> None:
-    """Write a file of the experiment folder (see _read_file); whole or not at all on local disk."""
+def write_storage_file(exp_dir: str | Path, name: str, data: bytes) -> None:
+    """Write a file of the experiment folder (see read_storage_file); whole or not at all on local disk."""
     if not is_uri(exp_dir):
         Path(exp_dir).mkdir(parents=True, exist_ok=True)
         write_bytes(Path(exp_dir) / name, data)
@@ -73,23 +83,6 @@ def _write_file(exp_dir: str | Path, name: str, data: bytes) -> None:
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{name}") as f:
         f.write(data)
-
-
-def read_settings(exp_dir: str | Path) -> dict | None:
-    """The settings a search was started with (search.json), wherever the experiment is stored; None
-    when the experiment has none. OSError or ValueError when the file is there but cannot be read."""
-    data = _read_file(exp_dir, SETTINGS_FILE)
-    if data is None:
-        return None
-    value = json.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError(f"{SETTINGS_FILE} is not a JSON object")
-    return value
-
-
-def write_settings(exp_dir: str | Path, settings: dict) -> None:
-    """Save search.json with the experiment, wherever it is stored (see read_settings)."""
-    _write_file(exp_dir, SETTINGS_FILE, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 DAMAGED_DIR = "damaged"  # <exp>/damaged/: files set aside because they could not be read back
@@ -125,7 +118,7 @@ def read_sessions(exp_dir: str | Path) -> tuple[list[float], bool]:
     no sessions *and* incomplete, never an error. Its format: {"sessions": [s, ...], "complete": bool}
     (older experiments wrote the bare list)."""
     try:
-        data = _read_file(exp_dir, SESSIONS_FILE)
+        data = read_storage_file(exp_dir, SESSIONS_FILE)
         value = json.loads(data) if data is not None else {"sessions": []}
     except (OSError, ValueError, RecursionError):
         return [], False
@@ -155,7 +148,7 @@ def add_session(exp_dir: str | Path, seconds: float) -> tuple[list[float], bool]
             pass
     sessions = [*sessions, float(seconds)]
     try:
-        _write_file(exp_dir, SESSIONS_FILE, json.dumps({"sessions": sessions, "complete": complete}).encode())
+        write_storage_file(exp_dir, SESSIONS_FILE, json.dumps({"sessions": sessions, "complete": complete}).encode())
     except (OSError, ValueError):  # (pyarrow's errors are both) the wall-clock is a report: the search
         pass  # that just ran must still be summarised
     return sessions, complete
@@ -190,105 +183,6 @@ def has_whole_state(exp_dir: str | Path) -> bool:
     """Whether a local experiment has a state Ray can restore from: else no trial was ever recorded (a
     trial writes nothing before the state names it), and the search starts afresh."""
     return Path(exp_dir).is_dir() and any(whole_state(f) for f in Path(exp_dir).glob(STATE_GLOB))
-
-
-MAX_SPACE_BYTES = 2**20  # a search space YAML (and its base config) is small: a bigger file is not one
-MAX_SETTINGS_BYTES = 4 * MAX_SPACE_BYTES  # search.json, which holds both texts (JSON-escaped) beside the settings
-REPO_SPACES = Path(__file__).resolve().parents[1] / "configs" / "search"  # where this repository's spaces are
-
-
-def saved_space(exp_dir: str | Path):
-    """(the search space a local experiment was started with, its ASHA budget in epochs, None), or
-    (None, None, why not). The one reader of it for the summary and the dashboard.
-
-    A search saves the text of its space and of its base config in search.json (space_text, base_text:
-    search.run.space_copy), so the space is replayed from that copy whatever became of the file. The copy is
-    used when it is text of a bounded size, matches the checksum saved beside it (config_sha256, where there
-    is one) and is a valid space. Older experiments have no copy: the file search.json names (or, where that
-    path is not on this machine, the file of the same name in this repository's configs/search/) is used
-    only while it still has the saved checksum, since an edited space would put trials' configs into the
-    wrong parameters. Never raises: a damaged or hostile search.json is a reason."""
-    settings = read_json(Path(exp_dir) / SETTINGS_FILE, max_bytes=MAX_SETTINGS_BYTES)
-    if settings is None:
-        return None, None, f"the experiment has no readable {SETTINGS_FILE}"
-    path = settings.get("config")
-    if not isinstance(path, str) or not path or len(path) > 4096:
-        return None, None, f"{SETTINGS_FILE} names no search space file"
-    path = Path(path)
-    saved = settings.get("config_sha256")
-    saved = saved if isinstance(saved, str) else None
-    spec, why = None, None
-    if "space_text" in settings:
-        spec, why = _space_from_copy(settings, path, saved)
-    if spec is None:
-        spec, why_file = _space_from_file(path, saved)
-        if spec is None:  # both reasons, the copy's first: it is what a newer experiment relies on
-            why = f"{why}, and {why_file}" if why else why_file
-    if spec is None:
-        return None, None, why
-    max_epochs = settings.get("max_epochs")
-    ok = isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and 1 <= max_epochs <= MAX_EPOCH
-    return spec, max_epochs if ok else spec.max_epochs, None
-
-
-_SPACE_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError)
-
-
-def _space_from_copy(settings: dict, path: Path, saved: str | None):
-    """(the space from search.json's own copy of it, None), or (None, why the copy cannot be used)."""
-    import hashlib
-
-    from search.space import spec_from_texts
-    from training.config import ConfigError
-
-    texts = settings.get("space_text"), settings.get("base_text")
-    if not isinstance(texts[0], str) or not (texts[1] is None or isinstance(texts[1], str)):
-        return None, f"the copy of the search space in {SETTINGS_FILE} is not text"
-    try:
-        encoded = [t.encode() for t in texts if t is not None]
-    except UnicodeError:  # (a lone surrogate from a \ud800 escape)
-        return None, f"the copy of the search space in {SETTINGS_FILE} is not valid text"
-    if any(len(t) > MAX_SPACE_BYTES for t in encoded):
-        return None, f"the copy of the search space in {SETTINGS_FILE} is larger than a search space"
-    # (the copy was read as text: a file with CRLF line ends has the checksum of the text with them)
-    sums = {hashlib.sha256(t).hexdigest() for t in (encoded[0], encoded[0].replace(b"\n", b"\r\n"))}
-    if saved is not None and saved not in sums:
-        return None, f"the copy of the search space in {SETTINGS_FILE} does not match its checksum"
-    try:
-        return spec_from_texts(texts[0], texts[1], path), None
-    except (ConfigError, *_SPACE_ERRORS) as e:
-        return None, f"the copy of the search space in {SETTINGS_FILE} cannot be used ({type(e).__name__})"
-
-
-def _space_from_file(path: Path, saved: str | None):
-    """(the space from the file search.json names, None), or (None, why not): see saved_space."""
-    import hashlib
-
-    from search.space import load_search_spec
-    from training.config import ConfigError, load_yaml
-
-    where = str(path)
-    try:
-        here = small_file(path, MAX_SPACE_BYTES)
-        if not here and path.name and small_file(REPO_SPACES / path.name, MAX_SPACE_BYTES):
-            repo = REPO_SPACES / path.name
-            if saved is not None and hashlib.sha256(repo.read_bytes()).hexdigest() == saved:
-                path, here = repo, True  # the same file, in this repository (an experiment from another machine)
-            else:
-                return None, (f"the search space file {where} that {SETTINGS_FILE} names is not on this machine, and "
-                              f"configs/search/{path.name} in this repository " + (
-                                  "has been edited since the search started (its checksum differs)"
-                                  if saved is not None else "may not be the same file (no checksum was saved)"))
-        if not here:
-            return None, f"the search space file {where} that {SETTINGS_FILE} names is not on this machine"
-        if saved is not None and hashlib.sha256(path.read_bytes()).hexdigest() != saved:
-            return None, f"the search space file {where} has been edited since the search started"
-        base = load_yaml(path).get("base")
-        if base and not small_file((path.parent / str(base)).resolve(), MAX_SPACE_BYTES):
-            return None, f"the base config of the search space file {where} is not there any more"
-        return load_search_spec(path), None
-    except (ConfigError, *_SPACE_ERRORS) as e:
-        return None, f"the search space file {where} cannot be read ({type(e).__name__})"
 
 
 def is_inside(root: str | Path, path: str | Path) -> bool:

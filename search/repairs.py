@@ -52,6 +52,7 @@ from search import ray_private
 from search.layout import (
     CHECKPOINT_FILE,
     ENDED_FILE,
+    RESULT_FILE,
     STATE_COPY_DIR,
     checkpoint_dirs,
     checkpoint_index,
@@ -129,7 +130,7 @@ def unlogged_epochs(resume: Resume, checkpoint: tune.Checkpoint | None, folder: 
         logged = set(range(1, int(load_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)["epoch"]) + 1))
     except CheckpointError:
         logged = set()
-    for row in read_json_lines(folder / "result.json"):  # (skips a line cut short by a kill)
+    for row in read_json_lines(folder / RESULT_FILE):  # (skips a line cut short by a kill)
         try:
             logged.add(int(row["epoch"]))
         except (ValueError, TypeError, KeyError):

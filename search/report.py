@@ -1,16 +1,20 @@
-"""The final stage's report: final/report.md (every test figure, the selection on validation, the refit, the
-problems) and the picture of the most confused pairs (search/final.py, step 4)."""
+"""The final stage's report, rendered from its one record (search.final_report.FinalReport): final/report.md (every
+test figure, the selection on validation, the refit, the problems), the lines printed at the end, and the picture
+of the most confused pairs (search/final.py, step 4)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from search.layout import FINAL_DIR, MODEL_FILE, PAIRS_IMAGE
 from search.selection import SIGNIFICANT_P
 from training.fileio import write_atomic
 
-PAIRS_IMAGE = "confused_pairs.png"
+if TYPE_CHECKING:
+    import torch
+
+    from search.final_report import FinalReport
 
 
 def confused_pairs_image(path: Path, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, classes: list[str],
@@ -68,19 +72,19 @@ def _refit_sentence(refit: dict) -> str:
     return f"Refit: {refit['seeds']} seed(s) per config, on train + validation, epochs: {refit['epochs_mode']}."
 
 
-def write_report(path: Path, name: str, final: dict) -> Path:
-    t = final["test"]
-    sel = final["selection"]
+def write_report(path: Path, name: str, report: FinalReport) -> Path:
+    t = report.test
+    sel = report.selection
     lines = [f"# {name}: final model", "",
-             f"Delivered: `{final['model'] or 'none'}` ({final['delivered']}), sha256 `{final.get('model_sha256')}`.",
-             "", f"Every test figure here is computed in {final.get('test_precision', 'fp32')} "
+             f"Delivered: `{report.model or 'none'}` ({report.delivered}), sha256 `{report.model_sha256}`.",
+             "", f"Every test figure here is computed in {report.test_precision} "
              "(training.evaluate: one precision for every test figure of the experiment).", "",
              f"## Test accuracy ({next(iter(t.values()))['n'] if t else 0} test images, 95 % Wilson interval)", "",
              "| model | what | test accuracy | 95 % interval |", "| --- | --- | --- | --- |",
              _row("best single trial", t.get("single")), _row("ensemble of search checkpoints", t.get("ensemble")),
              _row("refit (delivered)", t.get("refit")), "",
-             *([] if t.get("refit") else [f"No refit finished: delivered {final['delivered']}, test accuracy "
-                                          f"{final['delivered_test']['accuracy']:.4f}.", ""]),
+             *([] if t.get("refit") else [f"No refit finished: delivered {report.delivered}, test accuracy "
+                                          f"{report.delivered_test['accuracy']:.4f}.", ""]),
              "The test split was read once, for this table. Everything was chosen on the validation split:", "",
              "## Selection on the validation split", "",
              f"{sel['n_val']} validation images; an ensemble is kept only where it beats the best single model"
@@ -92,14 +96,14 @@ def write_report(path: Path, name: str, final: dict) -> Path:
                for k, v in sel["val_acc_by_k"].items()], "",
              f"Chosen: k = {sel['chosen_k']} ({'ensemble' if sel['ensemble_pays'] else 'single model'}). "
              + _tta_sentence(sel.get("tta")) +
-             _refit_sentence(final["refit"]), ""]
-    if final.get("problems"):
-        lines += ["## Problems", "", *[f"- {p}" for p in final["problems"]], ""]
+             _refit_sentence(report.refit), ""]
+    if report.problems:
+        lines += ["## Problems", "", *[f"- {p}" for p in report.problems], ""]
     lines += ["## Top trials on the test split", "", "| trial | val accuracy | test accuracy | 95 % interval |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {r['trial_id']} | {r['val_acc']:.4f} | {r['accuracy']:.4f} | "
-              f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] |" for r in final["test_trials"]]
-    main = final.get("delivered_test")
+              f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] |" for r in report.test_trials]
+    main = report.delivered_test
     if main:
         lines += ["", f"## Most confused pairs ({main['label']})", "", f"![confused pairs]({PAIRS_IMAGE})", "",
                   "| pair | mistakes | a read as b | b read as a |", "| --- | --- | --- | --- |",
@@ -111,3 +115,19 @@ def write_report(path: Path, name: str, final: dict) -> Path:
                     for r in main["per_class"]]]
     write_atomic(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     return path
+
+
+def print_final(report: FinalReport) -> None:
+    """The final stage's last lines: each tested model's test accuracy, the delivered one marked, and the problems."""
+    print("test accuracy, 95 % interval (the test split is read only here):")
+    for key in ("single", "ensemble", "refit"):
+        r = report.test.get(key)
+        if r:
+            lo, hi = r["ci95"]
+            mark = f"  <- delivered ({FINAL_DIR}/{MODEL_FILE})" if key == report.delivered_kind else ""
+            print(f"  {r['accuracy']:.4f}  [{lo:.4f}, {hi:.4f}]  {key:8s}  {r['label']}{mark}")
+    if "refit" not in report.test:
+        r = report.delivered_test
+        print(f"  {r['accuracy']:.4f}  [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]  delivered: {report.delivered}")
+    for p in report.problems:
+        print(f"  problem: {p}")

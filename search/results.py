@@ -29,13 +29,16 @@ from search.layout import (
     ENDED_FILE,
     MAX_EPOCH,
     MAX_PARAMS_BYTES,
-    SETTINGS_FILE,
+    PARAMS_FILE,
+    RESULT_FILE,
+    STATE_GLOB,
     as_number,
     is_inside,
     ray_statuses,
     read_result_rows,
     trial_dirs,
 )
+from search.settings import read_settings
 from training.fileio import read_json
 
 MAX_HISTORY_ROWS = 2000  # per-epoch rows kept of one trial for its curves (evenly spaced; last and best kept)
@@ -69,18 +72,23 @@ class Experiment:
     def best_checkpoint(self, trial_id: str | None = None) -> Path | None:
         """Path of the best readable checkpoint of a trial (default: the best trial). A listed file
         that cannot be loaded (damaged or deleted since) is skipped for the next best one."""
+        for path in self.checkpoint_paths(trial_id):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if _loads(str(path), stat.st_mtime_ns, stat.st_size):
+                return path
+        return None
+
+    def checkpoint_paths(self, trial_id: str | None = None) -> list[Path]:
+        """A trial's listed checkpoints (default: the best trial's), best first (val accuracy, then the newest),
+        not loaded: a reader that loads them anyway takes the first that loads (best_checkpoint checks)."""
         trial_id = trial_id or self.best_trial
         ck = self.checkpoints.get(trial_id) if trial_id else None
         if ck is None or ck.empty:
-            return None
-        for path in ck.sort_values(["val_acc", "epoch"], ascending=[False, False])["path"]:
-            try:
-                stat = Path(path).stat()
-            except OSError:
-                continue
-            if _loads(path, stat.st_mtime_ns, stat.st_size):
-                return Path(path)
-        return None
+            return []
+        return [Path(p) for p in ck.sort_values(["val_acc", "epoch"], ascending=[False, False])["path"]]
 
 
 @functools.lru_cache(maxsize=512)
@@ -159,15 +167,15 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
             continue
         note = notes.setdefault(trial_id, [])
         config, results = {}, []
-        if inside(d / "params.json"):
-            config = read_json(d / "params.json", MAX_PARAMS_BYTES) or {}
+        if inside(d / PARAMS_FILE):
+            config = read_json(d / PARAMS_FILE, MAX_PARAMS_BYTES) or {}
         else:
-            note.append(f"params.json {OUTSIDE}: not read")
-        if inside(d / "result.json"):
-            results, skipped = read_result_rows(d / "result.json")
+            note.append(f"{PARAMS_FILE} {OUTSIDE}: not read")
+        if inside(d / RESULT_FILE):
+            results, skipped = read_result_rows(d / RESULT_FILE)
             note += skipped
         else:
-            note.append(f"result.json {OUTSIDE}: not read")
+            note.append(f"{RESULT_FILE} {OUTSIDE}: not read")
         results = _drop_rereported(results)
         if len(results) > MAX_HISTORY_ROWS:
             note.append(f"{len(results)} result rows: the curves show {MAX_HISTORY_ROWS} of them")
@@ -187,7 +195,7 @@ def load_experiment(exp_dir: str | Path, root: str | Path | None = None) -> Expe
         if not note:
             del notes[trial_id]
     orphans = sorted(t for t, d in ids.items() if statuses and t not in statuses and t not in refused
-                     and not (d / "params.json").is_file())
+                     and not (d / PARAMS_FILE).is_file())
     trials = pd.DataFrame(rows, columns=TRIAL_COLUMNS + sorted({k for r in rows for k in r} - set(TRIAL_COLUMNS)))
     return Experiment(exp_dir, trials, histories, checkpoints, orphans, refused, notes, state_notes)
 
@@ -219,10 +227,13 @@ def had_its_seconds(last: dict, max_t: float | None) -> bool:
 
 
 def _budget_max_t(exp_dir: Path) -> float | None:
-    """A time-budgeted search's most seconds per trial (search.json's budget plan), else None."""
-    plan = (read_json(exp_dir / SETTINGS_FILE, 4 * 2**20) or {}).get("budget")
-    v = as_number(plan.get("max_t_s")) if isinstance(plan, dict) else None
-    return v if v is not None and v > 0 else None
+    """A time-budgeted search's most seconds per trial (search.json's budget plan), else None (also when search.json
+    cannot be read: the table then does without it)."""
+    try:
+        settings = read_settings(exp_dir)
+    except (OSError, ValueError, RecursionError):  # (SettingsError is a ValueError)
+        return None
+    return float(settings.budget["max_t_s"]) if settings is not None and settings.budget else None
 
 
 def _trial_row(trial_id: str, d: Path, config: dict, results: list[dict], ray: dict, has_checkpoint: bool,
@@ -275,6 +286,6 @@ def list_experiments(root: str | Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and (any(p.glob("experiment_state-*.json"))
+    found = [p for p in root.iterdir() if p.is_dir() and (any(p.glob(STATE_GLOB))
                                                          or any(p.glob("trial_*")))]
     return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]

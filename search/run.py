@@ -19,11 +19,13 @@ import time
 from pathlib import Path
 
 from search.budget import clock, parse_duration
-from search.final import FinalError, FinalSettings, add_final_args
-from search.layout import DEFAULT_STORAGE, SETTINGS_FILE, has_whole_state, is_uri, read_settings
+from search.final_settings import FinalError, FinalSettings
+from search.layout import SETTINGS_FILE, has_whole_state, is_uri
 from search.ledger import Ledger
 from search.lock import LOCK_FILE, ExperimentLock, LockedError
+from search.options import add_final_args, add_shared_args, settings_from
 from search.resources import Resources
+from search.settings import DATA_KEYS, SearchSettings, SettingsError, read_settings, settings_path, space_copy
 from search.signals import sigterm_as_sigint
 from search.space import SearchSpec, default_point, load_search_spec
 from search.storage import check_storage
@@ -43,18 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, default=None,
                    help=f"search space YAML (default: {DEFAULT_SEARCH.relative_to(REPO_ROOT)})")
     p.add_argument("--name", default=None, help="experiment name (default: <config>-<time>); needed for --resume")
-    p.add_argument("--storage", default=str(DEFAULT_STORAGE), help="local path, shared path or URI (s3://...)")
-    p.add_argument("--address", default=None, help="Ray cluster to join: 'auto' or ray://host:10001")
+    add_shared_args(p, device_default=None)  # (a resumed search keeps its own device when none is given)
     p.add_argument("--max-epochs", type=int, default=None, help="ASHA budget per trial (default: the YAML's)")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="default 0.25 with CUDA, else 0")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what resources allow)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment --name, with the settings it was started with")
-    p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--split", default=None)
     p.add_argument("--seed", type=int, default=None, help="seeds the Optuna sampler (default 0)")
-    p.add_argument("--device", default=None, help="trial device (default auto: CUDA if present)")
     p.add_argument("--mps", action="store_true",
                    help="run the trials sharing a GPU through NVIDIA MPS (started for this search, stopped after)")
     p.add_argument("--time-budget", default=None, metavar="DURATION",
@@ -112,65 +108,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-DATA_KEYS = ("split", "val_fraction", "seed", "train_limit", "val_limit")
-
-
-def space_copy(config: Path) -> dict:
-    """The search space's own text and its base config's, kept with the experiment: the summary and the
-    dashboard replay trials into the space the search really sampled from, also after the file in the
-    repository was edited or removed (search.layout.saved_space)."""
-    from training.config import load_yaml
-
-    base = load_yaml(config).get("base")
-    return {"space_text": config.read_text(),
-            "base_text": (config.parent / str(base)).resolve().read_text() if base else None}
-
-
-def settings_of(args: argparse.Namespace, base: dict | None = None) -> dict:
+def settings_of(args: argparse.Namespace, base: dict | None = None) -> SearchSettings:
     """The settings to save with a new experiment (written by search.tuner just before it starts);
     `data` is how the training split was divided (the final stage reads the same validation images)."""
     config = Path(args.config).resolve()
-    return {"config": str(config), "config_sha256": _sha256(config), **space_copy(config), "samples": args.samples,
-            "max_epochs": args.max_epochs, "split": args.split, "seed": args.seed, "device": args.device,
-            "data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
-            "data": {k: base[k] for k in DATA_KEYS} if base else None,
-            "time_budget": args.time_budget, "budget": getattr(args, "budget_plan", None)}
-
-
-# The type each saved setting must have (None: not given when the search started), as the command line parses it.
-SAVED_TYPES = {"config": str, "samples": int, "max_epochs": int, "split": str, "seed": int, "device": str,
-               "data_dir": str, "time_budget": float, "budget": dict}
-
-
-def check_saved(saved: dict, path: str) -> None:
-    """search.json is read back, so it is checked like the command line it stands for: a value of the wrong type
-    (an edit, a damaged file) is a one-line error naming the setting, never a TypeError later."""
-    for key, kind in SAVED_TYPES.items():
-        value = saved.get(key)
-        if value is None and key != "config":
-            continue
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) or (kind is str and not value) \
-                or (kind is float and not (math.isfinite(value) and value > 0)):
-            raise ConfigError(f"--resume: {path} is damaged: {key!r} is {value!r}, not a {kind.__name__}; restore "
-                              "it, or start a new search with another --name")
+    return SearchSettings(config=str(config), config_sha256=_sha256(config), **space_copy(config),
+                          samples=args.samples, max_epochs=args.max_epochs, split=args.split, seed=args.seed,
+                          device=args.device, data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,
+                          data={k: base[k] for k in DATA_KEYS} if base else None, time_budget=args.time_budget,
+                          budget=getattr(args, "budget_plan", None))
 
 
 def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
     """For --resume: fill in what was not given from the experiment's saved settings (local or in
     cloud storage), and refuse what contradicts them. Experiments from before the settings were
     saved have none: their command line is taken as it is."""
-    path = f"{exp_dir.rstrip('/')}/{SETTINGS_FILE}"
+    path = settings_path(exp_dir)
     try:
         saved = read_settings(exp_dir)
+    except SettingsError as e:  # (it names the file and the setting)
+        raise ConfigError(f"--resume: {e}; restore it, or start a new search with another --name") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"--resume: cannot read {path}: {e}") from None
     if saved is None:
         return
-    check_saved(saved, path)
     for key in KEPT:
-        given, was = getattr(args, key), saved.get(key)
+        given, was = getattr(args, key), getattr(saved, key)
         if key == "config" and given is not None:
             given = str(Path(given).resolve())
         if given is None:
@@ -180,18 +143,18 @@ def apply_saved_settings(args: argparse.Namespace, exp_dir: str) -> None:
             raise ConfigError(f"--{key.replace('_', '-')} {given} differs from the experiment's setting ({was}, "
                               f"saved in {path}): a resumed search keeps its settings. Leave it out, or "
                               "start a new search with another --name")
-    if args.data_dir is None and saved.get("data_dir"):
-        args.data_dir = Path(saved["data_dir"])
-    budget = float(saved["time_budget"]) if saved.get("time_budget") is not None else None
+    if args.data_dir is None and saved.data_dir:
+        args.data_dir = Path(saved.data_dir)
+    budget = saved.time_budget
     if args.time_budget is not None and parse_duration(args.time_budget) != budget:
         raise ConfigError(f"--time-budget {args.time_budget} differs from the experiment's "
                           f"({clock(budget) if budget else 'none'}, saved in {path}): a resumed search continues with "
                           "what is left of its own budget. Leave it out, or start a new search with another --name")
-    args.time_budget, args.budget_plan = budget, saved.get("budget")
+    args.time_budget, args.budget_plan = budget, saved.budget
     config = Path(args.config)
     if not config.is_file():
         raise ConfigError(f"--resume: the experiment's search space {config} is gone; restore it or pass --config")
-    if saved.get("config_sha256") and _sha256(config) != saved["config_sha256"]:
+    if saved.config_sha256 and _sha256(config) != saved.config_sha256:
         raise ConfigError(f"--resume: {config} changed since the experiment started (the resumed trials and "
                           "searcher keep the old space); restore the file or start a new search with another --name")
 
@@ -303,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = 0 if args.seed is None else args.seed
         spec = load_search_spec(args.config)
         check_args(args, spec)
-        res = Resources(args.gpus_per_trial, args.cpus_per_trial, args.concurrency)
-        final = FinalSettings(args.ensemble_k, args.refit_seeds, args.refit_epochs, args.tta, args.device or "auto",
-                              res, args.address)
+        final = settings_from(args)  # (its resources are the search's: the refit's trials run as the search's do)
+        res = final.res
         final.check()
         if args.max_epochs is not None:
             spec.max_epochs = args.max_epochs
@@ -341,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         # Read once by the driver; trials receive it through Ray's object store.
         data = load_for_config(base, args.data_dir)
         # The test split is read only for the final summary: check its files now, not after every trial.
-        n_test = check_split(base["split"], "test", args.data_dir, data.classes)
+        n_test = final.n_test = check_split(base["split"], "test", args.data_dir, data.classes)
         ledger = Ledger(exp_dir, args.time_budget) if not is_uri(exp_dir) else None
         if not args.resume:  # what it will cost here, measured before any trial runs (search/budget.py)
             spec, base = fit_to_machine(args, spec, base, data, res, n_test, samples, ledger)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 
 import torch
 
+from search.plan import Candidate
 from training import augment
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.data import EmnistData
@@ -16,29 +16,27 @@ from training.data import EmnistData
 TTA_VIEWS = len(augment.TTA_VIEWS)  # identity, 4 one-pixel shifts, +-8 degrees
 
 
-@dataclass
-class Candidate:
-    trial_id: str
-    val_acc: float
-    epoch: int  # of its best checkpoint
-    config: dict
-    checkpoint: str
+def _first_loading(paths) -> tuple[dict | None, object]:
+    """(the first of these checkpoints that loads, its path), or (None, None)."""
+    for path in paths:
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError:
+            continue
+    return None, None
 
 
-def candidates(exp, k: int) -> list[Candidate]:
-    """The top-k trials by validation accuracy with a readable best checkpoint, one per config
-    (Optuna can suggest a config twice; averaging a model with its twin adds nothing)."""
+def candidates(exp, k: int) -> tuple[list[Candidate], list[dict]]:
+    """(the top-k trials by validation accuracy with a readable best checkpoint, one per config (Optuna can suggest
+    a config twice; averaging a model with its twin adds nothing); those checkpoints, loaded: each once, here)."""
     t = exp.trials[exp.trials["best_val_acc"].notna() & ~exp.trials["diverged"].fillna(False).astype(bool)]
     t = t[~t["trial_id"].isin(exp.orphans)]
     out: list[Candidate] = []
+    loaded: list[dict] = []
     seen: set[str] = set()
     for _, row in t.sort_values(["best_val_acc", "trial_id"], ascending=[False, True]).iterrows():
-        path = exp.best_checkpoint(row["trial_id"])
-        if path is None:
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError:
+        ckpt, path = _first_loading(exp.checkpoint_paths(row["trial_id"]))
+        if ckpt is None:
             continue
         key = json.dumps({k: v for k, v in ckpt["config"].items() if k != "device"}, sort_keys=True, default=str)
         if key in seen:
@@ -46,9 +44,10 @@ def candidates(exp, k: int) -> list[Candidate]:
         seen.add(key)
         val = (ckpt.get("metrics") or {}).get("val_acc", row["best_val_acc"])
         out.append(Candidate(str(row["trial_id"]), float(val), int(ckpt["epoch"]), dict(ckpt["config"]), str(path)))
+        loaded.append(ckpt)
         if len(out) == k:
             break
-    return out
+    return out, loaded
 
 
 def _probs(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
@@ -56,16 +55,6 @@ def _probs(model: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.
 
     # fp32: the probabilities that are averaged and compared should not carry bf16 rounding
     return predict_logits(model.to(dev), x.to(dev), batch_size=1024, precision="fp32").softmax(1).cpu()
-
-
-def _checkpoint_probs(paths: list[str], x: torch.Tensor, dev: torch.device, tta: int = 1) -> list[torch.Tensor]:
-    from training.ensemble import TestTimeAugment
-
-    out = []
-    for p in paths:
-        model = build_from_checkpoint(load_checkpoint(p), dev, where=p)
-        out.append(_probs(TestTimeAugment(model, tta) if tta > 1 else model, x, dev))
-    return out
 
 
 def mcnemar_p(a_right: torch.Tensor, b_right: torch.Tensor) -> float:
@@ -100,16 +89,20 @@ def choose_k(probs: list[torch.Tensor], y: torch.Tensor, significant: bool = Fal
     return min(allowed, key=lambda k: (-by_k[k], k)), by_k, p_by_k
 
 
-def select_ensemble(cands: list[Candidate], data: EmnistData, dev: torch.device, tta: str = "auto",
-                    significant: bool = False) -> dict:
-    """The ensemble size, then whether test-time augmentation pays for it, both chosen on the
-    validation split (never the test split); `significant`: see choose_k."""
-    probs = _checkpoint_probs([c.checkpoint for c in cands], data.val_x, dev)
+def select_ensemble(cands: list[Candidate], loaded: list[dict], data: EmnistData, dev: torch.device,
+                    tta: str = "auto", significant: bool = False) -> dict:
+    """The ensemble size, then whether test-time augmentation pays for it, both chosen on the validation split
+    (never the test split), from the candidates' checkpoints as `candidates` loaded them; `significant`: see
+    choose_k. Each model is built once, and its test-time augmented version wraps the same model."""
+    from training.ensemble import TestTimeAugment
+
+    models = [build_from_checkpoint(ckpt, dev, where=c.checkpoint) for c, ckpt in zip(cands, loaded, strict=True)]
+    probs = [_probs(m, data.val_x, dev) for m in models]
     chosen, by_k, p_by_k = choose_k(probs, data.val_y, significant)
     without = by_k[chosen]
     views, with_tta = 1, None
     if tta == "auto":  # the chosen model's prediction averaged over TTA_VIEWS views of each image
-        tta_probs = _checkpoint_probs([c.checkpoint for c in cands[:chosen]], data.val_x, dev, TTA_VIEWS)
+        tta_probs = [_probs(TestTimeAugment(m, TTA_VIEWS), data.val_x, dev) for m in models[:chosen]]
         with_tta = float((torch.stack(tta_probs).mean(0).argmax(1) == data.val_y).float().mean())
         views = TTA_VIEWS if with_tta > without else 1  # it must gain, not tie
     return {"metric": "val_acc", "n_val": len(data.val_y), "val_acc_by_k": {str(k): v for k, v in by_k.items()},

@@ -8,8 +8,9 @@ import shlex
 import time
 from pathlib import Path
 
-from search.layout import SUMMARY_FILE, is_uri, read_sessions, saved_space
+from search.layout import BEST_FILE, FINAL_DIR, REPORT_FILE, SUMMARY_FILE, TRIALS_FILE, is_uri, read_sessions
 from search.results import Experiment, load_experiment
+from search.settings import saved_space
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.fileio import read_json, write_atomic
 from training.metrics import format_pairs
@@ -59,7 +60,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, device: str = "auto") 
     # The search is over: folders of trials a killed driver started but never recorded are not trials.
     trials = exp.trials[~exp.trials["trial_id"].isin(exp.orphans)]
     # whole or not at all: a driver killed while it writes them leaves no half file (--resume writes them again)
-    write_atomic(exp_dir / "trials.csv", lambda f: f.write(trials.to_csv(index=False).encode()))
+    write_atomic(exp_dir / TRIALS_FILE, lambda f: f.write(trials.to_csv(index=False).encode()))
     best_id = exp.best_trial
     if best_id is None:
         print("no trial produced a validation result; see the trials' error.txt files")
@@ -68,8 +69,8 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, device: str = "auto") 
     if best_ckpt is None:
         print(f"best trial {best_id} has no readable checkpoint")
         return 1
-    write_best(best_ckpt, exp_dir / "best.pt")
-    test = evaluate_checkpoint(exp_dir / "best.pt", data_dir, device)  # (at training.evaluate's one precision)
+    write_best(best_ckpt, exp_dir / BEST_FILE)
+    test = evaluate_checkpoint(exp_dir / BEST_FILE, data_dir, device)  # (at training.evaluate's one precision)
     per_class = sorted(test["per_class"], key=lambda r: r["f1"])
     best_row = trials.set_index("trial_id").loc[best_id]
     seconds, complete = read_sessions(exp_dir)
@@ -83,7 +84,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, device: str = "auto") 
         "test_ci95": test["ci95"],
         "test_n": test["n"],
         "test_precision": test["precision"],
-        "checkpoint": str(exp_dir / "best.pt"),
+        "checkpoint": str(exp_dir / BEST_FILE),
         "source_checkpoint": str(best_ckpt),
         "epochs_run": int(best_row["epochs_run"]),
         "per_class": test["per_class"],
@@ -116,7 +117,7 @@ def finish_experiment(exp_dir: str | Path, data_dir=None, device: str = "auto") 
         over = f" over {len(seconds)} sessions (the first run and its resumes)" if len(seconds) > 1 else ""
         missing = "" if complete else " (incomplete: the record of earlier sessions was damaged, see damaged/)"
         print(f"search wall-clock: {wall_seconds / 60:.1f} min{over}{missing}")
-    print(f"files: {exp_dir / 'summary.json'}, {exp_dir / 'trials.csv'}, {exp_dir / 'best.pt'}")
+    print(f"files: {exp_dir / SUMMARY_FILE}, {exp_dir / TRIALS_FILE}, {exp_dir / BEST_FILE}")
     print(f"tensorboard --logdir {shlex.quote(str(exp_dir))} --host 127.0.0.1")
     if (Path(__file__).resolve().parents[1] / "dashboard" / "app.py").is_file():
         print(f"python -m dashboard --results {shlex.quote(str(exp_dir.parent))}")
@@ -150,7 +151,7 @@ def add_budget(exp_dir: str | Path, spending: dict) -> list[str]:
     if summary is not None:
         summary["budget"] = spending
         write_atomic(path, lambda f: f.write(json.dumps(summary, indent=2).encode()))
-    report = exp_dir / "final" / "report.md"
+    report = exp_dir / FINAL_DIR / REPORT_FILE
     if report.is_file() and not report.is_symlink():
         text = report.read_text().split("\n## Time\n")[0].rstrip("\n")
         write_atomic(report, lambda f: f.write((text + "\n\n## Time\n\n" + "\n".join(lines) + "\n").encode()))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from search.budget import DELIVERY_FIXED_S, RAY_START_S, REFIT_END_S, REFIT_START_S, clock
-from search.layout import read_result_rows
+from search.layout import RESULT_FILE, read_result_rows
 from search.plan import members_text
 from search.resources import Resources
 from search.selection import TTA_VIEWS
@@ -16,7 +16,7 @@ from search.selection import TTA_VIEWS
 
 def _trial_costs(exp_dir: Path, trial_id: str, n_val: int) -> tuple[float, float]:
     """(seconds of training and validation the trial had, its validation images/s), from its result.json."""
-    rows = read_result_rows(exp_dir / f"trial_{trial_id}" / "result.json")[0]
+    rows = read_result_rows(exp_dir / f"trial_{trial_id}" / RESULT_FILE)[0]
     seconds = max((r["run_seconds"] for r in rows if isinstance(r.get("run_seconds"), int | float)), default=0.0)
     evals = [r["eval_seconds"] for r in rows
              if isinstance(r.get("eval_seconds"), int | float) and r["eval_seconds"] > 0]

@@ -18,11 +18,12 @@ from ray.tune.schedulers import ASHAScheduler
 
 from search import ray_private, repairs
 from search.budget import FACTOR, clock
-from search.layout import add_session, is_uri, ray_statuses, write_settings
+from search.layout import SETTINGS_FILE, add_session, is_uri, ray_statuses
 from search.reaper import start_reaper
 from search.resources import Resources
 from search.results import had_its_seconds
 from search.searcher import ForwardingLimiter, ResumableOptunaSearch
+from search.settings import SearchSettings, write_settings
 from search.signals import sigterm_as_sigint
 from search.space import DefineByRun, SearchSpec, cheapest_point, default_point, start_points
 from search.trainable import train_trial
@@ -295,7 +296,7 @@ class SearchOutcome:
 
 def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, storage: str, samples: int, *,
                seed: int = 0, res: Resources | None = None, address: str | None = None, resume: bool = False,
-               settings: dict | None = None, budget: dict | None = None, deadline: float | None = None,
+               settings: SearchSettings | None = None, budget: dict | None = None, deadline: float | None = None,
                ray_time_budget_s: float | None = None) -> SearchOutcome:
     """Run (or with resume continue) the search. `settings` are saved with a new experiment so that
     --resume needs only its name (search.run.apply_saved_settings). Ray runs only inside this call.
@@ -347,7 +348,7 @@ def run_search(spec: SearchSpec, data: EmnistData, exp_dir: str, name: str, stor
         total = samples = done  # the budget's search is over: what ran is the search (every trial has ended)
     if total != samples:
         print(f"note: the experiment runs {total} trials, as it was started with (Ray's saved state), not the "
-              f"{samples} that {exp_dir}/search.json says now", flush=True)
+              f"{samples} that {exp_dir}/{SETTINGS_FILE} says now", flush=True)
     return SearchOutcome(total, done, sessions, sessions_complete, unfinished=len(saved) - done)
 
 

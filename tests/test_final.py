@@ -12,8 +12,10 @@ import time
 import pytest
 import torch
 
-from search.final import FinalError, FinalSettings, run_final, whole_training_split
+from search.final import run_final
+from search.final_settings import FinalError, FinalSettings
 from search.layout import ray_statuses, trial_dirs
+from search.refit import whole_training_split
 from search.selection import choose_k
 from tests.test_search import REPO, RUN, write_space
 from training import ensemble
@@ -176,7 +178,8 @@ def test_the_continue_command_carries_the_final_settings(tmp_path):
     """Before, the printed command left out --ensemble-k, --refit-seeds ... and pasting it was refused."""
     import shlex
 
-    from search.final import continue_command, parse_args, settings_from
+    from search.final import continue_command, parse_args
+    from search.options import settings_from
 
     settings = FinalSettings(ensemble_k=2, refit_seeds=3, refit_epochs="full", tta="off", device="cpu")
     cmd = shlex.split(continue_command(tmp_path / "my results" / "e x", settings))
@@ -190,10 +193,11 @@ def test_an_interrupted_delivery_leaves_the_model_and_its_report_together(final_
     """Ctrl+C while the report is written: model.pt, report.md and summary.json stay as they were (before, model.pt
     was already new), the command to continue is printed (with its settings), no traceback. A model.pt that is not
     the one the report is about is told apart by its sha256 (the dashboard says so)."""
-    import search.final as final_module
-    from dashboard.final import model_matches
-    from search.final import parse_args, settings_from
+    import search.delivery as final_module  # (it writes the report: search.delivery.publish)
+    from dashboard.final_summary import model_matches
+    from search.final import parse_args
     from search.final import search_data as read_data
+    from search.options import settings_from
 
     exp = _copy(final_run[0], tmp_path)
     files = {n: (exp / n).read_bytes() for n in ("summary.json", "final/model.pt", "final/report.md")}
@@ -297,6 +301,20 @@ def test_delivered_model_and_report(final_run, digits_dir):
         assert im.width > 200 and im.height >= 28
 
 
+def test_the_records_read_back_what_the_stage_wrote(final_run):
+    """final/plan.json and summary.json's "final", as the final stage wrote them, are whole records (search.plan,
+    search.final_report): their readers accept them and give back the same JSON."""
+    from search.final_report import FinalReport
+    from search.plan import read_plan
+
+    exp, *_ = final_run
+    plan = read_plan(exp / "final" / "plan.json", exp)
+    assert plan.to_json() == json.loads((exp / "final" / "plan.json").read_text())
+    final = json.loads((exp / "summary.json").read_text())["final"]
+    report = FinalReport.from_json(final, str(exp / "summary.json"))
+    assert report.to_json() == final and report.delivered_kind == "refit"
+
+
 def test_no_finished_refit_delivers_the_search_model(final_run, tmp_path):
     """Every refit trial fails for real (a transient error injected after its first epoch, each time: Ray retries
     it twice, then it ends in error): the search's own model that validation chose is delivered, the weights of
@@ -317,6 +335,9 @@ def test_no_finished_refit_delivers_the_search_model(final_run, tmp_path):
     failed = failures.read_text().split()  # one line per failure, naming the trial: 1 + 2 retries each
     assert sorted(failed.count(t) for t in set(failed)) == [3] * len(refits), failed
     final = json.loads((exp / "summary.json").read_text())["final"]
+    from search.final_report import FinalReport
+
+    assert FinalReport.from_json(final).to_json() == final  # (a whole record also without a refit)
     assert "no refit finished" in final["delivered"] and "refit" not in final["test"]
     assert final["refit"]["finished"] == 0 and final["delivered_kind"] == ("ensemble" if len(chosen) > 1 else "single")
     ckpt = load_checkpoint(exp / "final" / "model.pt")
@@ -365,6 +386,7 @@ def test_one_model_has_one_test_accuracy_at_either_precision(final_run, digits_d
     monkeypatch.setenv("EMNIST_TEST_PRECISION", "fp32" if precision == "bf16" else "bf16")  # the recorded one wins
     plan = read_plan(copy / "final" / "plan.json")
     final, staged = deliver_and_report(copy, copy / "final", plan, digits_dir, torch.device("cpu"), summary)
+    final, plan = final.to_json(), plan.to_json()  # (the records as summary.json and plan.json hold them)
     assert final["test_precision"] == precision
     assert final["test"]["single"]["accuracy"] == summary["test_acc"] == final["test_trials"][0]["accuracy"]
     assert final["test"]["single"]["per_class"] == summary["per_class"]

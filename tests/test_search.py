@@ -143,7 +143,7 @@ def test_resume_keeps_the_saved_settings(tmp_path, digits_dir, cli):
 
     args = parse_args(["--config", str(space), "--data-dir", str(digits_dir)])
     args.samples, args.seed = 4, 0
-    (exp / "search.json").write_text(json.dumps(settings_of(args)))
+    (exp / "search.json").write_text(json.dumps(settings_of(args).to_json()))
     common = ["--name", "exp", "--storage", tmp_path / "results", "--resume"]
     for extra, message in [
         (["--samples", "5"], "--samples 5 differs from the experiment's setting (4,"),

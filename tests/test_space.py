@@ -153,14 +153,14 @@ def test_default_space_largest_models_stay_fast():
 
 
 def test_saved_space_is_the_one_the_search_started_with(tmp_path):
-    """search.layout.saved_space, the one reader of an experiment's space for the summary and the
+    """search.settings.saved_space, the one reader of an experiment's space for the summary and the
     dashboard: an older experiment (no copy of its space in search.json) uses the file while it is what
     the search started with, and is refused with a reason otherwise."""
     import hashlib
     import json
     import os
 
-    from search.layout import saved_space
+    from search.settings import saved_space
     from search.summary import _sampled_names
 
     (tmp_path / "base.yaml").write_text("split: digits\n")
@@ -204,8 +204,8 @@ def test_saved_space_from_another_machine_is_found_in_the_repository(tmp_path):
     import hashlib
     import json
 
-    from search.layout import saved_space
     from search.run import DEFAULT_SEARCH
+    from search.settings import saved_space
 
     exp = tmp_path / "exp"
     exp.mkdir()
@@ -245,7 +245,7 @@ def _experiment_with_copy(tmp_path, space_text: str, base_text: str | None = "sp
 
 
 def test_saved_space_is_the_experiments_own_copy(tmp_path):
-    from search.layout import saved_space
+    from search.settings import saved_space
 
     exp, space = _experiment_with_copy(tmp_path, GOOD.format(base="base.yaml"))
     spec, max_epochs, why = saved_space(exp)
@@ -294,7 +294,7 @@ def _hostile(tmp_path, **fields):
 def test_a_damaged_copy_of_the_space_is_a_reason(tmp_path, fields, why):
     """Whatever the copy holds, saved_space answers (None, None, why) and never raises; with the file it
     names gone too, the reason says both."""
-    from search.layout import saved_space
+    from search.settings import saved_space
 
     spec, max_epochs, reason = saved_space(_hostile(tmp_path, **fields))
     assert spec is None and max_epochs is None
@@ -307,7 +307,7 @@ def test_a_damaged_copy_falls_back_to_the_unedited_file(tmp_path):
     import hashlib
     import json
 
-    from search.layout import saved_space
+    from search.settings import saved_space
 
     (tmp_path / "train.yaml").write_text("split: digits\n")
     space = tmp_path / "s.yaml"
@@ -328,7 +328,7 @@ def test_a_damaged_copy_falls_back_to_the_unedited_file(tmp_path):
 def test_search_json_too_large_or_odd_is_a_reason(tmp_path):
     import json
 
-    from search.layout import saved_space
+    from search.settings import saved_space
 
     exp = _hostile(tmp_path)
     (exp / "search.json").write_text(json.dumps({"config": "x", "pad": "x" * (4 * 2**20)}))
