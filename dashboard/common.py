@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import unquote
 
-from search.layout import is_inside
+from search.layout import DEFAULT_STORAGE, is_inside
 from search.results import Experiment, list_experiments, load_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def results_root(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--results", default=None)
     args, _ = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return Path(args.results or os.environ.get(ENV_RESULTS) or REPO_ROOT / "results").expanduser().resolve()
+    return Path(args.results or os.environ.get(ENV_RESULTS) or DEFAULT_STORAGE).expanduser().resolve()
 
 
 def safe_child(root: Path, name: str) -> Path:

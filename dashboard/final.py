@@ -25,17 +25,15 @@ from PIL import Image
 
 from dashboard import final_figures
 from dashboard.class_figures import confused_pairs_table
-from dashboard.common import REPO_ROOT, md_text, section
+from dashboard.common import md_text, section
 from dashboard.figure_helpers import as_count, finite_number
-from dashboard.final_summary import FINAL_DIR, FinalState, delivered_words, file_inside, read_final
+from dashboard.final_summary import FinalState, delivered_words, file_inside, read_final
+from search.layout import DEFAULT_STORAGE, FINAL_DIR, PAIRS_IMAGE, REPORT_FILE
 
-REPORT = "report.md"
-PAIRS_PNG = "confused_pairs.png"
 MAX_REPORT_BYTES = 512 * 2**10
 MAX_PNG_BYTES = 10 * 2**20
 MAX_PNG_PIXELS = 16_000_000  # Streamlit decodes (and may resize) the image on the server
 HARDEST = 15  # classes in the heatmap's "hardest" view
-DEFAULT_STORAGE = REPO_ROOT / "results"  # search/run.py's --storage default
 MISSING = {
     "single": "no best-single-trial result",
     "ensemble": "no ensemble (it needs at least 2 distinct trials with a checkpoint)",
@@ -108,7 +106,7 @@ def render(root: Path, name: str) -> None:
 def _delivered(state: FinalState) -> None:
     final = state.final
     words = delivered_words(final)
-    key = final_figures.delivered_key(final)
+    key = state.kind or final_figures.delivered_key(final)
     result = next((r for r in final_figures.final_results(final) if r["key"] == key), None)
     st.subheader("Delivered model")
     acc = result["accuracy"] if result else None
@@ -241,7 +239,7 @@ def _confused(root: Path, state: FinalState, name: str) -> None:
     st.subheader("Most confused pairs (test split)")
     results = [r for r in final_figures.final_results(state.final) if r["most_confused"]]
     if results:
-        delivered = final_figures.delivered_key(state.final)
+        delivered = state.kind or final_figures.delivered_key(state.final)
         keys = [r["key"] for r in results]
         default = keys.index(delivered) if delivered in keys else 0
         key = st.selectbox("Model", keys, index=default, key=f"final_pairs_model:{name}",
@@ -250,7 +248,7 @@ def _confused(root: Path, state: FinalState, name: str) -> None:
         st.dataframe(confused_pairs_table(chosen["most_confused"]), hide_index=True, key="final_pairs")
     else:
         st.info("summary.json lists no confused pairs for the final models.")
-    png = file_inside(root, state.exp_dir, FINAL_DIR, PAIRS_PNG)
+    png = file_inside(root, state.exp_dir, FINAL_DIR, PAIRS_IMAGE)
     if png is None:
         st.caption("final/confused_pairs.png is not there.")
         return
@@ -262,7 +260,7 @@ def _confused(root: Path, state: FinalState, name: str) -> None:
 
 
 def _report(root: Path, state: FinalState) -> None:
-    path = file_inside(root, state.exp_dir, FINAL_DIR, REPORT)
+    path = file_inside(root, state.exp_dir, FINAL_DIR, REPORT_FILE)
     if path is None:
         st.caption("final/report.md is not there.")
         return

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dashboard.common import UnsafePath, safe_child, safe_file
+from search.final_report import SUMMARY_KEY, FinalReport, ReportError
+from search.layout import FINAL_DIR, MODEL_FILE, SUMMARY_FILE
 
-SUMMARY = "summary.json"
-FINAL_DIR = "final"
-MODEL = "model.pt"
 MAX_SUMMARY_BYTES = 32 * 2**20  # a summary is a few hundred kB even for 47 classes and many trials
 
 
@@ -36,6 +35,10 @@ class FinalState:
     # False: final/model.pt is not the file summary.json reports on (its sha256 differs: a final stage stopped
     # between writing the report and the model, or a file replaced by hand). None: not known (older summaries).
     model_matches: bool | None = None
+    # Which of the tested models final/model.pt is: the record's delivered_kind (search.final_report.FinalReport),
+    # when `final` is a whole record; None for an older, partial or hand-edited entry (the page then shows what
+    # it can of it, and goes by its words: dashboard.final_figures.delivered_key).
+    kind: str | None = None
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,8 +78,8 @@ def read_final(root: Path, name: str) -> FinalState:
         exp_dir = safe_child(root, name)
     except UnsafePath as e:
         return FinalState(problem="unsafe", message=f"Cannot open this experiment: {e}.")
-    state = FinalState(exp_dir=exp_dir, model=file_inside(root, exp_dir, FINAL_DIR, MODEL))
-    summary_path = exp_dir / SUMMARY
+    state = FinalState(exp_dir=exp_dir, model=file_inside(root, exp_dir, FINAL_DIR, MODEL_FILE))
+    summary_path = exp_dir / SUMMARY_FILE
     if not summary_path.exists():
         state.problem, state.message = "no_summary", (
             "This experiment has no summary.json yet: the search is still running, was interrupted, "
@@ -86,17 +89,21 @@ def read_final(root: Path, name: str) -> FinalState:
     if summary is None:
         state.problem, state.message = "unreadable", f"summary.json cannot be read: {why}."
         return state
-    if "final" not in summary:
+    if SUMMARY_KEY not in summary:
         state.problem, state.message = "absent", (
             "This experiment has no final model yet: its summary.json has no \"final\" entry (an older "
             "search, a search run with --no-final, or a final stage that has not finished).")
         return state
-    if not isinstance(summary["final"], dict):
+    if not isinstance(summary[SUMMARY_KEY], dict):
         state.problem, state.message = "malformed", (
-            f"summary.json's \"final\" entry is damaged (a {type(summary['final']).__name__}, not an object), "
+            f"summary.json's \"final\" entry is damaged (a {type(summary[SUMMARY_KEY]).__name__}, not an object), "
             "so the final model's results cannot be shown.")
         return state
-    state.final = summary["final"]
+    state.final = summary[SUMMARY_KEY]
+    try:
+        state.kind = FinalReport.from_json(state.final, SUMMARY_FILE).delivered_kind
+    except ReportError:
+        pass
     state.model_matches = model_matches(state.model, state.final)
     return state
 
@@ -104,7 +111,7 @@ def read_final(root: Path, name: str) -> FinalState:
 def _read_summary(root: Path, path: Path) -> tuple[dict | None, str]:
     """(summary.json as a dict, "") or (None, why not)."""
     try:
-        real = safe_file(root, path, SUMMARY)
+        real = safe_file(root, path, SUMMARY_FILE)
         if not real.is_file():
             return None, "it is not a regular file"
         if real.stat().st_size > MAX_SUMMARY_BYTES:

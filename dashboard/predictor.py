@@ -33,6 +33,7 @@ from dashboard.final_figures import delivered_key, final_results
 from dashboard.final_summary import delivered_words, read_final
 from dashboard.prediction_view import HIGH_DEPTH_MODES, model_view, preview, top_k_figure
 from dashboard.safety import MAX_UPLOAD_MB
+from search.layout import FINAL_DIR, MODEL_FILE
 from search.results import Experiment
 from training.checkpoint import CheckpointError
 from training.ink import ImageError, load_image
@@ -70,7 +71,7 @@ class TrialOption:
 
 
 # The final model's entry among the trial ids: no trial id has a "/" (trial folders are named after them).
-FINAL_ID = "final/model.pt"
+FINAL_ID = f"{FINAL_DIR}/{MODEL_FILE}"
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -109,7 +110,7 @@ def final_option(root: Path, name: str) -> tuple[TrialOption | None, str]:
     if state.model is None:
         return None, ""
     words = delivered_words(state.final)
-    key = delivered_key(state.final)
+    key = state.kind or delivered_key(state.final)
     test_acc = next((r["accuracy"] for r in final_results(state.final) if r["key"] == key), None)
     if state.model_matches is False:  # the report is of another model.pt: its accuracy is not this file's
         test_acc, words = None, "not the model its report is about: run the final stage again"

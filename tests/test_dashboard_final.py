@@ -173,6 +173,20 @@ def test_delivered_kind_wins_over_the_words():
     assert final_figures.delivered_key(final) == "single"
 
 
+def test_a_whole_record_says_which_model_was_delivered(tmp_path):
+    """summary.json's "final" as the final stage writes it (search.final_report.FinalReport): the page takes which
+    model final/model.pt is from the record's delivered_kind, whatever its words say; an entry that is not a whole
+    record (an older or hand-edited summary) has none, and the page falls back on its words."""
+    from dashboard.final_summary import read_final
+    from tests.test_records import report
+
+    final = report().to_json()
+    final["delivered"] = "the ensemble of the best single trials"  # words that would make a guess say "ensemble"
+    state = read_final(make_experiment(tmp_path / "results", final), "exp")
+    assert state.kind == "refit"
+    assert read_final(make_experiment(tmp_path / "older", final_entry()), "exp").kind is None
+
+
 @pytest.mark.parametrize("final", [
     None, [], "x", {"test": "junk"}, {"test": {"single": 3, "refit": {"accuracy": "hi"}}},
     {"selection": {"val_acc_by_k": {"one": "x", "2": None}}, "test_trials": [1, {"f1": 2}]},
