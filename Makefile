@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup search train test lint bench dashboard tensorboard clean-venv
+.PHONY: setup search train test test-fast lint bench dashboard tensorboard clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(STAMP)
 
 test: lint  ## ruff + the whole test suite (real-data tests run when EMNIST_DATA_DIR is set)
 	$(PY) -m pytest -q --durations=15 $(ARGS)
+
+test-fast: $(STAMP)  ## the tests not marked slow (under 5 min on 2 cores), to run while working; CI runs `make test`
+	$(PY) -m pytest -q -m "not slow" --durations=15 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.train $(ARGS)

@@ -192,6 +192,7 @@ def test_a_budget_too_small_is_one_line_before_ray_starts(digits_dir, tmp_path):
     assert r.returncode == 2 and "--time-budget must be a duration" in r.stderr
 
 
+@pytest.mark.slow
 def test_an_unbudgeted_search_prints_its_estimate_first(digits_dir, tmp_path):
     space = write_space(tmp_path, samples=2, max_epochs=1, grace=1, space="  lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
     r = _run("--no-final", "--config", space, "--data-dir", digits_dir, "--storage", tmp_path / "results")
@@ -227,6 +228,7 @@ def budgeted(digits_dir, tmp_path_factory):
     return exp, first, r
 
 
+@pytest.mark.slow
 def test_a_budgeted_search_delivers_and_says_where_its_time_went(budgeted):
     exp, first, r = budgeted
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -243,6 +245,7 @@ def test_a_budgeted_search_delivers_and_says_where_its_time_went(budgeted):
     assert settings["time_budget"] == 130 and settings["budget"]["max_t_s"] > settings["budget"]["grace_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_refit_of_a_budget_is_timed_to_its_deadline_and_shares_the_cpus(budgeted):
     """The final stage's refit under a budget on CPUs: the configs validation chose (an ensemble only beyond chance,
     McNemar), sharing every CPU, each a timed run over the time left on one report per pass, done to its schedule's
@@ -267,6 +270,7 @@ def test_the_refit_of_a_budget_is_timed_to_its_deadline_and_shares_the_cpus(budg
     assert "refit of" in r.stdout and " each, " in r.stdout
 
 
+@pytest.mark.slow
 def test_every_trial_of_a_budgeted_search_is_listed_with_a_status_and_usable_checkpoints(budgeted):
     exp, *_ = budgeted
     trials = load_experiment(exp).trials
@@ -281,6 +285,7 @@ def test_every_trial_of_a_budgeted_search_is_listed_with_a_status_and_usable_che
         assert t["config/epoch_images"] == plan["epoch_images"]
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_budget_left(budgeted):
     exp, first, r = budgeted
     sessions = json.loads((exp / "budget.json").read_text())["sessions"]
@@ -291,6 +296,7 @@ def test_resume_continues_with_the_budget_left(budgeted):
     assert budget.parse_duration(shown.replace(" min ", "m").replace(" s", "s").replace(" ", "")) <= left + 1
 
 
+@pytest.mark.slow
 def test_trials_at_the_deadline_end_there_with_their_checkpoints(digits_dir, tmp_path):
     """The search's deadline falls while trials train (long schedules, short epochs): they end at their next step,
     reported as cut by the deadline, listed with status 'budget' and a loadable checkpoint; no trial starts after."""

@@ -29,6 +29,10 @@ from tests.test_search import REPO, RUN, run_search, write_space
 from training.checkpoint import load_checkpoint
 from training.trainer import train
 
+# Every test here runs real searches (10 s to 90 s each on 2 cores): all are in the slow tier, which `make test`
+# runs and `make test-fast` leaves out.
+pytestmark = pytest.mark.slow
+
 RAY_DAEMONS = ("raylet", "gcs_server")
 EPOCH_CONTENT = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "epoch_seconds")
 
@@ -268,7 +272,6 @@ def _kill_and_wait(proc: subprocess.Popen, timeout: float = 60, ray_up: bool = T
     return {p: c for p, c in below.items() if _alive(p)}
 
 
-@pytest.mark.slow
 def test_sigkill_driver_three_times_then_resume(digits_dir, tmp_path):
     samples, max_epochs = 4, 3
     exp_dir, args = _search_args(digits_dir, tmp_path, "killed", samples, max_epochs, "--seed", "0")
@@ -586,7 +589,6 @@ def _checkpoint_folders_agree(exp_dir: Path) -> None:
             assert named.get(f.parent.name) == epoch, (tid, f.parent.name, epoch, named)
 
 
-@pytest.mark.slow
 def test_sigkill_at_every_stage_leaves_no_orphan(digits_dir, tmp_path):
     """The driver is SIGKILLed at three failpoints (training/failpoint.py), each confirmed reached
     before the kill: before Ray's first snapshot, while a trial has written a checkpoint and has

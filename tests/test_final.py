@@ -111,6 +111,7 @@ def _one_line_error(r) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_damaged_summary_is_set_aside_and_written_again(final_run, tmp_path):
     """Before: after `truncate -s 300 summary.json`, final.py exited 0 with a summary.json holding only "final"."""
     exp = _copy(final_run[0], tmp_path)
@@ -127,6 +128,7 @@ def test_a_damaged_summary_is_set_aside_and_written_again(final_run, tmp_path):
     assert summary["final"]["test"]["single"]["accuracy"] == summary["test_acc"]
 
 
+@pytest.mark.slow
 def test_a_damaged_plan_never_loops(final_run, tmp_path):
     """Before: a truncated plan.json was planned again with the new --refit-seeds 1 while Ray restored the old
     refit of 2 seeds, and every run ended 'interrupted during the refit' (exit 130) forever; a plan with a wrong
@@ -156,6 +158,7 @@ def test_a_damaged_plan_never_loops(final_run, tmp_path):
 
 
 @pytest.mark.parametrize("planted", ["final", "damaged"])
+@pytest.mark.slow
 def test_a_planted_link_for_a_folder_of_the_experiment_is_refused(final_run, tmp_path, planted):
     """final/ or damaged/ as a symbolic link would lead the final stage's writes anywhere: one line, exit 2,
     nothing written where it points."""
@@ -189,6 +192,7 @@ def test_the_continue_command_carries_the_final_settings(tmp_path):
     assert parse_args(cmd[2:]).name == "e x" and parse_args(cmd[2:]).storage == str(tmp_path / "my results")
 
 
+@pytest.mark.slow
 def test_an_interrupted_delivery_leaves_the_model_and_its_report_together(final_run, tmp_path, monkeypatch, capsys):
     """Ctrl+C while the report is written: model.pt, report.md and summary.json stay as they were (before, model.pt
     was already new), the command to continue is printed (with its settings), no traceback. A model.pt that is not
@@ -220,6 +224,7 @@ def test_an_interrupted_delivery_leaves_the_model_and_its_report_together(final_
     assert model_matches(other, summary["final"]) is False and model_matches(other, {}) is None
 
 
+@pytest.mark.slow
 def test_interrupted_final_stage_resumes_and_delivers(final_run):
     exp, gone, first, r, at_kill = final_run
     assert gone, "the killed final stage left processes behind:\n" + first[-2000:]
@@ -247,6 +252,7 @@ def test_interrupted_final_stage_resumes_and_delivers(final_run):
         assert row["epoch_seconds"] == metrics["epoch_seconds"] and row["val_acc"] == metrics["val_acc"], (f, row)
 
 
+@pytest.mark.slow
 def test_refit_plan_follows_the_selection(final_run, digits_data):
     exp, *_ = final_run
     plan = json.loads((exp / "final" / "plan.json").read_text())
@@ -269,6 +275,7 @@ def test_refit_plan_follows_the_selection(final_run, digits_data):
             {**src["config"], "seed": 0, "epochs": 0, "early_stop_patience": 0}
 
 
+@pytest.mark.slow
 def test_delivered_model_and_report(final_run, digits_dir):
     exp, *_ = final_run
     summary = json.loads((exp / "summary.json").read_text())
@@ -301,6 +308,7 @@ def test_delivered_model_and_report(final_run, digits_dir):
         assert im.width > 200 and im.height >= 28
 
 
+@pytest.mark.slow
 def test_the_records_read_back_what_the_stage_wrote(final_run):
     """final/plan.json and summary.json's "final", as the final stage wrote them, are whole records (search.plan,
     search.final_report): their readers accept them and give back the same JSON."""
@@ -315,6 +323,7 @@ def test_the_records_read_back_what_the_stage_wrote(final_run):
     assert report.to_json() == final and report.delivered_kind == "refit"
 
 
+@pytest.mark.slow
 def test_no_finished_refit_delivers_the_search_model(final_run, tmp_path):
     """Every refit trial fails for real (a transient error injected after its first epoch, each time: Ray retries
     it twice, then it ends in error): the search's own model that validation chose is delivered, the weights of
@@ -355,6 +364,7 @@ def test_no_finished_refit_delivers_the_search_model(final_run, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_one_model_has_one_test_accuracy_at_either_precision(final_run, digits_dir, tmp_path, monkeypatch, precision):
     """The search's summary and the final stage's report give the best trial one test accuracy: the final stage
     reuses the summary's measurement, and every test figure uses the precision the summary recorded. Forced
@@ -397,6 +407,7 @@ def test_one_model_has_one_test_accuracy_at_either_precision(final_run, digits_d
     assert str(copy) in str(staged) and str(exp) not in json.dumps(plan)  # the copy's own checkpoints
 
 
+@pytest.mark.slow
 def test_final_stage_settings_are_kept(final_run, digits_data, capsys):
     exp, *_ = final_run
     with pytest.raises(FinalError, match="--refit-seeds 2"):

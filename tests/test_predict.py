@@ -107,6 +107,7 @@ def test_cli(digits_predictor, glyphs, tmp_path):
     assert r.returncode == 2 and "error:" in r.stderr
 
 
+@pytest.mark.slow
 def test_predictor_matches_raw_evaluation_on_real_test_images(real_run, real_data_dir):
     """EMNIST images must pass through the predictor's preprocessing essentially unchanged."""
     _, result = real_run
@@ -132,6 +133,7 @@ def as_a_user_would(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return page
 
 
+@pytest.mark.slow
 def test_user_style_images_stay_close_to_raw_test_accuracy(real_run, real_data_dir):
     """Dark ink on white, larger, off-centre: the predictor's preparation brings such images back to
     what the model learnt from, within 2 points of its accuracy on the raw test images."""

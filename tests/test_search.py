@@ -215,6 +215,7 @@ def test_resume_sets_aside_trial_folders_the_experiment_does_not_know(search_run
     assert {t: v["rows"] for t, v in snapshot(exp).items()} == {t: v["rows"] for t, v in before.items()}
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_search_as_ctrl_c_does(digits_dir, tmp_path):
     """SLURM, Kubernetes and `timeout` send SIGTERM. Before: exit 1 after 2.7 s, Ray's stack dump, no resume
     command, the session's seconds lost. Now: as Ctrl+C, and the printed command (run as printed) continues it."""
@@ -251,6 +252,7 @@ def _wait_for(predicate, timeout=240):
     return False
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume(digits_dir, tmp_path):
     """Ctrl+C with one trial finished and one part-way: exit 130 and a command that, run as printed, continues
     the search. Finished trials are kept as they were, the part-way one continues from its checkpoint (the
@@ -352,6 +354,7 @@ def test_shipped_smoke_search_on_real_data(smoke_search):
     assert "delivered" in r.stdout and Predictor.from_checkpoint(root / "smoke").classes[:3] == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_divergence_and_transient_failure(digits_dir, tmp_path):
     """Trial 1 (the defaults) fails twice at epoch 2 and is retried from its checkpoint each time, then finishes;
     trial 2 (a `start:` point) fails three times: after its 2 retries it ends in error, the search goes on; trial 3
@@ -388,6 +391,7 @@ def test_divergence_and_transient_failure(digits_dir, tmp_path):
     assert told[round(t.loc[first, "config/aug_strength"], 9)].value == pytest.approx(t.loc[first, "last_val_acc"])
 
 
+@pytest.mark.slow
 def test_cloud_storage_saves_the_settings_so_resume_needs_only_the_name(digits_dir, tmp_path):
     """search.json goes to the storage through pyarrow (as Ray's files do), here a file:// URI: --resume
     with only --name and --storage then keeps the space and samples it was started with. (Without them

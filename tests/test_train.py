@@ -310,6 +310,7 @@ def test_cli_bad_config_fails_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_real_emnist_two_epochs_small_cnn(real_run):
     """The acceptance bar: 2 epochs of the small CNN on 20,000 real images reach >= 75 % val accuracy."""
     data, result = real_run
