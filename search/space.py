@@ -163,7 +163,7 @@ def load_search_spec(path: str | Path) -> SearchSpec:
 
 
 def spec_from_texts(space_text: str, base_text: str | None, path: str | Path) -> SearchSpec:
-    """The search space held as text (an experiment's own copy in search.json: search.run.space_copy), with
+    """The search space held as text (an experiment's own copy in search.json: search.settings.space_copy), with
     the text of the base config it names (None when it names none), validated as load_search_spec validates
     a file. `path`: where the file was, for messages and SearchSpec.path (nothing is read from it)."""
     path = Path(path)
