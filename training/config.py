@@ -84,7 +84,7 @@ class TrainConfig:
     channels_last: bool = True
     precision: str = "auto"  # auto = bf16 autocast on CUDA and on CPUs with native bf16 (not for depthwise convs there)
     cuda_graphs: str = "auto"  # auto = each training step one CUDA graph replay on CUDA (training/graphs.py); off
-    eval_batch_size: int = 1024  # validation batch (at most inference.CPU_EVAL_BATCH on the CPU, where larger is slower)
+    eval_batch_size: int = 1024  # validation batch (on the CPU at most inference.CPU_EVAL_BATCH: larger is slower)
     hist_every: int = 5  # weight/grad histograms every N epochs (0 = never)
     # A registered model's keywords without a field above (a new model's own knob, e.g. heads): given and stored as
     # top-level keys like the fields (to_dict flattens them in); make_config adds the config's model's defaults.
