@@ -1,6 +1,7 @@
 """Predict characters in arbitrary images with a trained checkpoint.
 
     python training/predict.py MODEL IMAGE [IMAGE ...] [--k 5] [--json]
+    python training/predict.py MODEL --read LINE.png [--lexicon english|none|FILE] [--json]
 
 MODEL is a checkpoint file or a folder: an experiment folder gives its delivered model
 (final/model.pt, see search/final.py), else its best.pt; a training run's folder its best.pt.
@@ -23,7 +24,9 @@ import torch
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
 from training.inference import predict_logits, resolve_device
 from training.ink import ImageError, load_image
+from training.lexicon import LexiconError, load_lexicon
 from training.preprocess import NoCharacterFound, preprocess
+from training.reading import Reading, describe, read_line
 
 
 @dataclass
@@ -101,20 +104,39 @@ class Predictor:
                     r.top = [(self.classes[j], float(p)) for p, j in zip(v, i, strict=True)]
         return results
 
+    def read(self, image, lexicon=None, k: int = 3) -> Reading:
+        """Read a line of writing (training/reading.py): every candidate character prepared as one character
+        is and classified in one batch. lexicon: None or "none" (the model alone), "english", a word-list file,
+        or a loaded training.lexicon.Lexicon. A bad image gives a Reading with a message; a bad lexicon raises
+        LexiconError."""
+        return read_line(image, lambda x: self.probabilities(x).numpy(), self.classes, load_lexicon(lexicon), k=k)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Top-k characters for image files, with a trained checkpoint.")
     p.add_argument("checkpoint", type=Path, help="checkpoint file, or an experiment folder (its final model)")
-    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("images", type=Path, nargs="*", help="images of one character each")
+    p.add_argument("--read", type=Path, metavar="LINE", help="an image of a line of writing: read it whole")
+    p.add_argument("--lexicon", default="english",
+                   help="with --read: 'english' (the default), 'none' (the model alone) or a file of words")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     args = p.parse_args(argv)
+    if not args.images and args.read is None:
+        p.error("give images of characters, or --read LINE for a line of writing")
+    if args.images and args.read is not None:
+        p.error("give images of characters or --read LINE, not both")
+    if args.k < 1:
+        p.error("--k must be 1 or more")
     try:
+        lexicon = load_lexicon(args.lexicon) if args.read is not None else None
         predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
-    except (CheckpointError, RuntimeError, ValueError) as e:
+    except (CheckpointError, LexiconError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.read is not None:
+        return _read(predictor, args.read, lexicon, args.json)
     failed = 0
     for path in args.images:
         try:
@@ -129,6 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"{path}: {result.message}")
     return 1 if failed else 0
+
+
+def _read(predictor: Predictor, path: Path, lexicon, as_json: bool) -> int:
+    try:
+        reading = predictor.read(load_image(path), lexicon=lexicon)
+    except (ImageError, OSError) as e:
+        reading = Reading("", "", message=f"error: {e}")
+    if as_json:
+        print(json.dumps({"file": str(path), **reading.to_json()}))
+    elif reading.found:
+        print(describe(reading))
+    else:
+        print(f"{path}: {reading.message}")
+    return 0 if reading.found else 1
 
 
 if __name__ == "__main__":

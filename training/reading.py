@@ -1,0 +1,358 @@
+"""Reading a line of handwriting with a single-character model: which runs of ink are characters, what they say,
+and which words they make.
+
+training/segment.py offers candidate characters (spans of pieces of ink) without deciding among them. Each span is
+framed exactly as a single character is (training/preprocess.frame_ink) and all of them are classified in one
+batch by the model (an ensemble and TTA included, as for one character). The decoder then chooses, word by word,
+the segmentation and the characters with the highest probability under the model (a beam search over the lattice
+of spans) and, with a lexicon, the word that scores best on the model's probabilities, its frequency and its
+edit distance from what the model read.
+
+EMNIST Balanced merges the two cases of c, i, j, k, l, m, o, p, s, u, v, w, x, y, z (one class each, named by the
+capital). Their case in the output comes from the lexicon's word when it has one of its own, else from the case of
+the letters the model does tell apart in the same word (or the line); `CharReading.merged` says which characters
+those were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.ink import ImageError
+from training.lexicon import Lexicon
+from training.preprocess import NoCharacterFound, frame_ink
+from training.segment import TooMuchInk, segment_line
+
+BEAM = 16  # hypotheses kept per position of a word's lattice
+TOP_K = 5  # characters tried per span
+SPAN_BIAS = 0.0  # log-score added per character: < 0 favours fewer, wider characters
+LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
+EDIT_COST = 1.0  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
+OOV_COST = 5.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
+FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
+
+
+class ReadingError(ValueError):
+    """A saved Reading that cannot be read back (damaged or of another shape)."""
+
+
+@dataclass
+class CharReading:
+    char: str  # the character as read (its case set from the word or line where the class merges cases)
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the input image's pixels
+    image: np.ndarray  # the 28x28 uint8 image the model saw
+    top: list[tuple[str, float]]  # the model's classes for it with probabilities, best first
+    merged: bool  # its class holds both cases (EMNIST Balanced: c/C, o/O, s/S, ...)
+
+    def to_json(self) -> dict:
+        return {"char": self.char, "box": list(self.box), "image": np.asarray(self.image, np.uint8).tolist(),
+                "top": [[c, p] for c, p in self.top], "merged": self.merged}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CharReading:
+        image = np.asarray(d["image"], dtype=np.float64)
+        if image.shape != (28, 28) or not np.all((image >= 0) & (image <= 255)):
+            raise ValueError("image is not 28x28 values in 0..255")
+        box = tuple(int(v) for v in d["box"])
+        if len(box) != 4:
+            raise ValueError("box is not 4 numbers")
+        top = [(str(c), float(p)) for c, p in d["top"]]
+        if not isinstance(d["char"], str) or not isinstance(d["merged"], bool):
+            raise ValueError("char or merged of the wrong type")
+        return cls(d["char"], box, image.astype(np.uint8), top, d["merged"])
+
+
+@dataclass
+class WordReading:
+    text: str  # after the lexicon (the model's reading without one)
+    raw: str  # the model alone
+    chars: list[CharReading]  # the characters of `text`, in order
+    in_lexicon: bool = False
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "raw": self.raw, "in_lexicon": self.in_lexicon,
+                "chars": [c.to_json() for c in self.chars]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> WordReading:
+        if not all(isinstance(d[k], str) for k in ("text", "raw")) or not isinstance(d["in_lexicon"], bool):
+            raise ValueError("text, raw or in_lexicon of the wrong type")
+        return cls(d["text"], d["raw"], [CharReading.from_json(c) for c in d["chars"]], d["in_lexicon"])
+
+
+@dataclass
+class Reading:
+    text: str  # the words after the lexicon, one space between them
+    raw: str  # the model alone
+    words: list[WordReading] = field(default_factory=list)
+    lexicon: str = "none"  # "none", "english" or the word list's file name
+    size: tuple[int, int] = (0, 0)  # the input image (width, height)
+    message: str = ""  # why nothing was read ("no writing found: ...")
+
+    @property
+    def found(self) -> bool:
+        return bool(self.words)
+
+    @property
+    def chars(self) -> list[CharReading]:
+        return [c for w in self.words for c in w.chars]
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "raw": self.raw, "lexicon": self.lexicon, "size": list(self.size),
+                "message": self.message, "words": [w.to_json() for w in self.words]}
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "reading") -> Reading:
+        """The Reading saved by to_json; ReadingError naming `where` and the field for anything else."""
+        if not isinstance(d, dict):
+            raise ReadingError(f"{where}: not a JSON object")
+        for key in ("text", "raw", "lexicon", "size", "message", "words"):
+            if key not in d:
+                raise ReadingError(f"{where}: field {key!r} is missing")
+        try:
+            words = [WordReading.from_json(w) for w in d["words"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReadingError(f"{where}: field 'words' is damaged ({type(e).__name__}: {e})") from None
+        for key in ("text", "raw", "lexicon", "message"):
+            if not isinstance(d[key], str):
+                raise ReadingError(f"{where}: field {key!r} is not a string")
+        try:
+            w, h = (int(v) for v in d["size"])
+        except (TypeError, ValueError):
+            raise ReadingError(f"{where}: field 'size' is not two numbers") from None
+        return cls(d["text"], d["raw"], words, d["lexicon"], (w, h), d["message"])
+
+
+# -- the model's view of a line -------------------------------------------------------------------------------
+
+
+def merged_classes(classes: list[str]) -> set[str]:
+    """The classes that hold both cases of a letter: a letter whose other case is not a class of its own."""
+    return {c for c in classes if c.lower() != c.upper() and c.swapcase() not in classes}
+
+
+class _Table:
+    """Log-probabilities of the classes for every span of a line, and how a character maps to its class."""
+
+    def __init__(self, probs: np.ndarray, classes: list[str]):
+        self.logp = np.log(np.maximum(probs, FLOOR))
+        self.classes = classes
+        self.index = {c: i for i, c in enumerate(classes)}
+        for c in merged_classes(classes):  # a lowercase letter of a merged class is that class
+            self.index[c.lower()] = self.index[c]
+
+    def class_of(self, ch: str) -> int | None:
+        return self.index.get(ch, self.index.get(ch.upper()))
+
+
+def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int) -> list[tuple[float, str,
+                                                                                                        tuple]]:
+    """The BEAM best readings of one word (pieces start..stop-1): (log-probability, class symbols, the spans)."""
+    beams: dict[int, list[tuple[float, str, tuple]]] = {start: [(0.0, "", ())]}
+    by_start: dict[int, list[tuple[int, int]]] = {}
+    for s in spans:
+        by_start.setdefault(s[0], []).append(s)
+    for i in range(start, stop):
+        here = beams.get(i)
+        if not here:
+            continue
+        here.sort(key=lambda b: -b[0])
+        del here[BEAM:]
+        for span in by_start.get(i, []):
+            lp = table.logp[row[span]]
+            best = np.argsort(-lp)[:TOP_K]
+            nxt = beams.setdefault(span[1], [])
+            for score, text, path in here:
+                for c in best:
+                    nxt.append((score + float(lp[c]) + SPAN_BIAS, text + table.classes[c], (*path, span)))
+    out = sorted(beams.get(stop, []), key=lambda b: -b[0])
+    return out[:BEAM]
+
+
+def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int):
+    """The segmentation of pieces start..stop-1 into len(word) spans under which the model finds `word` most
+    likely: (log-probability, spans), or None when no segmentation has that many characters."""
+    cls = [table.class_of(ch) for ch in word]
+    if any(c is None for c in cls):
+        return None
+    n = len(word)
+    # best[m][j]: the best score of word[:m] covering pieces start..j-1
+    best = [dict() for _ in range(n + 1)]
+    best[0][start] = (0.0, ())
+    for m in range(1, n + 1):
+        prev, cur, c = best[m - 1], best[m], cls[m - 1]
+        for span in spans:
+            if span[0] in prev:
+                score = prev[span[0]][0] + float(table.logp[row[span], c]) + SPAN_BIAS
+                if span[1] not in cur or score > cur[span[1]][0]:
+                    cur[span[1]] = (score, (*prev[span[0]][1], span))
+        if not cur:
+            return None
+    return best[n].get(stop)
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+# -- case -------------------------------------------------------------------------------------------------------
+
+
+def _case_votes(symbols: str, merged: set[str]) -> tuple[int, int]:
+    """(upper, lower) among the letters the model tells apart by case."""
+    told = [c for c in symbols if c.isalpha() and c not in merged and c.upper() != c.lower()]
+    return sum(c.isupper() for c in told), sum(c.islower() for c in told)
+
+
+def _cased(symbols: str, merged: set[str], line_votes: tuple[int, int]) -> str:
+    """Class symbols with the merged letters in the case the word's own letters (else the line's) show: capitals
+    when most of them are, else lowercase, the first letter a capital when it is one and the rest are not."""
+    up, low = _case_votes(symbols[1:], merged)
+    if up + low == 0:
+        up, low = _case_votes(symbols, merged) if _case_votes(symbols, merged) != (0, 0) else line_votes
+    upper = up > low
+    first = symbols[:1]
+    first_up = first.isupper() and first not in merged  # a told capital; a merged one follows the rest
+    out = []
+    for i, c in enumerate(symbols):
+        if c in merged:
+            c = c.upper() if (upper or (i == 0 and first_up)) else c.lower()
+        out.append(c)
+    return "".join(out)
+
+
+def _as_written(term: str, form: str, symbols: str, merged: set[str], line_votes) -> str:
+    """A lexicon word in the case it is written: as the word list has it when that has capitals of its own (a
+    name), else in the case the model's letters show (all capitals, a capital first, or lowercase)."""
+    if form != form.lower():
+        return form
+    up, low = _case_votes(symbols, merged)
+    if up + low == 0:
+        up, low = line_votes
+    rest_up, rest_low = _case_votes(symbols[1:], merged)
+    if up > low and (rest_up >= rest_low or len(symbols) == 1):
+        return term.upper()
+    if symbols[:1].isupper() and symbols[:1] not in merged and rest_up < max(rest_low, 1):
+        return term[:1].upper() + term[1:]
+    return term
+
+
+# -- the line ---------------------------------------------------------------------------------------------------
+
+
+def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes: list[str],
+              lexicon: Lexicon | None = None, k: int = 3) -> Reading:
+    """Read a line of writing. `probabilities` takes (N, 28, 28) uint8 images and gives (N, len(classes))
+    probabilities (Predictor.probabilities). Never raises for the image: a Reading with a message instead."""
+    name = lexicon.name if lexicon is not None else "none"
+    try:
+        line = segment_line(image)
+    except (NoCharacterFound, TooMuchInk, ImageError) as e:
+        message = str(e)
+        if isinstance(e, NoCharacterFound) and not message.startswith("no writing found"):
+            message = "no writing found: " + message.split(": ", 1)[-1]
+        return Reading("", "", [], name, message=message)
+    size = line.size
+    words = line.words()
+    spans = [line.spans(w) for w in words]
+    every = [s for ss in spans for s in ss]
+    images = []
+    usable = []
+    for s in every:
+        try:
+            images.append(frame_ink(line.crop(*s)))
+            usable.append(s)
+        except NoCharacterFound:  # a span whose ink all lies outside its columns' mask: not a character
+            continue
+    if not images:
+        return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
+    probs = np.asarray(probabilities(np.stack(images)), dtype=np.float64)
+    table = _Table(probs, list(classes))
+    row = {s: r for r, s in enumerate(usable)}
+    merged = merged_classes(list(classes))
+    framed = dict(zip(usable, images, strict=True))
+
+    hyps = []
+    for w, ss in zip(words, spans, strict=True):
+        ss = [s for s in ss if s in row]
+        hyps.append((w, ss, _nbest(ss, row, table, w.start, w.stop)))
+    hyps = [h for h in hyps if h[2]]
+    if not hyps:
+        return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
+    votes = [0, 0]
+    for _, _, nb in hyps:
+        u, lo = _case_votes(nb[0][1], merged)
+        votes[0] += u
+        votes[1] += lo
+    line_votes = (votes[0], votes[1])
+
+    out = []
+    for w, ss, nb in hyps:
+        score, symbols, path = nb[0]
+        raw = _cased(symbols, merged, line_votes)
+        text, chosen, in_lex = raw, path, False
+        if lexicon is not None:
+            best = _correct(nb, ss, row, table, lexicon, w.start, w.stop)
+            if best is not None:
+                term, form, path2 = best
+                text, chosen, in_lex = _as_written(term, form, symbols, merged, line_votes), path2, True
+        chars = []
+        for ch, span in zip(text, chosen, strict=True):
+            lp = probs[row[span]]
+            order = np.argsort(-lp)[:k]
+            cls = table.class_of(ch)
+            chars.append(CharReading(ch, line.box(*span), framed[span],
+                                     [(table.classes[c], float(lp[c])) for c in order],
+                                     cls is not None and table.classes[cls] in merged))
+        out.append(WordReading(text, raw, chars, in_lex))
+    return Reading(" ".join(w.text for w in out), " ".join(w.raw for w in out), out, name, size)
+
+
+def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, stop: int):
+    """The lexicon word that beats the model's own best reading once frequency, edits and the cost of a word
+    outside the lexicon are counted: (term, its written form, its spans), or None to keep the model's reading."""
+    top_score, top_symbols, _ = nbest[0]
+    keep = top_score - OOV_COST
+    best = None
+    seen = set()
+    for _, symbols, _ in nbest[: max(4, BEAM // 2)]:
+        for term, _edits_away in lexicon.candidates(symbols.lower()):
+            if term in seen:
+                continue
+            seen.add(term)
+            aligned = _align(term, spans, row, table, start, stop)
+            if aligned is None:
+                continue
+            score = (aligned[0] + LEXICON_WEIGHT * lexicon.log_frequency(term)
+                     - EDIT_COST * _edits(top_symbols.lower(), term))
+            if score > keep and (best is None or score > best[0]):
+                best = (score, term, aligned[1])
+    if best is None:
+        return None
+    return best[1], lexicon.form(best[1]), best[2]
+
+
+def describe(reading: Reading) -> str:
+    """The command line's printout: the text (and the model's own reading when the lexicon changed it), then
+    each character's top 3."""
+    if not reading.found:
+        return reading.message
+    lines = [reading.text]
+    if reading.raw != reading.text:
+        lines.append(f"(model alone: {reading.raw})")
+    for c in reading.chars:
+        top = "  ".join(f"{s} {p:.3f}" for s, p in c.top[:3])
+        note = " (either case)" if c.merged else ""
+        lines.append(f"  {c.char}{note}: {top}")
+    return "\n".join(lines)
+
