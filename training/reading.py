@@ -135,17 +135,21 @@ def merged_classes(classes: list[str]) -> set[str]:
 
 
 class _Table:
-    """Log-probabilities of the classes for every span of a line, and how a character maps to its class."""
+    """Log-probabilities of the classes for every span of a line, and of each character whatever its case (a
+    lexicon's word is matched whatever the case: the probabilities of a letter's two classes, a and A, add up)."""
 
     def __init__(self, probs: np.ndarray, classes: list[str]):
         self.logp = np.log(np.maximum(probs, FLOOR))
         self.classes = classes
-        self.index = {c: i for i, c in enumerate(classes)}
-        for c in merged_classes(classes):  # a lowercase letter of a merged class is that class
-            self.index[c.lower()] = self.index[c]
+        folds = sorted({c.lower() for c in classes})
+        self.fold = {c: k for k, c in enumerate(folds)}
+        member = np.zeros((len(classes), len(folds)))
+        for i, c in enumerate(classes):
+            member[i, self.fold[c.lower()]] = 1.0
+        self.fold_logp = np.log(np.maximum(probs @ member, FLOOR))
 
-    def class_of(self, ch: str) -> int | None:
-        return self.index.get(ch, self.index.get(ch.upper()))
+    def fold_of(self, ch: str) -> int | None:
+        return self.fold.get(ch.lower())
 
 
 def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int) -> list[tuple[float, str,
@@ -175,7 +179,7 @@ def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, s
 def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int):
     """The segmentation of pieces start..stop-1 into len(word) spans under which the model finds `word` most
     likely: (log-probability, spans), or None when no segmentation has that many characters."""
-    cls = [table.class_of(ch) for ch in word]
+    cls = [table.fold_of(ch) for ch in word]
     if any(c is None for c in cls):
         return None
     n = len(word)
@@ -186,7 +190,7 @@ def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, st
         prev, cur, c = best[m - 1], best[m], cls[m - 1]
         for span in spans:
             if span[0] in prev:
-                score = prev[span[0]][0] + float(table.logp[row[span], c]) + SPAN_BIAS
+                score = prev[span[0]][0] + float(table.fold_logp[row[span], c]) + SPAN_BIAS
                 if span[1] not in cur or score > cur[span[1]][0]:
                     cur[span[1]] = (score, (*prev[span[0]][1], span))
         if not cur:
@@ -277,45 +281,60 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     if not images:
         return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
     probs = np.asarray(probabilities(np.stack(images)), dtype=np.float64)
-    table = _Table(probs, list(classes))
-    row = {s: r for r, s in enumerate(usable)}
-    merged = merged_classes(list(classes))
     framed = dict(zip(usable, images, strict=True))
-
-    hyps = []
-    for w, ss in zip(words, spans, strict=True):
-        ss = [s for s in ss if s in row]
-        hyps.append((w, ss, _nbest(ss, row, table, w.start, w.stop)))
-    hyps = [h for h in hyps if h[2]]
-    if not hyps:
-        return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
-    votes = [0, 0]
-    for _, _, nb in hyps:
-        u, lo = _case_votes(nb[0][1], merged)
-        votes[0] += u
-        votes[1] += lo
-    line_votes = (votes[0], votes[1])
-
+    by_span = dict(zip(usable, probs, strict=True))
+    decoded = decode([(w.start, w.stop, [s for s in ss if s in by_span]) for w, ss in zip(words, spans, strict=True)],
+                     by_span, list(classes), lexicon)
     out = []
-    for w, ss, nb in hyps:
-        score, symbols, path = nb[0]
-        raw = _cased(symbols, merged, line_votes)
-        text, chosen, in_lex = raw, path, False
-        if lexicon is not None:
-            best = _correct(nb, ss, row, table, lexicon, w.start, w.stop)
-            if best is not None:
-                term, form, path2 = best
-                text, chosen, in_lex = _as_written(term, form, symbols, merged, line_votes), path2, True
+    for d in decoded:
+        if d is None:  # a word none of whose segmentations reaches its end (every span of a piece unusable)
+            continue
         chars = []
-        for ch, span in zip(text, chosen, strict=True):
-            lp = probs[row[span]]
-            order = np.argsort(-lp)[:k]
-            cls = table.class_of(ch)
-            chars.append(CharReading(ch, line.box(*span), framed[span],
-                                     [(table.classes[c], float(lp[c])) for c in order],
-                                     cls is not None and table.classes[cls] in merged))
-        out.append(WordReading(text, raw, chars, in_lex))
+        for ch, span in zip(d.text, d.spans, strict=True):
+            p = by_span[span]
+            order = np.argsort(-p)[:k]
+            chars.append(CharReading(ch, line.box(*span), framed[span], [(classes[c], float(p[c])) for c in order],
+                                     ch.upper() in d.merged))
+        out.append(WordReading(d.text, d.raw, chars, d.in_lexicon))
+    if not out:
+        return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
     return Reading(" ".join(w.text for w in out), " ".join(w.raw for w in out), out, name, size)
+
+
+@dataclass
+class Decoded:
+    text: str  # the word as read (after the lexicon)
+    raw: str  # the model alone
+    spans: tuple[tuple[int, int], ...]  # the span of each character of text
+    in_lexicon: bool
+    merged: set[str]  # the classes that hold both cases
+
+
+def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tuple[int, int], np.ndarray],
+           classes: list[str], lexicon: Lexicon | None = None) -> list[Decoded | None]:
+    """Choose each word's segmentation and characters. words: (first piece, end piece, the spans (i, j) that may
+    be a character: pieces i..j-1); probs: each span's class probabilities. A word gives None when no run of its
+    spans covers it."""
+    table = _Table(np.stack(list(probs.values())), classes)
+    row = {s: r for r, s in enumerate(probs)}
+    merged = merged_classes(classes)
+    nbests = [_nbest(ss, row, table, a, b) for a, b, ss in words]
+    votes = [_case_votes(nb[0][1], merged) for nb in nbests if nb]
+    line_votes = (sum(v[0] for v in votes), sum(v[1] for v in votes))
+    out: list[Decoded | None] = []
+    for (a, b, ss), nb in zip(words, nbests, strict=True):
+        if not nb:
+            out.append(None)
+            continue
+        _, symbols, path = nb[0]
+        raw = _cased(symbols, merged, line_votes)
+        found = _correct(nb, ss, row, table, lexicon, a, b) if lexicon is not None else None
+        if found is None:
+            out.append(Decoded(raw, raw, path, False, merged))
+        else:
+            term, form, spans = found
+            out.append(Decoded(_as_written(term, form, symbols, merged, line_votes), raw, spans, True, merged))
+    return out
 
 
 def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, stop: int):
