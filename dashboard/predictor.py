@@ -2,52 +2,59 @@
 any trial's model a character (an uploaded image or a drawing), see the 28x28 image the model
 actually sees and its top-5 characters, and compare models on the same input.
 
-The page is a thin shell around pure functions (`read_upload`, `read_canvas`, `predict_input`,
-`predict_upload`, `trial_options`) so every bad-input path is unit-tested without a browser.
-Nothing here raises into Streamlit for bad input: every failure becomes a message in the page.
+The page is a thin shell around pure functions (`read_upload`, `read_canvas` from dashboard/inputs.py,
+`predict_input`, `predict_upload`, `trial_options`) so every bad-input path is unit-tested without a
+browser. Nothing here raises into Streamlit for bad input: every failure becomes a message in the page.
 
 Security: checkpoints are only ever taken from the experiment's own listing (or final/model.pt at
 its fixed place under the experiment) and re-checked with `safe_checkpoint` (never a user-typed
-path); uploads are decoded by `training.ink.load_image` (pixel-count limit checked before
-decoding, truncated/corrupt files rejected); checkpoints are read weights-only. Uploads are limited
-to safety.MAX_UPLOAD_MB (the widget, the server option that safety.enforce sets, and a size check
-here); bind address and error details are safety.py's. This page sets no server option, uses no
-raw HTML and never prints tracebacks.
+path); uploads are read by dashboard/inputs.py (training.ink.load_image: pixel-count limit checked
+before decoding, truncated/corrupt files rejected; at most safety.MAX_UPLOAD_MB); checkpoints are
+read weights-only. Bind address and error details are safety.py's. This page sets no server option,
+uses no raw HTML and never prints tracebacks.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
-from PIL import Image
 
 from dashboard.common import UnsafePath, md_text, no_checkpoint_reason, open_experiment, safe_checkpoint
 from dashboard.final_figures import delivered_key, final_results
 from dashboard.final_summary import delivered_words, read_final
-from dashboard.prediction_view import HIGH_DEPTH_MODES, model_view, preview, top_k_figure
-from dashboard.safety import MAX_UPLOAD_MB
+from dashboard.inputs import (  # noqa: F401 (describe_image, UPLOAD_TYPES: this page's names, as before)
+    INK,
+    UPLOAD_TYPES,
+    InputForm,
+    PageInput,
+    describe_image,
+    input_widgets,
+    read_canvas,
+    read_upload,
+)
+from dashboard.prediction_view import model_view, top_k_figure
 from search.layout import FINAL_DIR, MODEL_FILE
 from search.results import Experiment
 from training.checkpoint import CheckpointError
-from training.ink import ImageError, load_image
+from training.ink import ImageError
 from training.predict import Prediction, Predictor
 from training.preprocess import NoCharacterFound
 
 log = logging.getLogger(__name__)
 
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "gif"]
 CANVAS_SIZE = 280
 STROKE_WIDTH = 20  # ~7 % of the canvas: strokes come out like EMNIST's pen at 28x28
 TOP_K = 5
 MAX_COMPARE = 6
-INK = {"White on black": ("#FFFFFF", "#000000"), "Black on white": ("#000000", "#FFFFFF")}
+CHARACTER_FORM = InputForm(
+    "predictor", "Image of one character", "Upload an image of a single handwritten character.",
+    "Draw one character, filling most of the square. Use the canvas toolbar to undo or clear.",
+    CANVAS_SIZE, CANVAS_SIZE, STROKE_WIDTH)
 
 
 # --- Trials ---------------------------------------------------------------------------------
@@ -149,75 +156,7 @@ def _hide_root(message: str, root: Path) -> str:
     return str(message).replace(str(root.resolve()), "<results>").replace(str(root), "<results>")
 
 
-# --- Inputs -----------------------------------------------------------------------------------
-
-
-@dataclass
-class PageInput:
-    """What the user gave the page, ready for Predictor.predict (or why there is nothing)."""
-
-    image: Any = None  # PIL image or RGBA array
-    notes: list[str] = field(default_factory=list)  # how the input was interpreted (shown as info)
-    error: str = ""  # why there is nothing to predict (shown as an error)
-
-    @property
-    def ok(self) -> bool:
-        return self.image is not None and not self.error
-
-
-def _probe(data: bytes) -> tuple[str, int]:
-    """(file format, frames) of an upload; (\"image\", 1) if unknown. Called only after load_image
-    accepted the file, so the size is already checked; frames are counted without decoding them."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as img:
-                frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
-                return img.format or "image", frames
-    except Exception:  # informative only; the first frame is already decoded
-        return "image", 1
-
-
-def describe_image(img: Image.Image, frames: int = 1, fmt: str = "image") -> list[str]:
-    """Notes on how an unusual image is read (animation, transparency, bit depth, colour space)."""
-    notes = []
-    if frames > 1:
-        notes.append(f"Animated {fmt} with {frames} frames: only the first frame is used.")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        notes.append("Transparent image: the drawing is taken from the opaque pixels "
-                     "(flattened onto a background that contrasts with the strokes).")
-    if img.mode in HIGH_DEPTH_MODES:
-        notes.append("16-bit image: read at full depth and scaled to 8 bits, like EMNIST.")
-    elif img.mode == "F":
-        notes.append("Floating-point image: intensities scaled to 8 bits.")
-    if img.mode == "CMYK":
-        notes.append("CMYK image: converted to RGB, then to grey.")
-    return notes
-
-
-def read_upload(data: bytes) -> PageInput:
-    """Decode uploaded bytes safely (see load_image). Never raises for bad input."""
-    if not data:
-        return PageInput(error="The file is empty.")
-    try:
-        img = load_image(data)
-    except ImageError as e:
-        return PageInput(error=f"This file cannot be used: {e}.")
-    except Exception as e:  # belt and braces: a decoder bug must not take the page down
-        log.warning("unexpected error decoding an upload", exc_info=True)
-        return PageInput(error=f"This file cannot be used: could not decode it ({type(e).__name__}).")
-    fmt, frames = _probe(data)
-    return PageInput(image=img, notes=describe_image(img, frames, fmt))
-
-
-def read_canvas(image_data: np.ndarray | None) -> PageInput:
-    """The canvas's RGBA pixels (None until the user has drawn something)."""
-    if image_data is None:
-        return PageInput(error="")  # nothing drawn yet: not an error, the page asks to draw
-    arr = np.asarray(image_data)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
-        return PageInput(error=f"The canvas sent an unexpected image of shape {arr.shape}.")
-    return PageInput(image=arr.astype(np.uint8, copy=False))
+# --- Predictions ------------------------------------------------------------------------------
 
 
 def predict_input(predictor: Predictor, inp: PageInput, k: int = TOP_K) -> tuple[Prediction | None, str]:
@@ -298,11 +237,11 @@ def render(root: Path, name: str) -> None:
                             help="The search's final model comes first (when it has one), then the best trial; only "
                                  "trials with a saved checkpoint can predict.")
     _unavailable_list(unavailable)
+    chosen = by_id[trial_id]
 
     left, right = st.columns([1, 2], gap="large")
     with left:
-        inp = _input_widgets()
-    chosen = by_id[trial_id]
+        inp = input_widgets(CHARACTER_FORM)
     with right:
         predictor = _load_or_report(root, chosen)
         pred = None
@@ -332,43 +271,6 @@ def _unavailable_list(unavailable: list[TrialOption]) -> None:
     with st.expander(f"{len(unavailable)} trial(s) unavailable (no checkpoint)"):
         for o in unavailable:
             st.markdown(f"- {_code(o.trial_id)} ({o.status}): {o.reason}")
-
-
-def _input_widgets() -> PageInput:
-    source = st.radio("Input", ["Upload an image", "Draw"], horizontal=True, key="predictor_source")
-    if source == "Upload an image":
-        uploaded = st.file_uploader("Image of one character", type=UPLOAD_TYPES, key="predictor_upload",
-                                    max_upload_size=MAX_UPLOAD_MB,
-                                    help="PNG, JPEG, BMP, WebP or GIF; any size, colour or polarity.")
-        if uploaded is None:
-            st.caption("Upload an image of a single handwritten character.")
-            return PageInput()
-        if uploaded.size > MAX_UPLOAD_MB * 2**20:
-            return PageInput(error=f"The file is larger than {MAX_UPLOAD_MB} MB; characters are small images.")
-        inp = read_upload(uploaded.getvalue())
-        if inp.image is not None:
-            shown = preview(inp.image, CANVAS_SIZE)  # as large as the drawing canvas
-            if shown is not None:
-                st.image(shown, caption=f"Uploaded: {uploaded.name}")
-        return inp
-
-    ink = st.radio("Ink", list(INK), horizontal=True, key="predictor_ink")
-    stroke, background = INK[ink]
-    st.space("small")  # room for the canvas toolbar, which floats above the canvas
-    try:
-        from streamlit_drawable_canvas import st_canvas
-
-        result = st_canvas(stroke_width=STROKE_WIDTH, stroke_color=stroke, background_color=background,
-                           width=CANVAS_SIZE, height=CANVAS_SIZE, drawing_mode="freedraw",
-                           return_image_data=True, update_streamlit=True, key=f"predictor_canvas_{ink}")
-        image_data = result.image_data
-    except Exception as e:
-        log.warning("drawing canvas unavailable", exc_info=True)
-        _error(f"The drawing canvas is not available here ({type(e).__name__}); upload an image instead.")
-        return PageInput()
-    if image_data is None:
-        st.caption("Draw one character, filling most of the square. Use the canvas toolbar to undo or clear.")
-    return read_canvas(image_data)
 
 
 def _load_or_report(root: Path, option: TrialOption) -> Predictor | None:
