@@ -208,7 +208,12 @@ def preprocess(image) -> np.ndarray:
 
     Raises NoCharacterFound when there is no ink and ImageError for unsupported input.
     """
-    ink = to_grayscale_ink(image)
+    return frame_ink(to_grayscale_ink(image))
+
+
+def frame_ink(ink: np.ndarray) -> np.ndarray:
+    """An ink map (float32 in [0, 1], ink high, its strongest ink 1: what to_grayscale_ink gives, or one character
+    of a line, training/segment.py) -> uint8 (28, 28) EMNIST-framed: the second half of preprocess."""
     if not ink.any():
         raise NoCharacterFound("no character found: the image is blank (no ink)")
     shifted = _shift_if_framed(ink)

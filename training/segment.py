@@ -1,0 +1,307 @@
+"""Where the characters of a line of handwriting may be: pieces of ink, and candidate cuts through pieces that may
+hold touching characters. It decides nothing it cannot know from the ink alone: which runs of pieces are one
+character is chosen by the model's confidence and the lexicon (training/reading.py), from the spans `Line.spans`
+offers. Each span's crop is framed exactly as a single character is (training/preprocess.py).
+
+The line is measured at about WORK_HEIGHT pixels of ink height whatever its resolution (a 20000x200 strip and a
+phone photo alike), turned level (a rotated line) and unslanted (slanted writing) first; boxes are given back in
+the coordinates of the input image.
+
+numpy, scipy.ndimage and Pillow only, like preprocess.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from training.ink import to_grayscale_ink
+from training.preprocess import NoCharacterFound
+
+WORK_HEIGHT = 64  # pixels of ink height the line is measured at
+MAX_WORK_WIDTH = 60_000  # a line longer than ~900 characters at that height is not one line
+MAX_PIECES = 1200  # pieces after cutting (a line of 200 characters has ~250): more is noise, not writing
+MAX_SPAN = 3  # a character is at most this many pieces (a broken stroke, a cut that went too far)
+_EIGHT = np.ones((3, 3), bool)  # diagonal neighbours belong to the same stroke
+_MAX_TILT = math.radians(20)  # a line turned further than this is not levelled (and likely not a line)
+_SLANTS = np.linspace(-0.7, 0.7, 15)  # shears tried (x shift per unit of height): up to ~35 degrees of slant
+
+
+class TooMuchInk(ValueError):
+    """The image holds far more separate marks than a line of writing (a page of noise, a photo)."""
+
+
+@dataclass
+class Piece:
+    """A run of columns of one group of components: a whole character, part of one, or several touching."""
+
+    left: int  # first and last column (inclusive) in the working image
+    right: int
+    comps: list[int]  # component labels whose pixels (in these columns) belong to it
+    gap: float  # blank columns before it (0 after a cut through a component)
+
+
+@dataclass
+class Line:
+    ink: np.ndarray  # the levelled, unslanted line (float32, ink 1), WORK_HEIGHT pixels of ink high
+    labels: np.ndarray  # its components (int32, 0 = background)
+    pieces: list[Piece]
+    height: float  # the line's ink height in working pixels
+    word_starts: list[int] = field(default_factory=list)  # indexes of the pieces that begin a word
+    to_input: np.ndarray = field(default_factory=lambda: np.eye(3))  # working (x, y, 1) -> input (x, y, 1)
+    size: tuple[int, int] = (0, 0)  # the input image (width, height)
+
+    def words(self) -> list[range]:
+        """The pieces of each word, in reading order."""
+        ends = [*self.word_starts[1:], len(self.pieces)]
+        return [range(a, b) for a, b in zip(self.word_starts, ends, strict=True)]
+
+    def spans(self, word: range) -> list[tuple[int, int]]:
+        """The runs of pieces (i, j), pieces i..j-1, that may be one character: one piece, or up to MAX_SPAN
+        neighbours close enough together and not wider than a wide character."""
+        out = []
+        for i in word:
+            for j in range(i + 1, min(i + MAX_SPAN, word.stop) + 1):
+                if j - i > 1 and (self.pieces[j - 1].right - self.pieces[i].left + 1 > 1.3 * self.height
+                                  or self.pieces[j - 1].gap > 0.3 * self.height):
+                    break
+                out.append((i, j))
+        return out
+
+    def crop(self, i: int, j: int) -> np.ndarray:
+        """The ink of pieces i..j-1 alone (other characters' ink masked out, soft edges kept), stretched to 1: what
+        training/preprocess.frame_ink takes."""
+        left, right = self.pieces[i].left, self.pieces[j - 1].right
+        cols = slice(max(0, left - 3), right + 4)
+        labels = self.labels[:, cols]
+        member = np.zeros(labels.shape, bool)
+        for p in self.pieces[i:j]:
+            inside = np.isin(labels, p.comps)
+            c0, c1 = p.left - cols.start, p.right - cols.start + 1
+            inside[:, : max(c0, 0)] = False
+            inside[:, c1:] = False
+            member |= inside
+        rows = np.flatnonzero(member.any(axis=1))
+        member = ndimage.binary_dilation(member, _EIGHT, iterations=2)  # the antialiased rim below 0.5
+        r0, r1 = max(0, int(rows[0]) - 3), int(rows[-1]) + 4
+        out = self.ink[r0:r1, cols] * member[r0:r1]
+        top = float(out.max())
+        return out / top if top > 0 else out
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of pieces i..j-1 in the input image's pixels (the box of the corners of its
+        working box, mapped back through levelling and scaling)."""
+        left, right = self.pieces[i].left, self.pieces[j - 1].right
+        comps = sorted({c for p in self.pieces[i:j] for c in p.comps})
+        rows = np.flatnonzero(np.isin(self.labels[:, left : right + 1], comps).any(axis=1))
+        top, bottom = (int(rows[0]), int(rows[-1])) if rows.size else (0, self.ink.shape[0] - 1)
+        corners = np.array([[left, top, 1], [right + 1, top, 1], [left, bottom + 1, 1], [right + 1, bottom + 1, 1]],
+                           float)
+        xy = corners @ self.to_input.T
+        w, h = self.size
+        x0, y0 = np.clip(np.floor(xy[:, :2].min(0)), 0, [w - 1, h - 1])
+        x1, y1 = np.clip(np.ceil(xy[:, :2].max(0)), 1, [w, h])
+        return int(x0), int(y0), int(x1), int(y1)
+
+
+def _span_of_mass(weights: np.ndarray, share: float = 0.9) -> tuple[float, float]:
+    """The interval holding the central `share` of a 1-D mass distribution."""
+    c = np.cumsum(weights, dtype=np.float64)
+    c /= c[-1]
+    lo = float(np.searchsorted(c, (1 - share) / 2))
+    hi = float(np.searchsorted(c, 1 - (1 - share) / 2))
+    return lo, hi
+
+
+def _level(ink: np.ndarray) -> tuple[float, float]:
+    """(angle of the line in radians, slant as an x shift per unit of height) of a scaled line: the angle from a
+    straight line through each column's centre of ink, the slant that makes the columns' ink the most peaked
+    (upright strokes stand on few columns)."""
+    ys, xs = np.nonzero(ink >= 0.5)
+    if xs.size < 10 or np.ptp(xs) < 2:
+        return 0.0, 0.0
+    cols = np.bincount(xs)
+    centre = np.bincount(xs, weights=ys) / np.maximum(cols, 1)
+    used = np.flatnonzero(cols)
+    slope = np.polyfit(used, centre[used], 1, w=np.sqrt(cols[used]))[0]
+    angle = math.atan(slope)
+    if abs(angle) > _MAX_TILT or abs(angle) < math.radians(1):
+        angle = 0.0
+    # the ink's coordinates once levelled, then the shear with the most peaked column histogram
+    c, s = math.cos(-angle), math.sin(-angle)
+    x, y = xs * c - ys * s, xs * s + ys * c
+    y = y - y.mean()
+    x = x - x.min()
+    best, best_score = 0.0, -1.0
+    for k in _SLANTS:
+        shifted = np.rint(x - k * y)
+        hist = np.bincount((shifted - shifted.min()).astype(np.int64))
+        score = float((hist.astype(np.float64) ** 2).sum())
+        if score > best_score * 1.02 or (abs(k) < abs(best) and score >= best_score):  # (ties: the upright)
+            best, best_score = float(k), max(score, best_score)
+    return angle, best
+
+
+def _warp(ink: np.ndarray, angle: float, slant: float) -> tuple[np.ndarray, np.ndarray]:
+    """The line turned by -angle and unslanted, and the 3x3 matrix from its (x, y) back to ink's (x, y)."""
+    if angle == 0.0 and slant == 0.0:
+        return ink, np.eye(3)
+    c, s = math.cos(-angle), math.sin(-angle)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    h, w = ink.shape
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], float) @ rot.T
+    yc = corners[:, 1].mean()
+    shear = np.array([[1, -slant, slant * yc], [0, 1, 0], [0, 0, 1]])
+    forward = shear @ rot
+    out = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], float) @ forward.T
+    lo, hi = np.floor(out[:, :2].min(0)), np.ceil(out[:, :2].max(0))
+    forward = np.array([[1, 0, -lo[0]], [0, 1, -lo[1]], [0, 0, 1]]) @ forward
+    back = np.linalg.inv(forward)
+    shape = (int(hi[1] - lo[1]) + 1, int(hi[0] - lo[0]) + 1)
+    # affine_transform maps output (row, col) to input (row, col): the (x, y) matrix with its axes swapped
+    m = back[[1, 0]][:, [1, 0]]
+    warped = ndimage.affine_transform(ink, m, offset=back[[1, 0], 2], output_shape=shape, order=1, cval=0.0)
+    return warped.astype(np.float32), back
+
+
+def _scaled(ink: np.ndarray, scale: float) -> np.ndarray:
+    h, w = ink.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = Image.fromarray(np.ascontiguousarray(ink, dtype=np.float32))
+    # (shrinking: the box filter averages every input pixel, so thin strokes fade instead of vanishing)
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    out = np.asarray(img.resize(size, resample), dtype=np.float32)
+    top = float(out.max())
+    return out / top if top > 0 else out
+
+
+def _pieces(labels: np.ndarray, n: int, ink: np.ndarray, height: float) -> list[Piece]:
+    """Components grouped into pieces (parts one above the other: the dot of an i, a broken upright stroke), then
+    wide pieces cut at the minima of their column profile (characters that touch)."""
+    boxes = ndimage.find_objects(labels, n)
+    lefts = np.array([b[1].start for b in boxes])
+    rights = np.array([b[1].stop - 1 for b in boxes])
+    order = np.argsort((lefts + rights) / 2, kind="stable")
+    groups: list[list[int]] = []  # component indexes (0-based)
+    g_left, g_right = [], []
+    for k in order:
+        lft, r = int(lefts[k]), int(rights[k])
+        if groups:
+            overlap = min(r, g_right[-1]) - max(lft, g_left[-1]) + 1
+            if overlap > 0.5 * min(r - lft + 1, g_right[-1] - g_left[-1] + 1):
+                groups[-1].append(k)
+                g_left[-1], g_right[-1] = min(lft, g_left[-1]), max(r, g_right[-1])
+                continue
+        groups.append([k])
+        g_left.append(lft)
+        g_right.append(r)
+    pieces: list[Piece] = []
+    prev_right = None
+    for comps, lft, r in zip(groups, g_left, g_right, strict=True):
+        gap = 0.0 if prev_right is None else float(max(0, lft - prev_right - 1))
+        labs = [c + 1 for c in comps]
+        cuts = _cuts(labels, ink, labs, lft, r, height) if r - lft + 1 > 0.7 * height else []
+        edges = [lft, *cuts, r + 1]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            pieces.append(Piece(a, b - 1, labs, gap if a == lft else 0.0))
+        prev_right = r if prev_right is None else max(prev_right, r)
+    return pieces
+
+
+def _cuts(labels: np.ndarray, ink: np.ndarray, labs: list[int], left: int, right: int, height: float) -> list[int]:
+    """Columns where a wide piece may be cut in two: minima of its ink per column, well inside it and apart."""
+    mine = np.isin(labels[:, left : right + 1], labs)
+    profile = (ink[:, left : right + 1] * mine).sum(0)
+    margin, apart = max(2, int(0.2 * height)), max(2, int(0.22 * height))
+    if len(profile) <= 2 * margin:
+        return []
+    smooth = ndimage.uniform_filter1d(profile, 3)
+    inner = np.arange(margin, len(profile) - margin)
+    low = np.median(profile[profile > 0]) if (profile > 0).any() else 0.0
+    window = max(1, int(0.1 * height))
+    local_min = ndimage.minimum_filter1d(smooth, 2 * window + 1)
+    candidates = [int(c) for c in inner if smooth[c] <= local_min[c] + 1e-6 and smooth[c] <= 0.6 * low]
+    chosen: list[int] = []
+    for c in sorted(candidates, key=lambda c: (smooth[c], c)):
+        if all(abs(c - o) >= apart for o in chosen):
+            chosen.append(c)
+    return sorted(left + c for c in chosen[: max(1, int((right - left + 1) / (0.3 * height)))])
+
+
+def _word_starts(pieces: list[Piece], height: float) -> list[int]:
+    """The pieces that begin a word: the gaps of this line split in two groups (letter gaps and word gaps) where
+    the split leaves the least variance within them, if the larger group stands clearly apart."""
+    gaps = np.array([p.gap for p in pieces[1:]], float)
+    real = np.flatnonzero(gaps > 0)
+    if real.size == 0:
+        return [0]
+    values = np.sort(gaps[real])
+    threshold = math.inf
+    if values.size == 1 or values[-1] - values[0] < 0.15 * height:
+        # one kind of gap: word gaps if wide (spaced words), letter gaps if narrow
+        if values[0] > 0.45 * height:
+            threshold = values[0]
+    else:
+        best = None
+        for t in range(1, values.size):
+            low, high = values[:t], values[t:]
+            cost = low.var() * low.size + high.var() * high.size
+            if best is None or cost < best[0]:
+                best = (cost, t)
+        t = best[1]
+        low, high = values[:t], values[t:]
+        if high[0] >= max(0.25 * height, 1.5 * low.mean() + 0.08 * height):
+            threshold = high[0]
+        elif values[0] > 0.45 * height:
+            threshold = values[0]
+    return [0] + [i + 1 for i in range(len(gaps)) if gaps[i] >= threshold]
+
+
+def segment_line(image) -> Line:
+    """The pieces of a line of writing in any supported image (see training/ink.py). NoCharacterFound: no ink;
+    TooMuchInk: far more marks than a line holds."""
+    ink = to_grayscale_ink(image)
+    size = (ink.shape[1], ink.shape[0])
+    mask = ink >= 0.5
+    if not mask.any():
+        raise NoCharacterFound("no writing found: the image is blank")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    lo, hi = _span_of_mass(mask.sum(axis=1)[rows[0] : rows[-1] + 1])
+    tall = max(hi - lo + 1, 0.5 * (rows[-1] - rows[0] + 1), 4.0)
+    pad = int(0.3 * tall) + 2
+    y0, x0 = max(0, rows[0] - pad), max(0, cols[0] - pad)
+    crop = ink[y0 : rows[-1] + pad + 1, x0 : cols[-1] + pad + 1]
+    scale = min(WORK_HEIGHT / tall, MAX_WORK_WIDTH / crop.shape[1], 8.0)
+    scaled = _scaled(crop, scale)
+    angle, slant = _level(scaled)
+    work, back = _warp(scaled, angle, slant)
+    # working (x, y) -> scaled -> crop -> input: pixel centres scale about their edges
+    to_input = np.array([[1 / scale, 0, x0], [0, 1 / scale, y0], [0, 0, 1]]) @ back
+    mask = work >= 0.5
+    labels, n = ndimage.label(mask, structure=_EIGHT)
+    if n == 0:
+        raise NoCharacterFound("no writing found: no ink above half intensity")
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    rows = np.flatnonzero(mask.any(axis=1))
+    lo, hi = _span_of_mass(mask.sum(axis=1)[rows[0] : rows[-1] + 1])
+    height = max(hi - lo + 1, 4.0)
+    # specks: far too small to be a stroke of a character this tall (the dot of an i is ~30 times larger)
+    specks = np.flatnonzero(areas < max(2.0, 0.0015 * height * height))
+    specks = specks[specks > 0]
+    if specks.size:
+        labels[np.isin(labels, specks)] = 0
+        labels, n = ndimage.label(labels > 0, structure=_EIGHT)
+    if n == 0:
+        raise NoCharacterFound("no writing found: only specks")
+    if n > MAX_PIECES:
+        raise TooMuchInk(f"no line of writing found: {n} separate marks (a line of 200 characters has about 250)")
+    pieces = _pieces(labels, n, work, height)
+    if len(pieces) > MAX_PIECES:
+        raise TooMuchInk(f"no line of writing found: {len(pieces)} pieces (a line of 200 characters has about 250)")
+    line = Line(work, labels, pieces, float(height), to_input=to_input, size=size)
+    line.word_starts = _word_starts(pieces, height)
+    return line
