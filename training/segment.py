@@ -233,31 +233,25 @@ def _cuts(labels: np.ndarray, ink: np.ndarray, labs: list[int], left: int, right
 
 
 def _word_starts(pieces: list[Piece], height: float) -> list[int]:
-    """The pieces that begin a word: the gaps of this line split in two groups (letter gaps and word gaps) where
-    the split leaves the least variance within them, if the larger group stands clearly apart."""
+    """The pieces that begin a word. The line's gaps form two groups, between letters and between words, apart on
+    a ratio scale whatever the writer's spacing: they are split in two where the split leaves the least variance
+    of their logarithms, and the wider group is taken as word gaps if it stands clearly apart and is wide enough.
+    Otherwise the gaps are all of one kind: word gaps if wide (every letter touches its neighbours), else letter
+    gaps."""
     gaps = np.array([p.gap for p in pieces[1:]], float)
-    real = np.flatnonzero(gaps > 0)
-    if real.size == 0:
+    values = np.sort(gaps[gaps > 0])
+    if values.size == 0:
         return [0]
-    values = np.sort(gaps[real])
-    threshold = math.inf
-    if values.size == 1 or values[-1] - values[0] < 0.15 * height:
-        # one kind of gap: word gaps if wide (spaced words), letter gaps if narrow
-        if values[0] > 0.45 * height:
-            threshold = values[0]
-    else:
-        best = None
-        for t in range(1, values.size):
-            low, high = values[:t], values[t:]
-            cost = low.var() * low.size + high.var() * high.size
-            if best is None or cost < best[0]:
-                best = (cost, t)
-        t = best[1]
-        low, high = values[:t], values[t:]
-        if high[0] >= max(0.25 * height, 1.5 * low.mean() + 0.08 * height):
-            threshold = high[0]
-        elif values[0] > 0.45 * height:
-            threshold = values[0]
+    threshold = values[0] if values[0] >= 0.35 * height else math.inf
+    # a gap under a tenth of the height counts as that much: specks 1 and 3 pixels apart are no 3x jump
+    logs = np.log(np.maximum(values, 0.1 * height))
+    costs = [logs[:t].var() * t + logs[t:].var() * (logs.size - t) for t in range(1, logs.size)]
+    if costs:
+        t = 1 + int(np.argmin(costs))
+        low, high = values[t - 1], values[t]
+        # two groups that are both wide (all letters touching, words spaced unevenly) are all word gaps
+        if high >= 0.25 * height and high >= 1.3 * max(low, 0.1 * height) and (low < 0.35 * height or high > 2 * low):
+            threshold = high
     return [0] + [i + 1 for i in range(len(gaps)) if gaps[i] >= threshold]
 
 
