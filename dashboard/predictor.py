@@ -1,6 +1,7 @@
 """Predictor page: give the search's final model (final/model.pt, offered first when there is one) or
 any trial's model a character (an uploaded image or a drawing), see the 28x28 image the model
-actually sees and its top-5 characters, and compare models on the same input.
+actually sees and its top-5 characters, and compare models on the same input. Its second mode,
+"Read a line", reads a whole line of writing with the chosen model (dashboard/line_reader.py).
 
 The page is a thin shell around pure functions (`read_upload`, `read_canvas` from dashboard/inputs.py,
 `predict_input`, `predict_upload`, `trial_options`) so every bad-input path is unit-tested without a
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from dashboard import line_reader
 from dashboard.common import UnsafePath, md_text, no_checkpoint_reason, open_experiment, safe_checkpoint
 from dashboard.final_figures import delivered_key, final_results
 from dashboard.final_summary import delivered_words, read_final
@@ -51,6 +53,7 @@ CANVAS_SIZE = 280
 STROKE_WIDTH = 20  # ~7 % of the canvas: strokes come out like EMNIST's pen at 28x28
 TOP_K = 5
 MAX_COMPARE = 6
+ONE_CHARACTER, READ_LINE = "One character", "Read a line"
 CHARACTER_FORM = InputForm(
     "predictor", "Image of one character", "Upload an image of a single handwritten character.",
     "Draw one character, filling most of the square. Use the canvas toolbar to undo or clear.",
@@ -238,6 +241,12 @@ def render(root: Path, name: str) -> None:
                                  "trials with a saved checkpoint can predict.")
     _unavailable_list(unavailable)
     chosen = by_id[trial_id]
+    mode = st.radio("Mode", [ONE_CHARACTER, READ_LINE], horizontal=True, key="predictor_mode",
+                    help="One character: its 28×28 image and top-5. Read a line: a word or a few, cut into "
+                         "characters, read by the same model and corrected with a word list.")
+    if mode == READ_LINE:
+        line_reader.render(lambda: _load_or_report(root, chosen))
+        return
 
     left, right = st.columns([1, 2], gap="large")
     with left:

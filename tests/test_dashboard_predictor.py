@@ -456,7 +456,7 @@ def test_page_keeps_the_server_defaults(monkeypatch, trials_root):
     uploader = at.file_uploader(key="predictor_upload")
     assert uploader.proto.max_upload_size_mb == MAX_UPLOAD_MB == config.get_option("server.maxUploadSize") == 5
     assert sorted(t.lstrip(".") for t in uploader.proto.type) == sorted(page.UPLOAD_TYPES)
-    for module in ("predictor.py", "final.py"):
+    for module in ("predictor.py", "final.py", "inputs.py", "line_reader.py", "reading_view.py"):
         source = (REPO / "dashboard" / module).read_text()
         for forbidden in ("unsafe_allow_html", "set_option", "st.exception", "st.html",
                           "components.v1.html", "traceback.", "exc_info=e"):
