@@ -28,6 +28,7 @@ MAX_PIECES = 1200  # pieces after cutting (a line of 200 characters has ~250): m
 MAX_SPAN = 3  # a character is at most this many pieces (a broken stroke, a cut that went too far)
 _EIGHT = np.ones((3, 3), bool)  # diagonal neighbours belong to the same stroke
 _MAX_TILT = math.radians(20)  # a line turned further than this is not levelled (and likely not a line)
+_MIN_LEVEL_WIDTH = 3  # line heights of ink width needed to level and unslant it
 _SLANTS = np.linspace(-0.7, 0.7, 15)  # shears tried (x shift per unit of height): up to ~35 degrees of slant
 
 
@@ -122,8 +123,12 @@ def _level(ink: np.ndarray) -> tuple[float, float]:
     straight line through each column's centre of ink, the slant that makes the columns' ink the most peaked
     (upright strokes stand on few columns)."""
     ys, xs = np.nonzero(ink >= 0.5)
-    if xs.size < 10 or np.ptp(xs) < 2:
+    # a word of a few letters says little of either: one V, 7 or z alone is most peaked sheared, the centres of
+    # a b or a z fall along a slope; the model reads them as they are, as a single character is read
+    if xs.size < 10 or np.ptp(xs) < _MIN_LEVEL_WIDTH * WORK_HEIGHT:
         return 0.0, 0.0
+    step = xs.size // 200_000 + 1  # (every step-th pixel of ink: a long dense line measures as well, in a tenth)
+    ys, xs = ys[::step], xs[::step]
     cols = np.bincount(xs)
     centre = np.bincount(xs, weights=ys) / np.maximum(cols, 1)
     used = np.flatnonzero(cols)
