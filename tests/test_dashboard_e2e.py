@@ -1,6 +1,7 @@
 """End to end: the real dashboard, started as the README says (`python -m dashboard --results DIR`,
 here from a folder other than the repository), in a real headless Chromium (trial explorer, final
-model, predictor); and a plain
+model, predictor, and the predictor's "Read a line" mode on a word uploaded and one written on its canvas);
+and a plain
 `streamlit run /path/to/dashboard/app.py --server.address 0.0.0.0`, whose page refuses to serve.
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`) and the PyPI
@@ -313,3 +314,86 @@ def test_plain_streamlit_run_on_every_interface_refuses_in_chromium(tiny_experim
     finally:
         server.stop()
 
+
+@pytest.mark.slow
+def test_read_a_line_in_chromium(tiny_experiment, tmp_path):
+    """The predictor's "Read a line" mode in a real browser: upload a word, then write one on the wide canvas;
+    each time the two texts, the boxes figure (one box per character) and the crops appear. The tiny
+    experiment's models know generated digits only, so what they read is not checked, only what is shown."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the PyPI playwright package is not installed")
+    from dashboard.line_reader import LINE_FORM
+    from tests.test_dashboard_reading import word_image
+
+    upload = tmp_path / "word.png"
+    upload.write_bytes(_png(word_image("3141")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = Server(tiny_experiment, tmp_path / "streamlit.log", cwd=elsewhere)
+
+    def reading_shown(pw) -> tuple[list[str], int, int]:
+        """(the two texts, boxes in the figure, captioned crops) once the reading is on the page."""
+        pw.get_by_text("Model alone", exact=True).wait_for()
+        pw.locator(".js-plotly-plot").first.wait_for()
+        _wait_idle(pw)
+        assert pw.locator('[data-testid="stException"]').count() == 0 and "Traceback" not in pw.content()
+        assert pw.locator('[data-testid="stAlertContentError"]').count() == 0
+        texts = [t.strip() for t in pw.locator('[data-testid="stCode"] code').all_inner_texts()]
+        boxes = pw.evaluate("document.querySelector('.js-plotly-plot').layout.shapes.length")
+        crops = pw.locator('[data-testid="stImageCaption"]').count()
+        return texts, boxes, crops
+
+    try:
+        server.wait()
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            try:
+                pw = browser.new_page(viewport={"width": 1400, "height": 1400})
+                pw.set_default_timeout(TIMEOUT_MS)
+                pw.goto(server.url, wait_until="domcontentloaded")
+                pw.locator('[data-testid="stSidebar"]').get_by_text("Predictor", exact=True).wait_for()
+                _wait_idle(pw)
+                pw.locator('[data-testid="stSidebar"]').get_by_text("Predictor", exact=True).click()
+                pw.get_by_text("Image of one character").wait_for()
+                _wait_idle(pw)
+                pw.locator('[data-testid="stMain"]').get_by_text("Read a line", exact=True).click()
+                pw.get_by_text("Image of a line of writing", exact=True).wait_for()
+                _wait_idle(pw)
+
+                # An uploaded word: its texts, a box per character, the crops in order.
+                pw.locator('input[type="file"]').set_input_files(str(upload))
+                texts, boxes, crops = reading_shown(pw)
+                assert len(texts) == 2 and all(texts), texts
+                assert boxes == crops >= 1, (boxes, crops)
+                pw.screenshot(path=str(tmp_path / "line-upload.png"), full_page=True)
+
+                # Written on the wide canvas: three strokes, three characters apart from each other.
+                pw.locator('[data-testid="stMain"]').get_by_text("Draw", exact=True).click()
+                pw.get_by_text("Write a word or a few").wait_for()
+                _wait_idle(pw)
+                pw.get_by_text("Model alone", exact=True).wait_for(state="detached")  # nothing written yet
+                canvas = pw.locator("canvas").first
+                box = canvas.bounding_box()
+                assert box and round(box["width"]) == LINE_FORM.width, box
+                for stroke in ([(60, 30), (60, 130)], [(170, 30), (240, 30), (195, 130)], [(340, 30), (340, 130)]):
+                    pw.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
+                    pw.mouse.down()
+                    for x, y in stroke[1:]:
+                        pw.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+                    pw.mouse.up()
+                # Each stroke reruns the page; the last one's reading has the three strokes, each far from the
+                # others: three characters, whatever the model makes of them.
+                pw.wait_for_function("document.querySelector('.js-plotly-plot')?.layout?.shapes?.length === 3",
+                                     timeout=TIMEOUT_MS)
+                texts, boxes, crops = reading_shown(pw)
+                assert len(texts) == 2 and all(texts), texts
+                assert boxes == crops == 3, (boxes, crops)
+                pw.screenshot(path=str(tmp_path / "line-draw.png"), full_page=True)
+            finally:
+                browser.close()
+    except BaseException:
+        print(server.output())
+        raise
+    finally:
+        server.stop()
