@@ -24,8 +24,8 @@ from training.preprocess import NoCharacterFound
 
 WORK_HEIGHT = 64  # pixels of ink height the line is measured at
 MAX_WORK_WIDTH = 60_000  # a line longer than ~900 characters at that height is not one line
-MAX_PIECES = 1200  # pieces after cutting (a line of 200 characters has ~250): more is noise, not writing
-MAX_SPAN = 3  # a character is at most this many pieces (a broken stroke, a cut that went too far)
+MAX_PIECES = 2000  # marks, and pieces after cutting (a line of 200 characters has ~400): more is noise, not writing
+MAX_SPAN = 4  # a character is at most this many pieces (a broken stroke, a cut that went too far)
 _EIGHT = np.ones((3, 3), bool)  # diagonal neighbours belong to the same stroke
 _MAX_TILT = math.radians(20)  # a line turned further than this is not levelled (and likely not a line)
 _MIN_LEVEL_WIDTH = 3  # line heights of ink width needed to level and unslant it
@@ -63,11 +63,12 @@ class Line:
 
     def spans(self, word: range) -> list[tuple[int, int]]:
         """The runs of pieces (i, j), pieces i..j-1, that may be one character: one piece, or up to MAX_SPAN
-        neighbours close enough together and not wider than a wide character."""
+        neighbours close enough together and not wider than a wide character (an m is 1.5 times as wide as the
+        height of a line of small letters)."""
         out = []
         for i in word:
             for j in range(i + 1, min(i + MAX_SPAN, word.stop) + 1):
-                if j - i > 1 and (self.pieces[j - 1].right - self.pieces[i].left + 1 > 1.3 * self.height
+                if j - i > 1 and (self.pieces[j - 1].right - self.pieces[i].left + 1 > 1.8 * self.height
                                   or self.pieces[j - 1].gap > 0.3 * self.height):
                     break
                 out.append((i, j))
@@ -184,9 +185,9 @@ def _scaled(ink: np.ndarray, scale: float) -> np.ndarray:
     return out / top if top > 0 else out
 
 
-def _pieces(labels: np.ndarray, n: int, ink: np.ndarray, height: float) -> list[Piece]:
+def _pieces(labels: np.ndarray, n: int, ink: np.ndarray, height: float, stroke: float) -> list[Piece]:
     """Components grouped into pieces (parts one above the other: the dot of an i, a broken upright stroke), then
-    wide pieces cut at the minima of their column profile (characters that touch)."""
+    each piece cut where characters may touch (_cuts)."""
     boxes = ndimage.find_objects(labels, n)
     lefts = np.array([b[1].start for b in boxes])
     rights = np.array([b[1].stop - 1 for b in boxes])
@@ -209,7 +210,7 @@ def _pieces(labels: np.ndarray, n: int, ink: np.ndarray, height: float) -> list[
     for comps, lft, r in zip(groups, g_left, g_right, strict=True):
         gap = 0.0 if prev_right is None else float(max(0, lft - prev_right - 1))
         labs = [c + 1 for c in comps]
-        cuts = _cuts(labels, ink, labs, lft, r, height) if r - lft + 1 > 0.7 * height else []
+        cuts = _cuts(labels, ink, labs, lft, r, height, stroke)
         edges = [lft, *cuts, r + 1]
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             pieces.append(Piece(a, b - 1, labs, gap if a == lft else 0.0))
@@ -217,24 +218,69 @@ def _pieces(labels: np.ndarray, n: int, ink: np.ndarray, height: float) -> list[
     return pieces
 
 
-def _cuts(labels: np.ndarray, ink: np.ndarray, labs: list[int], left: int, right: int, height: float) -> list[int]:
-    """Columns where a wide piece may be cut in two: minima of its ink per column, well inside it and apart."""
+def _cuts(labels: np.ndarray, ink: np.ndarray, labs: list[int], left: int, right: int, height: float,
+          stroke: float) -> list[int]:
+    """Columns where a piece may be cut in two (characters that touch): minima of its ink per column (a thin
+    junction), and the middles of strokes too thick to be one (two upright strokes drawn over each other), well
+    inside the piece and apart. Too many cuts cost only spans to score; a missing one loses a character."""
     mine = np.isin(labels[:, left : right + 1], labs)
     profile = (ink[:, left : right + 1] * mine).sum(0)
-    margin, apart = max(2, int(0.2 * height)), max(2, int(0.22 * height))
+    # a narrow character (i, l, 1) is about one stroke wide: cuts may come that close to the piece's ends
+    margin, apart = max(2, int(0.7 * stroke)), max(2, int(stroke))
     if len(profile) <= 2 * margin:
         return []
     smooth = ndimage.uniform_filter1d(profile, 3)
-    inner = np.arange(margin, len(profile) - margin)
-    low = np.median(profile[profile > 0]) if (profile > 0).any() else 0.0
-    window = max(1, int(0.1 * height))
-    local_min = ndimage.minimum_filter1d(smooth, 2 * window + 1)
-    candidates = [int(c) for c in inner if smooth[c] <= local_min[c] + 1e-6 and smooth[c] <= 0.6 * low]
+    # thin columns (a junction is about one stroke high, the middle of an o two): each run of them between
+    # thicker ink, a valley of the profile, is cut at its lowest; a flat bottom (the arm of an r touching an i) at
+    # both its ends, where the arm leaves the stem and where it meets the next letter
+    thin = smooth <= 2 * stroke
+    thin = ndimage.binary_closing(thin, np.ones(int(stroke) // 2 + 1, bool)) | thin  # (a pixel of noise is no stem)
+    thin[:margin] = thin[len(profile) - margin :] = False
+    minima = []
+    for (run,) in ndimage.find_objects(ndimage.label(thin)[0]):
+        if run.start == margin or run.stop == len(profile) - margin:
+            continue  # ink thinning out towards the piece's end (the bar of an L, the arm of a w): no valley
+        bottom = run.start + np.flatnonzero(smooth[run] <= smooth[run].min() + 0.25 * stroke)
+        ends = [bottom[0], bottom[-1]] if bottom[-1] - bottom[0] > 2 * stroke else [bottom[len(bottom) // 2]]
+        minima += [int(c) for c in ends]
+    # and where thicker ink dips by a stroke between yet thicker ink on both sides (round letters touching along a
+    # curve: their two sides together)
+    reach = max(2, int(2 * stroke))
+    tops = np.lib.stride_tricks.sliding_window_view(np.pad(smooth, reach), reach).max(axis=1)
+    left_top, right_top = tops[: len(smooth)], tops[reach + 1 :]  # the highest of the `reach` columns each side
+    dips = (smooth > 2 * stroke) & (smooth <= ndimage.minimum_filter1d(smooth, 3))
+    dips &= np.minimum(left_top, right_top) - smooth >= stroke
+    minima += [int(c) for c in np.flatnonzero(dips) if margin <= c < len(profile) - margin]
+    # ink that holds a block wider than a stroke and a quarter of the line high, in a tall column (not the corner
+    # of an N or the point of a V): two upright strokes drawn over each other, cut in the middle
+    block = (max(2, int(0.25 * height)), max(2, math.ceil(1.15 * stroke)))
+    thick_cols = ndimage.minimum_filter(mine.view(np.uint8), block, mode="constant").any(axis=0)  # (an erosion)
+    thick = []
+    for (band,) in ndimage.find_objects(ndimage.label(thick_cols)[0]):
+        # the merged strokes span the band and half a block each side; k strokes side by side are cut in k
+        lo, wide = band.start - block[1] // 2, band.stop - band.start + block[1] - 1
+        k = min(3, max(2, round(wide / stroke)))  # (three at most: a stem between two, as i in min)
+        thick += [lo + wide * q // k for q in range(1, k)]
+    thick = [c for c in thick if margin <= c < len(profile) - margin and smooth[c] >= 0.5 * smooth.max()]
     chosen: list[int] = []
-    for c in sorted(candidates, key=lambda c: (smooth[c], c)):
+    for c in thick + sorted(minima, key=lambda c: (smooth[c], c)):
         if all(abs(c - o) >= apart for o in chosen):
             chosen.append(c)
-    return sorted(left + c for c in chosen[: max(1, int((right - left + 1) / (0.3 * height)))])
+    return sorted(left + c for c in chosen[: max(1, int(len(profile) / (0.15 * height)))])  # (a blot: bounded)
+
+
+def _stroke_width(mask: np.ndarray) -> float:
+    """The commonest length of the runs of ink across rows and down columns: a stroke's width (an upright
+    stroke's runs across, a level one's runs down). Not the median: runs along strokes, and across strokes merged
+    where letters touch, are long and many in a crowded line."""
+    runs = []
+    for m in (mask, mask.T):
+        d = np.diff(np.pad(m, ((0, 0), (1, 1))).astype(np.int8), axis=1).ravel()
+        runs.append(np.flatnonzero(d == -1) - np.flatnonzero(d == 1))
+    counts = np.bincount(np.concatenate(runs))
+    if counts.size < 2:
+        return 1.0
+    return float(max(1, np.argmax(ndimage.uniform_filter1d(counts[1:].astype(float), 3)) + 1))
 
 
 def _word_starts(pieces: list[Piece], height: float) -> list[int]:
@@ -267,7 +313,7 @@ def segment_line(image) -> Line:
     size = (ink.shape[1], ink.shape[0])
     mask = ink >= 0.5
     if not mask.any():
-        raise NoCharacterFound("no writing found: the image is blank")
+        raise NoCharacterFound("no writing found: the image is blank (no ink stands out from its background)")
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     lo, hi = _span_of_mass(mask.sum(axis=1)[rows[0] : rows[-1] + 1])
     tall = max(hi - lo + 1, 0.5 * (rows[-1] - rows[0] + 1), 4.0)
@@ -298,9 +344,9 @@ def segment_line(image) -> Line:
         raise NoCharacterFound("no writing found: only specks")
     if n > MAX_PIECES:
         raise TooMuchInk(f"no line of writing found: {n} separate marks (a line of 200 characters has about 250)")
-    pieces = _pieces(labels, n, work, height)
+    pieces = _pieces(labels, n, work, height, _stroke_width(labels > 0))
     if len(pieces) > MAX_PIECES:
-        raise TooMuchInk(f"no line of writing found: {len(pieces)} pieces (a line of 200 characters has about 250)")
+        raise TooMuchInk(f"no line of writing found: {len(pieces)} pieces (a line of 200 characters has about 400)")
     line = Line(work, labels, pieces, float(height), to_input=to_input, size=size)
     line.word_starts = _word_starts(pieces, height)
     return line
