@@ -176,21 +176,25 @@ def digits_reader(digits_data, tmp_path_factory):
 
 
 def digit_line(text: str, seed: int = 0, scale: int = 3, gap: int = 12, space: int = 60):
-    """Dark-on-white digits drawn by render_char, apart, words `space` pixels apart: (image, box of each digit)."""
+    """Dark-on-white digits drawn by render_char, cut to their ink and put `gap` pixels apart, words `space` pixels
+    apart: (image, box of each digit)."""
     rng = np.random.default_rng(seed)
-    size = 28 * scale
-    glyphs = [Image.fromarray(render_char(c, rng)).resize((size, size), Image.BICUBIC) for c in text if c != " "]
-    width = sum(size + gap for _ in glyphs) + space * text.count(" ") + 40
-    canvas = Image.new("L", (width, size + 40), 0)
+    glyphs = []
+    for c in text.replace(" ", ""):
+        g = np.asarray(Image.fromarray(render_char(c, rng)).resize((28 * scale, 28 * scale), Image.BICUBIC))
+        ys, xs = np.nonzero(g > 128)
+        glyphs.append(Image.fromarray(g[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]))
+    width = sum(g.width + gap for g in glyphs) + space * text.count(" ") + 40
+    canvas = Image.new("L", (width, max(g.height for g in glyphs) + 60), 0)
     x, k, boxes = 20, 0, []
     for c in text:
         if c == " ":
             x += space
             continue
-        canvas.paste(glyphs[k], (x, 20))
-        ys, xs = np.nonzero(np.asarray(glyphs[k]) > 128)
-        boxes.append((x + xs.min(), 20 + ys.min(), x + xs.max() + 1, 20 + ys.max() + 1))
-        x += size + gap
+        g = glyphs[k]
+        canvas.paste(g, (x, 30))
+        boxes.append((x, 30, x + g.width, 30 + g.height))
+        x += g.width + gap
         k += 1
     return Image.fromarray(255 - np.asarray(canvas)), boxes
 

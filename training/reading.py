@@ -29,6 +29,8 @@ from training.segment import TooMuchInk, segment_line
 BEAM = 16  # hypotheses kept per position of a word's lattice
 TOP_K = 5  # characters tried per span
 SPAN_BIAS = 0.0  # log-score added per character: < 0 favours fewer, wider characters
+CUT_COST = 1.0  # a character boundary where segment.py cut through ink (most letters do not touch)
+MERGE_COST = 2.0  # one character over blank columns (a broken stroke is rarer than two letters)
 LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
 EDIT_COST = 1.0  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
 OOV_COST = 5.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
@@ -152,8 +154,8 @@ class _Table:
         return self.fold.get(ch.lower())
 
 
-def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int) -> list[tuple[float, str,
-                                                                                                        tuple]]:
+def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int,
+           prior: dict) -> list[tuple[float, str, tuple]]:
     """The BEAM best readings of one word (pieces start..stop-1): (log-probability, class symbols, the spans)."""
     beams: dict[int, list[tuple[float, str, tuple]]] = {start: [(0.0, "", ())]}
     by_start: dict[int, list[tuple[int, int]]] = {}
@@ -169,14 +171,15 @@ def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, s
             lp = table.logp[row[span]]
             best = np.argsort(-lp)[:TOP_K]
             nxt = beams.setdefault(span[1], [])
+            extra = SPAN_BIAS + prior.get(span, 0.0)
             for score, text, path in here:
                 for c in best:
-                    nxt.append((score + float(lp[c]) + SPAN_BIAS, text + table.classes[c], (*path, span)))
+                    nxt.append((score + float(lp[c]) + extra, text + table.classes[c], (*path, span)))
     out = sorted(beams.get(stop, []), key=lambda b: -b[0])
     return out[:BEAM]
 
 
-def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int):
+def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int, prior: dict):
     """The segmentation of pieces start..stop-1 into len(word) spans under which the model finds `word` most
     likely: (log-probability, spans), or None when no segmentation has that many characters."""
     cls = [table.fold_of(ch) for ch in word]
@@ -190,7 +193,7 @@ def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, st
         prev, cur, c = best[m - 1], best[m], cls[m - 1]
         for span in spans:
             if span[0] in prev:
-                score = prev[span[0]][0] + float(table.fold_logp[row[span], c]) + SPAN_BIAS
+                score = prev[span[0]][0] + float(table.fold_logp[row[span], c]) + SPAN_BIAS + prior.get(span, 0.0)
                 if span[1] not in cur or score > cur[span[1]][0]:
                     cur[span[1]] = (score, (*prev[span[0]][1], span))
         if not cur:
@@ -284,7 +287,7 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     framed = dict(zip(usable, images, strict=True))
     by_span = dict(zip(usable, probs, strict=True))
     decoded = decode([(w.start, w.stop, [s for s in ss if s in by_span]) for w, ss in zip(words, spans, strict=True)],
-                     by_span, list(classes), lexicon)
+                     by_span, list(classes), lexicon, span_prior(line, words, usable))
     out = []
     for d in decoded:
         if d is None:  # a word none of whose segmentations reaches its end (every span of a piece unusable)
@@ -301,6 +304,25 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     return Reading(" ".join(w.text for w in out), " ".join(w.raw for w in out), out, name, size)
 
 
+def span_prior(line, words: list[range], spans: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+    """What the ink alone says of each span: a character that ends where segment.py cut through ink costs
+    CUT_COST, one that runs over blank columns MERGE_COST for each gap (pieces of one component, cut apart,
+    are joined for free)."""
+    stop_of = {k: w.stop for w in words for k in w}
+    pieces = line.pieces
+
+    def cut(k: int) -> bool:  # pieces k-1 and k are parts of one component
+        return 0 < k < len(pieces) and pieces[k].comps == pieces[k - 1].comps
+
+    out = {}
+    for i, j in spans:
+        score = -sum(MERGE_COST for k in range(i + 1, j) if not cut(k))
+        if j < stop_of[i] and cut(j):
+            score -= CUT_COST
+        out[(i, j)] = score
+    return out
+
+
 @dataclass
 class Decoded:
     text: str  # the word as read (after the lexicon)
@@ -311,14 +333,15 @@ class Decoded:
 
 
 def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tuple[int, int], np.ndarray],
-           classes: list[str], lexicon: Lexicon | None = None) -> list[Decoded | None]:
+           classes: list[str], lexicon: Lexicon | None = None, prior: dict | None = None) -> list[Decoded | None]:
     """Choose each word's segmentation and characters. words: (first piece, end piece, the spans (i, j) that may
-    be a character: pieces i..j-1); probs: each span's class probabilities. A word gives None when no run of its
-    spans covers it."""
+    be a character: pieces i..j-1); probs: each span's class probabilities; prior: a log-score for a span from the
+    ink alone (span_prior). A word gives None when no run of its spans covers it."""
+    prior = prior or {}
     table = _Table(np.stack(list(probs.values())), classes)
     row = {s: r for r, s in enumerate(probs)}
     merged = merged_classes(classes)
-    nbests = [_nbest(ss, row, table, a, b) for a, b, ss in words]
+    nbests = [_nbest(ss, row, table, a, b, prior) for a, b, ss in words]
     votes = [_case_votes(nb[0][1], merged) for nb in nbests if nb]
     line_votes = (sum(v[0] for v in votes), sum(v[1] for v in votes))
     out: list[Decoded | None] = []
@@ -328,7 +351,7 @@ def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tupl
             continue
         _, symbols, path = nb[0]
         raw = _cased(symbols, merged, line_votes)
-        found = _correct(nb, ss, row, table, lexicon, a, b) if lexicon is not None else None
+        found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None else None
         if found is None:
             out.append(Decoded(raw, raw, path, False, merged))
         else:
@@ -337,7 +360,7 @@ def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tupl
     return out
 
 
-def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, stop: int):
+def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, stop: int, prior: dict):
     """The lexicon word that beats the model's own best reading once frequency, edits and the cost of a word
     outside the lexicon are counted: (term, its written form, its spans), or None to keep the model's reading."""
     top_score, top_symbols, _ = nbest[0]
@@ -349,7 +372,7 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
             if term in seen:
                 continue
             seen.add(term)
-            aligned = _align(term, spans, row, table, start, stop)
+            aligned = _align(term, spans, row, table, start, stop, prior)
             if aligned is None:
                 continue
             score = (aligned[0] + LEXICON_WEIGHT * lexicon.log_frequency(term)
