@@ -59,6 +59,20 @@ def digits_data(digits_dir):
     return load_dataset("digits", digits_dir, val_fraction=0.2, seed=0)
 
 
+@pytest.fixture(scope="session")
+def digits_model(digits_data, tmp_path_factory):
+    """(Predictor, checkpoint path) of a small CNN trained on the generated digits (>= 80 % on validation): the
+    predictor's and the line reader's tests share it."""
+    from training.predict import Predictor
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("digits_model")
+    cfg = {"split": "digits", "epochs": 12, "batch_size": 32, "hist_every": 0, "lr": 3e-3, "scheduler": "onecycle"}
+    result = train(cfg, digits_data, out_dir=out)
+    assert result.best_val_acc > 0.8
+    return Predictor.from_checkpoint(out / "best.pt"), out / "best.pt"
+
+
 @pytest.fixture
 def tiny_config() -> dict:
     """Shrunk training config for tests: few epochs, small batches, no histograms."""

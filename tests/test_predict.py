@@ -15,18 +15,13 @@ from tests.conftest import render_char
 from training.data import load_test
 from training.inference import evaluate
 from training.predict import Predictor
-from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def digits_predictor(digits_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pred_run")
-    cfg = {"split": "digits", "epochs": 12, "batch_size": 32, "hist_every": 0, "lr": 3e-3, "scheduler": "onecycle"}
-    result = train(cfg, digits_data, out_dir=out)
-    assert result.best_val_acc > 0.8
-    return Predictor.from_checkpoint(out / "best.pt"), out / "best.pt"
+def digits_predictor(digits_model):
+    return digits_model
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from PIL import Image
 from tests.conftest import render_char
 from training.data import BUILTIN_CLASSES
 from training.lexicon import Lexicon, LexiconError, english, load_lexicon, read_word_list
-from training.predict import Predictor
+from training.predict import main as predict_main
 from training.reading import Reading, ReadingError, decode, merged_classes
-from training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 BALANCED = list(BUILTIN_CLASSES["balanced"])
@@ -168,11 +167,8 @@ def test_word_list_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_reader(digits_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("read_run")
-    cfg = {"split": "digits", "epochs": 12, "batch_size": 32, "hist_every": 0, "lr": 3e-3, "scheduler": "onecycle"}
-    assert train(cfg, digits_data, out_dir=out).best_val_acc > 0.8
-    return Predictor.from_checkpoint(out / "best.pt"), out / "best.pt"
+def digits_reader(digits_model):
+    return digits_model
 
 
 def digit_line(text: str, seed: int = 0, scale: int = 3, gap: int = 12, space: int = 60):
@@ -256,29 +252,29 @@ def test_hostile_images_give_messages(digits_reader):
     assert len(pred.read(deep).chars) == 2
 
 
-def test_cli_reads_a_line(digits_reader, tmp_path):
+def test_cli_reads_a_line(digits_reader, tmp_path, cli, capsys):
     _, ckpt = digits_reader
     digit_line("2024 17")[0].save(tmp_path / "line.png")
     Image.new("L", (200, 60), 255).save(tmp_path / "blank.png")
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    base = [sys.executable, str(REPO / "training" / "predict.py"), str(ckpt)]
-    r = subprocess.run(base + ["--read", str(tmp_path / "line.png"), "--lexicon", "none"], capture_output=True,
-                       text=True, timeout=120)
+    # as the user runs it
+    r = subprocess.run([sys.executable, str(REPO / "training" / "predict.py"), str(ckpt), "--read",
+                        str(tmp_path / "line.png"), "--lexicon", "none"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines[0].split()) == 2 and len(lines[0]) == 7
     assert len([x for x in lines if x.startswith("  ")]) == 6  # one line per character: its top-3
     assert all(len(x.split()) == 7 for x in lines if x.startswith("  "))  # "c: a p b q c r"
-    r = subprocess.run(base + ["--read", str(tmp_path / "line.png"), "--lexicon", "none", "--json"],
-                       capture_output=True, text=True, timeout=120)
-    assert Reading.from_json(json.loads(r.stdout)).text == lines[0]
-    r = subprocess.run(base + ["--read", str(tmp_path / "blank.png")], capture_output=True, text=True, timeout=120)
+    # the rest through main() in this process
+    r = cli(predict_main, ckpt, "--read", tmp_path / "line.png", "--lexicon", "none", "--json")
+    assert r.returncode == 0 and Reading.from_json(json.loads(r.stdout)).text == lines[0]
+    r = cli(predict_main, ckpt, "--read", tmp_path / "blank.png")
     assert r.returncode == 1 and "no writing found" in r.stdout and not r.stderr.strip()
-    r = subprocess.run(base + ["--read", str(tmp_path / "junk.png"), "--lexicon", "none"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 1 and r.stdout.count("\n") == 1 and "error:" in r.stdout and "Traceback" not in r.stderr
-    r = subprocess.run(base + ["--read", str(tmp_path / "line.png"), "--lexicon", str(tmp_path / "nope.txt")],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "nope.txt not found" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(base, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--read" in r.stderr
+    r = cli(predict_main, ckpt, "--read", tmp_path / "junk.png", "--lexicon", "none")
+    assert r.returncode == 1 and r.stdout.count("\n") == 1 and "error:" in r.stdout
+    r = cli(predict_main, ckpt, "--read", tmp_path / "line.png", "--lexicon", tmp_path / "nope.txt")
+    assert r.returncode == 2 and "nope.txt not found" in r.stderr and r.stderr.count("\n") == 1
+    for args in ([], ["--read", tmp_path / "line.png", tmp_path / "line.png"]):
+        with pytest.raises(SystemExit) as e:
+            cli(predict_main, ckpt, *args)
+        assert e.value.code == 2 and "--read" in capsys.readouterr().err
