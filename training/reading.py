@@ -30,10 +30,10 @@ BEAM = 16  # hypotheses kept per position of a word's lattice
 TOP_K = 5  # characters tried per span
 SPAN_BIAS = 0.0  # log-score added per character: < 0 favours fewer, wider characters
 CUT_COST = 1.0  # a character boundary where segment.py cut through ink (most letters do not touch)
-MERGE_COST = 2.0  # one character over blank columns (a broken stroke is rarer than two letters)
+MERGE_COST = 1.0  # one character over blank columns (a broken stroke is rarer than two letters)
 LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
-EDIT_COST = 1.0  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
-OOV_COST = 5.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
+EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
+OOV_COST = 10.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
 
 
