@@ -65,9 +65,9 @@ def test_the_beam_chooses_the_segmentation_with_the_best_product():
 
 def test_a_wide_span_loses_to_two_confident_characters():
     spans = [(0, 1), (1, 2), (0, 2)]
-    words, probs = word(spans, [{"t": 0.97}, {"0": 0.96}, {"M": 0.4}])
+    words, probs = word(spans, [{"t": 0.97}, {"O": 0.96}, {"M": 0.4}])
     (d,) = decode(words, probs, BALANCED)
-    assert d.raw == "t0" and d.spans == ((0, 1), (1, 2))
+    assert d.raw == "to" and d.spans == ((0, 1), (1, 2))
 
 
 def test_a_word_no_span_covers_gives_none_and_the_others_read():
@@ -76,16 +76,28 @@ def test_a_word_no_span_covers_gives_none_and_the_others_read():
     assert out[0] is None and out[1].text == "4"
 
 
-HELLO = [{"h": 0.9}, {"e": 0.9}, {"1": 0.55, "L": 0.4}, {"L": 0.9}, {"0": 0.5, "O": 0.45}]
+HELLO = [{"h": 0.9}, {"e": 0.9}, {"L": 0.9}, {"L": 0.9}, {"C": 0.6, "O": 0.3}]
 
 
 def test_the_lexicon_corrects_a_word_the_model_misread(tmp_path):
     spans = [(i, i + 1) for i in range(5)]
     words, probs = word(spans, HELLO)
-    assert decode(words, probs, BALANCED)[0].raw == "he1l0"
+    assert decode(words, probs, BALANCED)[0].raw == "hellc"
     lex = small_lexicon(tmp_path, "hello 100\nhelp 5000\nworld 300\n")
     (d,) = decode(words, probs, BALANCED, lex)
-    assert d.text == "hello" and d.raw == "he1l0" and d.in_lexicon and len(d.spans) == 5
+    assert d.text == "hello" and d.raw == "hellc" and d.in_lexicon and len(d.spans) == 5
+
+
+def test_words_are_letters_or_numbers():
+    # the model alone prefers 1 and 0 in "hello" and O in "2024", a little: the word's other characters decide
+    words, probs = word([(i, i + 1) for i in range(5)],
+                        [{"h": 0.9}, {"e": 0.9}, {"1": 0.55, "L": 0.4}, {"L": 0.9}, {"0": 0.5, "O": 0.45}])
+    assert decode(words, probs, BALANCED)[0].raw == "hello"
+    words, probs = word([(i, i + 1) for i in range(4)], [{"2": 0.9}, {"O": 0.5, "0": 0.4}, {"2": 0.9}, {"4": 0.9}])
+    assert decode(words, probs, BALANCED)[0].raw == "2024"
+    # a sure digit stays one: "b4" is what was written
+    words, probs = word([(0, 1), (1, 2)], [{"b": 0.9}, {"4": 0.98}])
+    assert decode(words, probs, BALANCED)[0].raw == "b4"
 
 
 def test_the_english_list_corrects_and_ranks_by_frequency():

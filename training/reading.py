@@ -30,6 +30,7 @@ BEAM = 16  # hypotheses kept per position of a word's lattice
 TOP_K = 5  # characters tried per span
 SPAN_BIAS = 0.0  # log-score added per character: < 0 favours fewer, wider characters
 CUT_COST = 1.0  # a character boundary where segment.py cut through ink (most letters do not touch)
+MIX_COST = 2.0  # a digit next to a letter within a word (words are letters or numbers; "he11o" is hello)
 MERGE_COST = 1.0  # one character over blank columns (a broken stroke is rarer than two letters)
 LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
 EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
@@ -174,7 +175,9 @@ def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, s
             extra = SPAN_BIAS + prior.get(span, 0.0)
             for score, text, path in here:
                 for c in best:
-                    nxt.append((score + float(lp[c]) + extra, text + table.classes[c], (*path, span)))
+                    ch = table.classes[c]
+                    mix = MIX_COST if text and ch.isdigit() != text[-1].isdigit() else 0.0
+                    nxt.append((score + float(lp[c]) + extra - mix, text + ch, (*path, span)))
     out = sorted(beams.get(stop, []), key=lambda b: -b[0])
     return out[:BEAM]
 
