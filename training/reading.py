@@ -34,7 +34,7 @@ MIX_COST = 2.0  # a digit next to a letter within a word (words are letters or n
 MERGE_COST = 2.0  # one character over blank columns (a broken stroke is rarer than two letters)
 LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
 EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
-OOV_COST = 10.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
+OOV_COST = 12.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
 
 
