@@ -40,6 +40,7 @@ from training.data import read_split
 from training.ensemble import TestTimeAugment
 from training.lexicon import load_lexicon
 from training.predict import Predictor, resolve_model
+from training.reading import edits
 
 MIN_LETTERS, MAX_LETTERS = 2, 12
 
@@ -125,17 +126,6 @@ def ten_letter_samples(bank, vocab: list[str], x: np.ndarray, n: int, seed: int,
 
 
 # -- scoring --------------------------------------------------------------------------------------------------
-
-
-def edits(a, b) -> int:
-    """Levenshtein distance between two sequences."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def matched_words(ref: list[str], hyp: list[str]) -> list[bool]:

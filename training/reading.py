@@ -204,8 +204,8 @@ def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, st
     return best[n].get(stop)
 
 
-def _edits(a: str, b: str) -> int:
-    """Levenshtein distance."""
+def edits(a, b) -> int:
+    """Levenshtein distance between two sequences (strings, or lists of words: benchmarks/read.py)."""
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -229,7 +229,9 @@ def _cased(symbols: str, merged: set[str], line_votes: tuple[int, int]) -> str:
     when most of them are, else lowercase, the first letter a capital when it is one and the rest are not."""
     up, low = _case_votes(symbols[1:], merged)
     if up + low == 0:
-        up, low = _case_votes(symbols, merged) if _case_votes(symbols, merged) != (0, 0) else line_votes
+        up, low = _case_votes(symbols, merged)
+        if up + low == 0:
+            up, low = line_votes
     upper = up > low
     first = symbols[:1]
     first_up = first.isupper() and first not in merged  # a told capital; a merged one follows the rest
@@ -379,7 +381,7 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
             if aligned is None:
                 continue
             score = (aligned[0] + LEXICON_WEIGHT * lexicon.log_frequency(term)
-                     - EDIT_COST * _edits(top_symbols.lower(), term))
+                     - EDIT_COST * edits(top_symbols.lower(), term))
             if score > keep and (best is None or score > best[0]):
                 best = (score, term, aligned[1])
     if best is None:
