@@ -124,6 +124,27 @@ def test_the_lexicon_may_choose_another_segmentation(tmp_path):
     assert d.text == "me" and d.spans == ((0, 2), (2, 3))
 
 
+def test_all_words_aligned_at_once_score_as_one_at_a_time():
+    # _align_scores (hundreds of lexicon words in arrays) must give _align's score for every word, -inf where a
+    # word has no segmentation into that many characters or a letter the classes lack
+    from training.reading import _align, _align_scores, _Table
+
+    rng = np.random.default_rng(3)
+    spans = [(i, j) for i in range(2, 9) for j in range(i + 1, min(i + 4, 9) + 1) if rng.random() < 0.8]
+    spans += [(i, i + 1) for i in range(2, 9) if (i, i + 1) not in spans]
+    probs = rng.dirichlet(np.full(len(BALANCED), 0.3), len(spans))
+    row = {s: k for k, s in enumerate(spans)}
+    prior = {s: -float(rng.random()) for s in spans if rng.random() < 0.5}
+    tab = _Table(probs, BALANCED)
+    terms = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz0123"), n)) for n in rng.integers(1, 10, 300)]
+    terms += ["a", "", "ab\u00e9c", "ABcd"]
+    got = _align_scores(terms, spans, row, tab, 2, 9, prior)
+    for t, g in zip(terms, got, strict=True):
+        one = _align(t, spans, row, tab, 2, 9, prior) if t else None
+        assert (g == -np.inf) if one is None else g == pytest.approx(one[0], abs=1e-9), t
+    assert np.isfinite(got).sum() > 100  # (most words of 2..7 letters do fit)
+
+
 def test_case_of_merged_letters_follows_the_word_and_the_line(tmp_path):
     # "HELLO": H and E are told capitals (Balanced has h and e), so the merged L and O are capitals too
     caps = [{"H": 0.9}, {"E": 0.9}, {"L": 0.9}, {"L": 0.9}, {"O": 0.9}]

@@ -56,3 +56,17 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
         return probs.log()
+
+
+def one_view(model: nn.Module) -> nn.Module | None:
+    """The cheapest single pass of a delivered model: a TestTimeAugment's model on the identity view, an ensemble's
+    first member (so), or None when the model is one pass already. Reading a line screens its many candidate
+    characters with it and gives the full model only those the decoder may choose (training/reading.py)."""
+    if isinstance(model, TestTimeAugment):
+        inner = model.model
+    elif isinstance(model, Ensemble):
+        inner = model.members[0]
+    else:
+        return None
+    deeper = one_view(inner)
+    return inner if deeper is None else deeper

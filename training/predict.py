@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from training.ensemble import one_view
 from training.inference import predict_logits, resolve_device
 from training.ink import ImageError, load_image
 from training.lexicon import LexiconError, load_lexicon
@@ -73,11 +74,12 @@ class Predictor:
         dev = resolve_device(device)
         return cls(build_from_checkpoint(ckpt, dev, where=str(path)), ckpt["classes"], ckpt["config"], dev)
 
-    def probabilities(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Class probabilities for already-prepared uint8 images (N, 28, 28), upright."""
+    def probabilities(self, images: torch.Tensor | np.ndarray, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Class probabilities for already-prepared uint8 images (N, 28, 28), upright (by `model`, one pass of
+        this predictor's model, when given)."""
         x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).to(self.device)
         # fp32: exact probabilities; single images cost nothing either way
-        return predict_logits(self.model, x, batch_size=512, precision="fp32").softmax(1).cpu()
+        return predict_logits(model or self.model, x, batch_size=512, precision="fp32").softmax(1).cpu()
 
     def predict(self, images, k: int = 5) -> list[Prediction]:
         """Top-k characters for each image (PIL images or arrays of any size, mode and polarity).
@@ -109,7 +111,10 @@ class Predictor:
         is and classified in one batch. lexicon: None or "none" (the model alone), "english", a word-list file,
         or a loaded training.lexicon.Lexicon. A bad image gives a Reading with a message; a bad lexicon raises
         LexiconError."""
-        return read_line(image, lambda x: self.probabilities(x).numpy(), self.classes, load_lexicon(lexicon), k=k)
+        single = one_view(self.model)  # (TTA or an ensemble: candidates are screened by one pass first)
+        screen = None if single is None else (lambda x: self.probabilities(x, single).numpy())
+        return read_line(image, lambda x: self.probabilities(x).numpy(), self.classes, load_lexicon(lexicon), k=k,
+                         screen=screen)
 
 
 def main(argv: list[str] | None = None) -> int:

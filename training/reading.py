@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from editdistpy import levenshtein
 
 from training.ink import ImageError
 from training.lexicon import Lexicon
@@ -36,6 +37,7 @@ LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's mo
 EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
 OOV_COST = 12.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
+CONFIRM = 4  # with a screening pass: each word's best readings whose spans the full model scores (see read_line)
 
 
 class ReadingError(ValueError):
@@ -204,8 +206,45 @@ def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, st
     return best[n].get(stop)
 
 
+def _align_scores(terms: list[str], spans: list[tuple[int, int]], row: dict, table: _Table, start: int,
+                  stop: int, prior: dict) -> np.ndarray:
+    """_align's log-probability for every term at once (-inf where it has none): the same dynamic programme over
+    the positions between pieces, run for all terms of one length together as arrays (a word's reading tries
+    hundreds of lexicon words)."""
+    out = np.full(len(terms), -np.inf)
+    if not spans or not terms:
+        return out
+    spans = sorted(spans, key=lambda s: s[1])
+    i_at = np.array([s[0] - start for s in spans])
+    ends = np.array([s[1] - start for s in spans])
+    firsts = np.flatnonzero(np.r_[True, ends[1:] != ends[:-1]])  # each end's first span (sorted by end)
+    extra = np.array([SPAN_BIAS + prior.get(s, 0.0) for s in spans])
+    logp = table.fold_logp[[row[s] for s in spans]]  # (spans, folds)
+    width = stop - start + 1
+    by_length: dict[int, list[int]] = {}
+    for t, term in enumerate(terms):
+        by_length.setdefault(len(term), []).append(t)
+    for n, which in by_length.items():
+        cls = [[table.fold_of(ch) for ch in terms[t]] for t in which]
+        ok = [k for k, c in enumerate(cls) if None not in c]
+        if not ok or n == 0:
+            continue
+        which = [which[k] for k in ok]
+        cls = np.array([cls[k] for k in ok])  # (words, n)
+        best = np.full((len(which), width), -np.inf)
+        best[:, 0] = 0.0
+        for m in range(n):
+            cand = best[:, i_at] + logp[:, cls[:, m]].T + extra  # (words, spans): word[:m+1] ending with each span
+            best = np.full_like(best, -np.inf)
+            best[:, ends[firsts]] = np.maximum.reduceat(cand, firsts, axis=1)
+        out[which] = best[:, width - 1]
+    return out
+
+
 def edits(a, b) -> int:
     """Levenshtein distance between two sequences (strings, or lists of words: benchmarks/read.py)."""
+    if isinstance(a, str) and isinstance(b, str):  # (editdistpy's compiled distance: the decoder calls it ~1000x)
+        return levenshtein.distance(a, b, max(len(a), len(b)))
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         cur = [i]
@@ -263,9 +302,12 @@ def _as_written(term: str, form: str, symbols: str, merged: set[str], line_votes
 
 
 def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes: list[str],
-              lexicon: Lexicon | None = None, k: int = 3) -> Reading:
+              lexicon: Lexicon | None = None, k: int = 3, screen: Callable | None = None) -> Reading:
     """Read a line of writing. `probabilities` takes (N, 28, 28) uint8 images and gives (N, len(classes))
-    probabilities (Predictor.probabilities). Never raises for the image: a Reading with a message instead."""
+    probabilities (Predictor.probabilities); `screen`, the same from a cheaper pass of the model (one view of a
+    TTA model, one member of an ensemble), or None to score every candidate with `probabilities`. Every
+    character read is scored by `probabilities` either way. Never raises for the image: a Reading with a message
+    instead."""
     name = lexicon.name if lexicon is not None else "none"
     try:
         line = segment_line(image)
@@ -288,11 +330,27 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
             continue
     if not images:
         return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
-    probs = np.asarray(probabilities(np.stack(images)), dtype=np.float64)
     framed = dict(zip(usable, images, strict=True))
-    by_span = dict(zip(usable, probs, strict=True))
-    decoded = decode([(w.start, w.stop, [s for s in ss if s in by_span]) for w, ss in zip(words, spans, strict=True)],
-                     by_span, list(classes), lexicon, span_prior(line, words, usable))
+    spec = [(w.start, w.stop, [s for s in ss if s in framed]) for w, ss in zip(words, spans, strict=True)]
+    prior = span_prior(line, words, usable)
+    if screen is None:
+        by_span = dict(zip(usable, np.asarray(probabilities(np.stack(images)), dtype=np.float64), strict=True))
+        decoded = decode(spec, by_span, list(classes), lexicon, prior)
+    else:
+        # a line of n letters offers ~7n candidate characters, of which the decoder keeps n: one pass of the model
+        # (a TTA's identity view, an ensemble's first member) screens them all, then the full model scores the
+        # spans of each word's CONFIRM best readings and of the words chosen, again until every span the decoder
+        # chooses has the full model's probabilities (a few rounds; at worst every span once)
+        by_span = dict(zip(usable, np.asarray(screen(np.stack(images)), dtype=np.float64), strict=True))
+        confirmed: set = set()
+        while True:
+            decoded = decode(spec, by_span, list(classes), lexicon, prior)
+            need = sorted({sp for d in decoded if d is not None for sp in d.contenders} - confirmed)
+            if not need:
+                break
+            full = np.asarray(probabilities(np.stack([framed[sp] for sp in need])), dtype=np.float64)
+            by_span.update(zip(need, full, strict=True))
+            confirmed.update(need)
     out = []
     for d in decoded:
         if d is None:  # a word none of whose segmentations reaches its end (every span of a piece unusable)
@@ -335,6 +393,7 @@ class Decoded:
     spans: tuple[tuple[int, int], ...]  # the span of each character of text
     in_lexicon: bool
     merged: set[str]  # the classes that hold both cases
+    contenders: set = field(default_factory=set)  # spans of the chosen, the raw and the CONFIRM best readings
 
 
 def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tuple[int, int], np.ndarray],
@@ -357,11 +416,13 @@ def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tupl
         _, symbols, path = nb[0]
         raw = _cased(symbols, merged, line_votes)
         found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None else None
+        contenders = {sp for _, _, p in nb[:CONFIRM] for sp in p}
         if found is None:
-            out.append(Decoded(raw, raw, path, False, merged))
+            out.append(Decoded(raw, raw, path, False, merged, contenders))
         else:
             term, form, spans = found
-            out.append(Decoded(_as_written(term, form, symbols, merged, line_votes), raw, spans, True, merged))
+            out.append(Decoded(_as_written(term, form, symbols, merged, line_votes), raw, spans, True, merged,
+                               contenders | set(spans)))
     return out
 
 
@@ -369,24 +430,24 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
     """The lexicon word that beats the model's own best reading once frequency, edits and the cost of a word
     outside the lexicon are counted: (term, its written form, its spans), or None to keep the model's reading."""
     top_score, top_symbols, _ = nbest[0]
-    keep = top_score - OOV_COST
-    best = None
-    seen = set()
+    top = top_symbols.lower()
+    terms: dict[str, None] = {}  # (ordered: the nearest readings' words first, as ties are broken)
+    looked = set()
     for _, symbols, _ in nbest[: max(4, BEAM // 2)]:
-        for term, _edits_away in lexicon.candidates(symbols.lower()):
-            if term in seen:
-                continue
-            seen.add(term)
-            aligned = _align(term, spans, row, table, start, stop, prior)
-            if aligned is None:
-                continue
-            score = (aligned[0] + LEXICON_WEIGHT * lexicon.log_frequency(term)
-                     - EDIT_COST * edits(top_symbols.lower(), term))
-            if score > keep and (best is None or score > best[0]):
-                best = (score, term, aligned[1])
-    if best is None:
+        if symbols.lower() in looked:  # (readings that differ only in case look up the same words)
+            continue
+        looked.add(symbols.lower())
+        terms.update((term, None) for term, _edits_away in lexicon.candidates(symbols))
+    if not terms:
         return None
-    return best[1], lexicon.form(best[1]), best[2]
+    terms = list(terms)
+    score = _align_scores(terms, spans, row, table, start, stop, prior)
+    score += np.array([LEXICON_WEIGHT * lexicon.log_frequency(t) - EDIT_COST * edits(top, t) for t in terms])
+    k = int(np.argmax(score))
+    if not score[k] > top_score - OOV_COST:
+        return None
+    aligned = _align(terms[k], spans, row, table, start, stop, prior)
+    return terms[k], lexicon.form(terms[k]), aligned[1]
 
 
 def describe(reading: Reading) -> str:
