@@ -254,6 +254,35 @@ def test_read_finds_the_words_the_boxes_and_the_images(digits_reader):
         assert one.top[0][0] == c.top[0][0]
 
 
+@pytest.mark.parametrize("kind", ["tta", "ensemble"])
+def test_a_tta_model_or_ensemble_screens_with_one_pass_and_scores_what_it_reads_in_full(digits_reader, kind):
+    # the line's candidates go through one pass (the identity view / the first member); every character read
+    # carries the full model's probabilities, and fewer images than candidates x passes went through in full
+    from training.ensemble import Ensemble, TestTimeAugment
+    from training.predict import Predictor
+
+    pred, _ = digits_reader
+    model = TestTimeAugment(pred.model, 5) if kind == "tta" else Ensemble([pred.model, pred.model])
+    full = Predictor(model, pred.classes, pred.config, pred.device)
+    seen = {"screen": 0, "full": 0}
+    probabilities = full.probabilities
+
+    def counted(images, model=None):
+        seen["full" if model is None else "screen"] += len(images)
+        return probabilities(images, model)
+
+    full.probabilities = counted
+    image, _ = digit_line("2024 17 93", seed=4)
+    r = full.read(image)
+    assert r.found and len(r.chars) == 8
+    assert 8 <= seen["full"] < seen["screen"]  # (the screen saw every candidate, the full model a few)
+    alone = probabilities(np.stack([c.image for c in r.chars])).numpy()
+    for c, p in zip(r.chars, alone, strict=True):
+        order = np.argsort(-p)[:3]
+        assert [s for s, _ in c.top] == [pred.classes[k] for k in order]
+        assert [v for _, v in c.top] == pytest.approx(p[order].tolist(), abs=1e-6)
+
+
 def test_reading_round_trips_and_a_damaged_one_is_refused(digits_reader):
     pred, _ = digits_reader
     r = pred.read(digit_line("31 4")[0])

@@ -32,6 +32,7 @@ class Lexicon:
         self.name = name
         self.counts, self.forms = counts, forms
         self._top = max(counts.values())
+        self._found: dict[tuple[str, int], list[tuple[str, int]]] = {}  # lookups already made (see candidates)
         # editdistpy's compiled distance (symspellpy[editdistpy]): lookups ~5x faster than the pure-Python one
         self._spell = SymSpell(max_dictionary_edit_distance=MAX_DISTANCE, prefix_length=7,
                                distance_comparer=EditDistance(DistanceAlgorithm.DAMERAU_OSA_FAST))
@@ -51,8 +52,16 @@ class Lexicon:
         word = word.lower()
         if not word or len(word) > MAX_WORD:
             return []
-        found = self._spell.lookup(word, Verbosity.ALL, max_edit_distance=min(max_distance, MAX_DISTANCE))
-        return [(s.term, s.distance) for s in found]
+        key = (word, min(max_distance, MAX_DISTANCE))
+        hit = self._found.get(key)
+        if hit is None:
+            # (kept: reading a line decodes it again after the full model scores the chosen spans, and the same
+            # readings come back; ~1 ms a lookup)
+            if len(self._found) >= 50_000:
+                self._found.clear()
+            hit = [(s.term, s.distance) for s in self._spell.lookup(word, Verbosity.ALL, max_edit_distance=key[1])]
+            self._found[key] = hit
+        return list(hit)
 
     def log_frequency(self, word: str) -> float:
         """log of the word's count over the commonest word's (0 for the commonest, below for the rest)."""

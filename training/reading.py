@@ -37,7 +37,7 @@ LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's mo
 EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
 OOV_COST = 12.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
-CONFIRM = 4  # with a screening pass: each word's best readings whose spans the full model scores (see read_line)
+CONFIRM = 1  # with a screening pass: each word's best readings whose spans the full model scores (see read_line)
 
 
 class ReadingError(ValueError):
