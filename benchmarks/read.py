@@ -233,10 +233,10 @@ class Clock:
             finally:
                 self.segment += time.perf_counter() - t
 
-        def timed_model(images):
+        def timed_model(images, *args, **kwargs):
             t = time.perf_counter()
             try:
-                return probabilities(images)
+                return probabilities(images, *args, **kwargs)
             finally:
                 self.model += time.perf_counter() - t
 

@@ -267,9 +267,9 @@ def test_a_tta_model_or_ensemble_screens_with_one_pass_and_scores_what_it_reads_
     seen = {"screen": 0, "full": 0}
     probabilities = full.probabilities
 
-    def counted(images, model=None):
+    def counted(images, model=None, precision="fp32"):
         seen["full" if model is None else "screen"] += len(images)
-        return probabilities(images, model)
+        return probabilities(images, model, precision)
 
     full.probabilities = counted
     image, _ = digit_line("2024 17 93", seed=4)

@@ -12,6 +12,8 @@ import functools
 import math
 from pathlib import Path
 
+import numpy as np
+
 ENGLISH = "english"
 MAX_DISTANCE = 2  # edits between what the model read and a word it may be
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -66,6 +68,11 @@ class Lexicon:
     def log_frequency(self, word: str) -> float:
         """log of the word's count over the commonest word's (0 for the commonest, below for the rest)."""
         return math.log(self.counts.get(word.lower(), 1) / self._top)
+
+    def log_frequencies(self, words: list[str]) -> np.ndarray:
+        """log_frequency of each word (lowercase words: what candidates gives)."""
+        counts = self.counts
+        return np.log(np.array([counts.get(w, 1) for w in words], np.float64) / self._top)
 
     def form(self, word: str) -> str:
         """The word as the list writes it."""

@@ -87,7 +87,9 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     grid[:h, :w] = mask
     grid = grid.reshape(gh, f, gw, f).any(axis=(1, 3))
 
-    labels, _ = ndimage.label(grid, structure=_EIGHT_CONNECTED)  # 0 = background, pieces 1..n
+    labels, n = ndimage.label(grid, structure=_EIGHT_CONNECTED)  # 0 = background, pieces 1..n
+    if n == 1:  # one piece: it is the character (the usual case; each candidate of a line is framed here)
+        return _bbox(mask)
     areas = np.bincount(labels.ravel())[1:]
     boxes = np.array([(r.start, r.stop - 1, c.start, c.stop - 1) for r, c in ndimage.find_objects(labels)])
     tops, bottoms, lefts, rights = boxes.T
@@ -99,10 +101,12 @@ def _ink_box(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     reach = 0.2 * max(bottom - top + 1, right - left + 1)
     gap = np.maximum.reduce([top - bottoms, tops - bottom, left - rights, lefts - right, np.zeros_like(tops)])
     keep = np.flatnonzero(major | (gap <= reach)) + 1
+    if len(keep) == n:  # (every piece kept: the dot of an i, a broken stroke)
+        return _bbox(mask)
     kept = np.isin(labels, keep)
     # Back to full resolution: a pixel counts if its grid cell belongs to a kept piece.
-    full = kept[np.arange(h) // f][:, np.arange(w) // f]
-    return _bbox(mask & full)
+    full = kept if f == 1 else kept[np.arange(h) // f][:, np.arange(w) // f]
+    return _bbox(mask & full[:h, :w])
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:

@@ -156,11 +156,35 @@ class _Table:
     def fold_of(self, ch: str) -> int | None:
         return self.fold.get(ch.lower())
 
+    def folds_of(self, terms: list[str], n: int) -> tuple[list[int], np.ndarray]:
+        """For terms of n characters: (the indexes of those whose characters all have a fold, their folds
+        (len, n)). ASCII terms through a byte table in one go: a word's reading looks up hundreds."""
+        if not hasattr(self, "_lut"):
+            self._lut = np.full(256, -1, np.int64)
+            for ch, k in self.fold.items():
+                for c in {ch, ch.upper()}:
+                    if len(c) == 1 and ord(c) < 128:
+                        self._lut[ord(c)] = k
+        plain = [t for t, term in enumerate(terms) if term.isascii()]
+        folds = self._lut[np.frombuffer("".join(terms[t] for t in plain).encode("ascii"), np.uint8)]
+        folds = folds.reshape(len(plain), n)
+        valid = folds.min(axis=1) >= 0 if len(plain) else np.zeros(0, bool)
+        ok = np.asarray(plain, np.int64)[valid].tolist()
+        rows = [folds[valid]]
+        for t, term in enumerate(terms):
+            if not term.isascii():
+                f = [self.fold_of(ch) for ch in term]
+                if None not in f:
+                    ok.append(t)
+                    rows.append(np.array([f], np.int64))
+        return ok, np.concatenate(rows)
+
 
 def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int,
            prior: dict) -> list[tuple[float, str, tuple]]:
     """The BEAM best readings of one word (pieces start..stop-1): (log-probability, class symbols, the spans)."""
-    beams: dict[int, list[tuple[float, str, tuple]]] = {start: [(0.0, "", ())]}
+    # hypotheses: (score, symbols, spans, whether the last symbol is a digit)
+    beams: dict[int, list[tuple[float, str, tuple, bool]]] = {start: [(0.0, "", (), False)]}
     by_start: dict[int, list[tuple[int, int]]] = {}
     for s in spans:
         by_start.setdefault(s[0], []).append(s)
@@ -172,16 +196,17 @@ def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, s
         del here[BEAM:]
         for span in by_start.get(i, []):
             lp = table.logp[row[span]]
-            best = np.argsort(-lp)[:TOP_K]
-            nxt = beams.setdefault(span[1], [])
             extra = SPAN_BIAS + prior.get(span, 0.0)
-            for score, text, path in here:
-                for c in best:
-                    ch = table.classes[c]
-                    mix = MIX_COST if text and ch.isdigit() != text[-1].isdigit() else 0.0
-                    nxt.append((score + float(lp[c]) + extra - mix, text + ch, (*path, span)))
+            options = [(float(lp[c]) + extra, table.classes[c], table.classes[c].isdigit())
+                       for c in np.argsort(-lp)[:TOP_K]]
+            nxt = beams.setdefault(span[1], [])
+            for score, text, path, digit in here:
+                path = (*path, span)
+                for value, ch, is_digit in options:
+                    mix = MIX_COST if text and is_digit != digit else 0.0
+                    nxt.append((score + value - mix, text + ch, path, is_digit))
     out = sorted(beams.get(stop, []), key=lambda b: -b[0])
-    return out[:BEAM]
+    return [b[:3] for b in out[:BEAM]]
 
 
 def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int, prior: dict):
@@ -225,12 +250,12 @@ def _align_scores(terms: list[str], spans: list[tuple[int, int]], row: dict, tab
     for t, term in enumerate(terms):
         by_length.setdefault(len(term), []).append(t)
     for n, which in by_length.items():
-        cls = [[table.fold_of(ch) for ch in terms[t]] for t in which]
-        ok = [k for k, c in enumerate(cls) if None not in c]
-        if not ok or n == 0:
+        if n == 0:
+            continue
+        ok, cls = table.folds_of([terms[t] for t in which], n)  # cls: (words, n)
+        if not ok:
             continue
         which = [which[k] for k in ok]
-        cls = np.array([cls[k] for k in ok])  # (words, n)
         best = np.full((len(which), width), -np.inf)
         best[:, 0] = 0.0
         for m in range(n):
@@ -442,7 +467,7 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
         return None
     terms = list(terms)
     score = _align_scores(terms, spans, row, table, start, stop, prior)
-    score += np.array([LEXICON_WEIGHT * lexicon.log_frequency(t) - EDIT_COST * edits(top, t) for t in terms])
+    score += LEXICON_WEIGHT * lexicon.log_frequencies(terms) - EDIT_COST * np.array([edits(top, t) for t in terms])
     k = int(np.argmax(score))
     if not score[k] > top_score - OOV_COST:
         return None
