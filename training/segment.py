@@ -57,6 +57,7 @@ class Line:
     to_input: np.ndarray = field(default_factory=lambda: np.eye(3))  # working (x, y, 1) -> input (x, y, 1)
     size: tuple[int, int] = (0, 0)  # the input image (width, height)
     _masks: dict = field(default_factory=dict, repr=False)  # piece index -> its pixels (see _member)
+    _rims: dict = field(default_factory=dict, repr=False)  # piece index -> its pixels dilated (see _rim)
 
     def words(self) -> list[range]:
         """The pieces of each word, in reading order."""
@@ -81,14 +82,20 @@ class Line:
         training/preprocess.frame_ink takes."""
         left, right = self.pieces[i].left, self.pieces[j - 1].right
         cols = slice(max(0, left - 3), right + 4)
-        member = np.zeros((self.labels.shape[0], cols.stop - cols.start), bool)
+        shape = (self.labels.shape[0], cols.stop - cols.start)
+        member, rim = np.zeros(shape, bool), np.zeros(shape, bool)
+        whole = True  # every piece inside the crop's columns (a piece may reach past the first one's left)
         for k in range(i, j):
             p = self.pieces[k]
-            a, b = max(p.left, cols.start), min(p.right + 1, cols.stop)  # (pieces may reach past the first's left)
+            a, b = max(p.left, cols.start), min(p.right + 1, cols.stop)
             member[:, a - cols.start : b - cols.start] |= self._member(k)[:, a - p.left : b - p.left]
+            whole &= (a, b) == (p.left, p.right + 1)
+            if whole:  # the rim of a union is the union of the rims: each piece's is found once a line
+                a2, b2 = max(p.left - 2, cols.start), min(p.right + 3, cols.stop)
+                rim[:, a2 - cols.start : b2 - cols.start] |= self._rim(k)[:, a2 - p.left + 2 : b2 - p.left + 2]
         rows = np.flatnonzero(member.any(axis=1))
         # the antialiased rim below 0.5: two 8-connected dilations (a 5x5 square, separable as a maximum filter)
-        member = ndimage.maximum_filter(member.view(np.uint8), 5, mode="constant").view(bool)
+        member = rim if whole else ndimage.maximum_filter(member.view(np.uint8), 5, mode="constant").view(bool)
         r0, r1 = max(0, int(rows[0]) - 3), int(rows[-1]) + 4
         out = self.ink[r0:r1, cols] * member[r0:r1, : self.ink.shape[1] - cols.start]
         top = float(out.max())
@@ -100,6 +107,13 @@ class Line:
             p = self.pieces[k]
             self._masks[k] = np.isin(self.labels[:, p.left : p.right + 1], p.comps)
         return self._masks[k]
+
+    def _rim(self, k: int) -> np.ndarray:
+        """Piece k's pixels dilated as crop dilates them, over its columns and two more each side."""
+        if k not in self._rims:
+            padded = np.pad(self._member(k), ((0, 0), (2, 2))).view(np.uint8)
+            self._rims[k] = ndimage.maximum_filter(padded, 5, mode="constant").view(bool)
+        return self._rims[k]
 
     def box(self, i: int, j: int) -> tuple[int, int, int, int]:
         """(left, top, right, bottom) of pieces i..j-1 in the input image's pixels (the box of the corners of its
