@@ -17,7 +17,7 @@ from tests.conftest import render_char
 from training.data import BUILTIN_CLASSES
 from training.lexicon import Lexicon, LexiconError, english, load_lexicon, read_word_list
 from training.predict import main as predict_main
-from training.reading import Reading, ReadingError, decode, merged_classes
+from training.reading import Reading, ReadingError, decode, decode_line, merged_classes
 
 REPO = Path(__file__).resolve().parents[1]
 BALANCED = list(BUILTIN_CLASSES["balanced"])
@@ -122,6 +122,26 @@ def test_the_lexicon_may_choose_another_segmentation(tmp_path):
     assert decode(words, probs, BALANCED)[0].raw == "rne"
     (d,) = decode(words, probs, BALANCED, small_lexicon(tmp_path, "me 1000\n"))
     assert d.text == "me" and d.spans == ((0, 2), (2, 3))
+
+
+def test_the_lexicon_chooses_where_the_words_of_a_line_end(tmp_path):
+    # six pieces, one letter each, read confidently; the line's two ways into words: at the gap after piece 2
+    # (two words) or none (one word). The lexicon takes whichever makes its words, against the ink's choice.
+    spans = [(i, i + 1) for i in range(6)]
+
+    def line(letters: str):
+        probs = dict(zip(spans, table(*[{c: 0.9} for c in letters]), strict=True))
+        return [(0, 3, spans[:3]), (3, 6, spans[3:])], [(0, 6, spans)], probs
+
+    lex = small_lexicon(tmp_path, "mapped 100\nmap 5000\n")
+    two, one, probs = line("MaPPed")
+    assert [d.text for d in decode(two, probs, BALANCED, lex)] == ["map", "ped"]  # one split, as before
+    assert [d.text for d in decode_line([two, one], probs, BALANCED, lex)] == ["mapped"]  # "ped" is no word
+    two, one, probs = line("redhat")
+    lex = small_lexicon(tmp_path, "red 100\nhat 100\n", "b.txt")
+    assert [d.text for d in decode_line([one, two], probs, BALANCED, lex)] == ["red", "hat"]
+    # without a lexicon nothing tells them apart but the ink: its choice, the first
+    assert [d.text for d in decode_line([one, two], probs, BALANCED)] == ["redhat"]
 
 
 def test_all_words_aligned_at_once_score_as_one_at_a_time():

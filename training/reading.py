@@ -36,6 +36,12 @@ MERGE_COST = 2.0  # one character over blank columns (a broken stroke is rarer t
 LEXICON_WEIGHT = 0.25  # per unit of log frequency (relative to the lexicon's most frequent word)
 EDIT_COST = 0.5  # per edit between the model's reading and a lexicon word (on top of the model's own probability)
 OOV_COST = 12.0  # what keeping a word that is not in the lexicon costs, against a lexicon word's frequency score
+# choosing a line's words (decode_line): each piece of a word kept outside the lexicon costs OOV_LETTER on top of
+# OOV_COST (else one long misread run is cheaper than the words it holds), each word more than the ink's choice
+# SPLIT_COST
+OOV_LETTER = 1.0
+SPLIT_COST = 4.0
+MAX_WORD_PIECES = 40  # (a word of 12 letters, some cut in two or three)
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
 CONFIRM = 1  # with a screening pass: each word's best readings whose spans the full model scores (see read_line)
 
@@ -343,8 +349,17 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
         return Reading("", "", [], name, message=message)
     size = line.size
     words = line.words()
-    spans = [line.spans(w) for w in words]
-    every = [s for ss in spans for s in ss]
+    # with a lexicon, the line's other word-gap thresholds too (segment.py's choice first): the words each one
+    # makes are read, and decode_line keeps the threshold whose words score best
+    # (words of more than MAX_WORD_PIECES pieces are not tried: runs of several words, and slow to read)
+    choices = [words]
+    if lexicon is not None:
+        for t in line.thresholds:
+            other = line.words(t)
+            if other not in choices and max(len(w) for w in other) <= MAX_WORD_PIECES:
+                choices.append(other)
+    spans = {w: line.spans(w) for c in choices for w in c}
+    every = list(dict.fromkeys(s for ss in spans.values() for s in ss))
     images = []
     usable = []
     for s in every:
@@ -356,11 +371,12 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     if not images:
         return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
     framed = dict(zip(usable, images, strict=True))
-    spec = [(w.start, w.stop, [s for s in ss if s in framed]) for w, ss in zip(words, spans, strict=True)]
+    specs = [[(w.start, w.stop, [s for s in spans[w] if s in framed]) for w in c] for c in choices]
+    bias = [_gap_prior(c, len(words)) for c in choices]
     prior = span_prior(line, words, usable)
     if screen is None:
         by_span = dict(zip(usable, np.asarray(probabilities(np.stack(images)), dtype=np.float64), strict=True))
-        decoded = decode(spec, by_span, list(classes), lexicon, prior)
+        decoded = decode_line(specs, by_span, list(classes), lexicon, prior, bias)
     else:
         # a line of n letters offers ~7n candidate characters, of which the decoder keeps n: one pass of the model
         # (a TTA's identity view, an ensemble's first member) screens them all, then the full model scores the
@@ -369,7 +385,7 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
         by_span = dict(zip(usable, np.asarray(screen(np.stack(images)), dtype=np.float64), strict=True))
         confirmed: set = set()
         while True:
-            decoded = decode(spec, by_span, list(classes), lexicon, prior)
+            decoded = decode_line(specs, by_span, list(classes), lexicon, prior, bias)
             need = sorted({sp for d in decoded if d is not None for sp in d.contenders} - confirmed)
             if not need:
                 break
@@ -390,6 +406,13 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     if not out:
         return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
     return Reading(" ".join(w.text for w in out), " ".join(w.raw for w in out), out, name, size)
+
+
+def _gap_prior(words: list, ink_words: int) -> float:
+    """A way to split the line into words, before its words are read: each word more than the ink's own choice
+    (segment.py's word_starts) costs SPLIT_COST. (A word the model misreads splits into short words the lexicon
+    knows, "una orally cd" for "uniformly", more easily than written words join.)"""
+    return -SPLIT_COST * max(0, len(words) - ink_words)
 
 
 def span_prior(line, words: list[range], spans: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
@@ -426,26 +449,53 @@ def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tupl
     """Choose each word's segmentation and characters. words: (first piece, end piece, the spans (i, j) that may
     be a character: pieces i..j-1); probs: each span's class probabilities; prior: a log-score for a span from the
     ink alone (span_prior). A word gives None when no run of its spans covers it."""
+    return decode_line([words], probs, classes, lexicon, prior)
+
+
+def decode_line(choices: list[list[tuple[int, int, list[tuple[int, int]]]]], probs: dict[tuple[int, int], np.ndarray],
+                classes: list[str], lexicon: Lexicon | None = None, prior: dict | None = None,
+                bias: list[float] | None = None) -> list[Decoded | None]:
+    """decode() for the words of whichever of `choices` (ways to split the line into words, as decode's `words`)
+    scores best with the lexicon: the sum of its words' scores as _correct weighs them (the model's log-probability
+    of the word chosen, its frequency and edits, or OOV_COST for a word kept outside the lexicon). A word the
+    lexicon knows beats two halves it does not ("mapped", not "map ped"), and two known words beat one unknown
+    run ("dependent flute", not "dependentflute"); each extra word pays its own frequency, as a word does. Without
+    a lexicon nothing tells words apart but the ink: the first choice."""
     prior = prior or {}
     table = _Table(np.stack(list(probs.values())), classes)
     row = {s: r for r, s in enumerate(probs)}
     merged = merged_classes(classes)
-    nbests = [_nbest(ss, row, table, a, b, prior) for a, b, ss in words]
+    if lexicon is None:
+        choices = choices[:1]
+    read: dict = {}  # (first piece, end piece) -> (n-best, lexicon's choice, score): ranges shared by choices
+    best, best_score = choices[0], -np.inf
+    for k, words in enumerate(choices):
+        total = bias[k] if bias else 0.0
+        for a, b, ss in words:
+            if (a, b) not in read:
+                nb = _nbest(ss, row, table, a, b, prior)
+                found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None and nb else None
+                score = -np.inf if not nb else found[3] if found else nb[0][0] - OOV_COST - OOV_LETTER * (b - a)
+                read[(a, b)] = (nb, found, score)
+            total += read[(a, b)][2]
+        if total > best_score:  # (ties, and every choice with a word no span covers: the first)
+            best, best_score = words, total
+    nbests = [read[(a, b)][0] for a, b, _ in best]
     votes = [_case_votes(nb[0][1], merged) for nb in nbests if nb]
     line_votes = (sum(v[0] for v in votes), sum(v[1] for v in votes))
     out: list[Decoded | None] = []
-    for (a, b, ss), nb in zip(words, nbests, strict=True):
+    for a, b, _ in best:
+        nb, found, _ = read[(a, b)]
         if not nb:
             out.append(None)
             continue
         _, symbols, path = nb[0]
         raw = _cased(symbols, merged, line_votes)
-        found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None else None
         contenders = {sp for _, _, p in nb[:CONFIRM] for sp in p}
         if found is None:
             out.append(Decoded(raw, raw, path, False, merged, contenders))
         else:
-            term, form, spans = found
+            term, form, spans, _ = found
             out.append(Decoded(_as_written(term, form, symbols, merged, line_votes), raw, spans, True, merged,
                                contenders | set(spans)))
     return out
@@ -453,7 +503,8 @@ def decode(words: list[tuple[int, int, list[tuple[int, int]]]], probs: dict[tupl
 
 def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, stop: int, prior: dict):
     """The lexicon word that beats the model's own best reading once frequency, edits and the cost of a word
-    outside the lexicon are counted: (term, its written form, its spans), or None to keep the model's reading."""
+    outside the lexicon are counted: (term, its written form, its spans, its score), or None to keep the model's
+    reading."""
     top_score, top_symbols, _ = nbest[0]
     top = top_symbols.lower()
     terms: dict[str, None] = {}  # (ordered: the nearest readings' words first, as ties are broken)
@@ -472,7 +523,7 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
     if not score[k] > top_score - OOV_COST:
         return None
     aligned = _align(terms[k], spans, row, table, start, stop, prior)
-    return terms[k], lexicon.form(terms[k]), aligned[1]
+    return terms[k], lexicon.form(terms[k]), aligned[1], float(score[k])
 
 
 def describe(reading: Reading) -> str:

@@ -25,6 +25,7 @@ from training.preprocess import NoCharacterFound
 WORK_HEIGHT = 64  # pixels of ink height the line is measured at
 MAX_WORK_WIDTH = 60_000  # a line longer than ~900 characters at that height is not one line
 MAX_PIECES = 2000  # marks, and pieces after cutting (a line of 200 characters has ~400): more is noise, not writing
+MIN_WORD_GAP = 0.3  # heights: a narrower gap is between letters
 JUMP = 1.6  # word gaps begin where the sorted gaps jump by this factor (and more, see _word_starts)
 MAX_SPAN = 4  # a character is at most this many pieces (a broken stroke, a cut that went too far)
 _EIGHT = np.ones((3, 3), bool)  # diagonal neighbours belong to the same stroke
@@ -54,15 +55,20 @@ class Line:
     pieces: list[Piece]
     height: float  # the line's ink height in working pixels
     word_starts: list[int] = field(default_factory=list)  # indexes of the pieces that begin a word
+    # the word-gap thresholds the reader may try instead (training/reading.py lets the lexicon choose): every gap
+    # wide enough to be a word gap, the ink's own choice among them giving word_starts
+    thresholds: list[float] = field(default_factory=list)
     to_input: np.ndarray = field(default_factory=lambda: np.eye(3))  # working (x, y, 1) -> input (x, y, 1)
     size: tuple[int, int] = (0, 0)  # the input image (width, height)
     _masks: dict = field(default_factory=dict, repr=False)  # piece index -> its pixels (see _member)
     _rims: dict = field(default_factory=dict, repr=False)  # piece index -> its pixels dilated (see _rim)
 
-    def words(self) -> list[range]:
-        """The pieces of each word, in reading order."""
-        ends = [*self.word_starts[1:], len(self.pieces)]
-        return [range(a, b) for a, b in zip(self.word_starts, ends, strict=True)]
+    def words(self, threshold: float | None = None) -> list[range]:
+        """The pieces of each word, in reading order: as word_starts has them, or with the gaps of at least
+        `threshold` blank columns as word gaps (one of `thresholds`; math.inf: the line as one word)."""
+        starts = self.word_starts if threshold is None else _starts_at(self.pieces, threshold)
+        ends = [*starts[1:], len(self.pieces)]
+        return [range(a, b) for a, b in zip(starts, ends, strict=True)]
 
     def spans(self, word: range) -> list[tuple[int, int]]:
         """The runs of pieces (i, j), pieces i..j-1, that may be one character: one piece, or up to MAX_SPAN
@@ -304,6 +310,10 @@ def _stroke_width(mask: np.ndarray) -> float:
     return float(max(1, np.argmax(ndimage.uniform_filter1d(counts[1:].astype(float), 3)) + 1))
 
 
+def _starts_at(pieces: list[Piece], threshold: float) -> list[int]:
+    return [0] + [i for i in range(1, len(pieces)) if pieces[i].gap >= threshold]
+
+
 def _word_starts(pieces: list[Piece], height: float) -> list[int]:
     """The pieces that begin a word, from the line's own gaps. Sorted, letter gaps come first and word gaps after a
     jump: the first gap that is wide (0.3 heights), JUMP times the gap before it and a fifth of a height wider than
@@ -318,12 +328,21 @@ def _word_starts(pieces: list[Piece], height: float) -> list[int]:
     threshold = math.inf
     for t in range(1, values.size):
         v = values[t]
-        if v >= 0.3 * height and v >= JUMP * values[t - 1] and v >= np.median(values[:t]) + 0.2 * height:
+        if v >= MIN_WORD_GAP * height and v >= JUMP * values[t - 1] and v >= np.median(values[:t]) + 0.2 * height:
             threshold = v
             break
     if threshold == math.inf and values[0] >= 0.4 * height:
         threshold = values[0]
-    return [0] + [i + 1 for i in range(len(gaps)) if gaps[i] >= threshold]
+    return _starts_at(pieces, threshold)
+
+
+def _thresholds(pieces: list[Piece], height: float) -> list[float]:
+    """The word-gap thresholds worth trying: each gap that may be a word gap (MIN_WORD_GAP heights, as
+    _word_starts asks; narrower gaps are letter gaps, and candidate characters span them), and math.inf (no word
+    gap). The sorted gaps of a line often show no clear jump (a broken letter's wide gap, a narrow space): the
+    lexicon tells "map ped" from "mapped" where the ink cannot."""
+    wide = {p.gap for p in pieces[1:] if p.gap >= MIN_WORD_GAP * height}
+    return sorted(wide) + [math.inf]
 
 
 def segment_line(image) -> Line:
@@ -369,4 +388,5 @@ def segment_line(image) -> Line:
         raise TooMuchInk(f"no line of writing found: {len(pieces)} pieces (a line of 200 characters has about 400)")
     line = Line(work, labels, pieces, float(height), to_input=to_input, size=size)
     line.word_starts = _word_starts(pieces, height)
+    line.thresholds = _thresholds(pieces, height)
     return line
