@@ -189,18 +189,26 @@ class _Table:
 def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int,
            prior: dict) -> list[tuple[float, str, tuple]]:
     """The BEAM best readings of one word (pieces start..stop-1): (log-probability, class symbols, the spans)."""
+    return _nbest_to(spans, row, table, start, [stop], prior)[stop]
+
+
+def _nbest_to(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stops: list[int],
+              prior: dict) -> dict[int, list[tuple[float, str, tuple]]]:
+    """_nbest of the words start..stop-1 for each of `stops`, in one pass: the beam that reaches a stop is the one
+    a word ending there has, as long as no span runs over that stop (decode_line checks)."""
     # hypotheses: (score, symbols, spans, whether the last symbol is a digit)
     beams: dict[int, list[tuple[float, str, tuple, bool]]] = {start: [(0.0, "", (), False)]}
     by_start: dict[int, list[tuple[int, int]]] = {}
     for s in spans:
         by_start.setdefault(s[0], []).append(s)
-    for i in range(start, stop):
-        here = beams.get(i)
-        if not here:
-            continue
+    out = {}
+    for i in range(start, max(stops) + 1):
+        here = beams.get(i, [])
         here.sort(key=lambda b: -b[0])
         del here[BEAM:]
-        for span in by_start.get(i, []):
+        if i in stops:
+            out[i] = [b[:3] for b in here]
+        for span in by_start.get(i, []) if here else []:
             lp = table.logp[row[span]]
             extra = SPAN_BIAS + prior.get(span, 0.0)
             options = [(float(lp[c]) + extra, table.classes[c], table.classes[c].isdigit())
@@ -211,8 +219,7 @@ def _nbest(spans: list[tuple[int, int]], row: dict, table: _Table, start: int, s
                 for value, ch, is_digit in options:
                     mix = MIX_COST if text and is_digit != digit else 0.0
                     nxt.append((score + value - mix, text + ch, path, is_digit))
-    out = sorted(beams.get(stop, []), key=lambda b: -b[0])
-    return [b[:3] for b in out[:BEAM]]
+    return out
 
 
 def _align(word: str, spans: list[tuple[int, int]], row: dict, table: _Table, start: int, stop: int, prior: dict):
@@ -467,13 +474,25 @@ def decode_line(choices: list[list[tuple[int, int, list[tuple[int, int]]]]], pro
     merged = merged_classes(classes)
     if lexicon is None:
         choices = choices[:1]
+    # the words of all choices that start at one piece are read in one pass to the farthest end (their beams agree
+    # up to each end where no span runs over it: a word gap)
+    ends: dict[int, dict[int, list]] = {}
+    for words in choices:
+        for a, b, ss in words:
+            ends.setdefault(a, {})[b] = ss
+    nbests: dict[tuple[int, int], list] = {}
+    for a, stops in ends.items():
+        far = max(stops)
+        clear = [b for b in stops if not any(i < b < j for i, j in stops[far])]
+        nbests.update(((a, b), nb) for b, nb in _nbest_to(stops[far], row, table, a, clear, prior).items())
+        nbests.update(((a, b), _nbest(stops[b], row, table, a, b, prior)) for b in stops if b not in clear)
     read: dict = {}  # (first piece, end piece) -> (n-best, lexicon's choice, score): ranges shared by choices
     best, best_score = choices[0], -np.inf
     for k, words in enumerate(choices):
         total = bias[k] if bias else 0.0
         for a, b, ss in words:
             if (a, b) not in read:
-                nb = _nbest(ss, row, table, a, b, prior)
+                nb = nbests[(a, b)]
                 found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None and nb else None
                 score = -np.inf if not nb else found[3] if found else nb[0][0] - OOV_COST - OOV_LETTER * (b - a)
                 read[(a, b)] = (nb, found, score)
