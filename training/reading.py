@@ -43,6 +43,7 @@ OOV_LETTER = 1.0
 SPLIT_COST = 4.0
 MAX_WORD_PIECES = 40  # (a word of 12 letters, some cut in two or three)
 FLOOR = 1e-6  # the least probability a character is given (a lexicon word is never impossible under the model)
+SCREEN_COARSE = True  # the screen's candidates framed from crops at half size (see read_line)
 CONFIRM = 1  # with a screening pass: each word's best readings whose spans the full model scores (see read_line)
 
 
@@ -201,6 +202,7 @@ def _nbest_to(spans: list[tuple[int, int]], row: dict, table: _Table, start: int
     by_start: dict[int, list[tuple[int, int]]] = {}
     for s in spans:
         by_start.setdefault(s[0], []).append(s)
+    digits = np.array([c.isdigit() for c in table.classes])
     out = {}
     for i in range(start, max(stops) + 1):
         here = beams.get(i, [])
@@ -208,17 +210,25 @@ def _nbest_to(spans: list[tuple[int, int]], row: dict, table: _Table, start: int
         del here[BEAM:]
         if i in stops:
             out[i] = [b[:3] for b in here]
-        for span in by_start.get(i, []) if here else []:
+        if not here or i not in by_start:
+            continue
+        scores = np.array([b[0] for b in here])
+        last_digit = np.array([b[3] for b in here])
+        mixable = np.array([bool(b[1]) for b in here])
+        for span in by_start[i]:
             lp = table.logp[row[span]]
-            extra = SPAN_BIAS + prior.get(span, 0.0)
-            options = [(float(lp[c]) + extra, table.classes[c], table.classes[c].isdigit())
-                       for c in np.argsort(-lp)[:TOP_K]]
+            top = np.argsort(-lp)[:TOP_K]
+            is_digit = digits[top]
+            # every hypothesis x every character; only the BEAM best can reach the next beam (which keeps BEAM),
+            # added in the order the full product would be (ties break alike)
+            total = (scores[:, None] + (lp[top] + (SPAN_BIAS + prior.get(span, 0.0)))[None, :]
+                     - MIX_COST * ((last_digit[:, None] != is_digit[None, :]) & mixable[:, None])).ravel()
+            keep = np.sort(np.argsort(-total, kind="stable")[:BEAM])
             nxt = beams.setdefault(span[1], [])
-            for score, text, path, digit in here:
-                path = (*path, span)
-                for value, ch, is_digit in options:
-                    mix = MIX_COST if text and is_digit != digit else 0.0
-                    nxt.append((score + value - mix, text + ch, path, is_digit))
+            for q in keep.tolist():
+                h, o = divmod(q, len(top))
+                b = here[h]
+                nxt.append((float(total[q]), b[1] + table.classes[top[o]], (*b[2], span), bool(is_digit[o])))
     return out
 
 
@@ -371,7 +381,9 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     usable = []
     for s in every:
         try:
-            images.append(frame_ink(line.crop(*s)))
+            # (the screen's candidates framed from the crop at half size: a quarter of the pixels to blur and
+            # resample, and the images differ little; what the decoder chooses is framed again at full size)
+            images.append(frame_ink(line.crop(*s) if screen is None or not SCREEN_COARSE else _coarse(line.crop(*s))))
             usable.append(s)
         except NoCharacterFound:  # a span whose ink all lies outside its columns' mask: not a character
             continue
@@ -396,6 +408,12 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
             need = sorted({sp for d in decoded if d is not None for sp in d.contenders} - confirmed)
             if not need:
                 break
+            if SCREEN_COARSE:
+                for sp in need:
+                    try:
+                        framed[sp] = frame_ink(line.crop(*sp))
+                    except NoCharacterFound:  # (cannot happen to ink the coarse frame found; kept as it was)
+                        pass
             full = np.asarray(probabilities(np.stack([framed[sp] for sp in need])), dtype=np.float64)
             by_span.update(zip(need, full, strict=True))
             confirmed.update(need)
@@ -413,6 +431,16 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
     if not out:
         return Reading("", "", [], name, size=size, message="no writing found: no character in the line")
     return Reading(" ".join(w.text for w in out), " ".join(w.raw for w in out), out, name, size)
+
+
+def _coarse(crop: np.ndarray) -> np.ndarray:
+    """A crop at half size (2x2 means), its strongest ink 1 again: what frame_ink takes."""
+    h, w = crop.shape
+    a = np.zeros((h + h % 2, w + w % 2), np.float32)
+    a[:h, :w] = crop
+    a = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+    top = float(a.max())
+    return a / top if top > 0 else a
 
 
 def _gap_prior(words: list, ink_words: int) -> float:
@@ -524,25 +552,37 @@ def _correct(nbest, spans, row, table: _Table, lexicon: Lexicon, start: int, sto
     """The lexicon word that beats the model's own best reading once frequency, edits and the cost of a word
     outside the lexicon are counted: (term, its written form, its spans, its score), or None to keep the model's
     reading."""
-    top_score, top_symbols, _ = nbest[0]
-    top = top_symbols.lower()
-    terms: dict[str, None] = {}  # (ordered: the nearest readings' words first, as ties are broken)
-    looked = set()
-    for _, symbols, _ in nbest[: max(4, BEAM // 2)]:
-        if symbols.lower() in looked:  # (readings that differ only in case look up the same words)
-            continue
-        looked.add(symbols.lower())
-        terms.update((term, None) for term, _edits_away in lexicon.candidates(symbols))
+    top_score = nbest[0][0]
+    # (readings that differ only in case look up the same words)
+    looked = tuple(dict.fromkeys(symbols.lower() for _, symbols, _ in nbest[: max(4, BEAM // 2)]))
+    terms, fixed = _terms(lexicon, looked)
     if not terms:
         return None
-    terms = list(terms)
-    score = _align_scores(terms, spans, row, table, start, stop, prior)
-    score += LEXICON_WEIGHT * lexicon.log_frequencies(terms) - EDIT_COST * np.array([edits(top, t) for t in terms])
+    score = _align_scores(terms, spans, row, table, start, stop, prior) + fixed
     k = int(np.argmax(score))
     if not score[k] > top_score - OOV_COST:
         return None
     aligned = _align(terms[k], spans, row, table, start, stop, prior)
     return terms[k], lexicon.form(terms[k]), aligned[1], float(score[k])
+
+
+_TERMS: dict = {}  # (lexicon, readings looked up) -> _terms (a line is decoded again after each full-model round)
+
+
+def _terms(lexicon: Lexicon, looked: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
+    """The lexicon's words near the readings `looked` (the first is the model's best), nearest readings' words
+    first (ties go to them), with the part of each word's score that does not depend on the model: its frequency
+    and its edits from the best reading."""
+    key = (lexicon, looked)
+    hit = _TERMS.get(key)
+    if hit is None:
+        terms = list(dict.fromkeys(term for symbols in looked for term, _ in lexicon.candidates(symbols)))
+        fixed = (LEXICON_WEIGHT * lexicon.log_frequencies(terms)
+                 - EDIT_COST * np.array([edits(looked[0], t) for t in terms], np.float64))
+        if len(_TERMS) >= 20_000:
+            _TERMS.clear()
+        hit = _TERMS[key] = (terms, fixed)
+    return hit
 
 
 def describe(reading: Reading) -> str:
