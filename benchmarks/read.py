@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cer": a.cer, "cer_lexicon": b.cer, "letter_cer": a.letter_cer,
                         "letter_cer_lexicon": b.letter_cer, "word_acc": a.word_acc, "word_acc_lexicon": b.word_acc,
                         "known_words": a.known, "known_acc": a.known_acc, "known_acc_lexicon": b.known_acc,
-                        "word_count_right": a.lines_split_right / max(a.lines, 1)}
+                        "word_count_right": a.lines_split_right / max(a.lines, 1),
+                        "word_count_right_lexicon": b.lines_split_right / max(b.lines, 1)}
 
     cpu, bf16 = cpu_name()
     ckpt = load_checkpoint(path)
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
           f"; isolated {al['isolated_err']:.2%} (the best letter class alone: {al['isolated_err_letters']:.2%})")
     print(f"cost of segmentation: CER model - isolated = {100 * (al['cer'] - al['isolated_err']):+.2f} points "
           f"(letters only {100 * (al['letter_cer'] - al['isolated_err']):+.2f})")
-    print(f"lines read as as many words as written: {al['word_count_right']:.0%}")
+    print(f"lines read as as many words as written: {al['word_count_right']:.0%} (model), "
+          f"{al['word_count_right_lexicon']:.0%} (+lexicon)")
     if args.oov:
         print(f"in-lexicon words ({al['known_words']}): model {al['known_acc']:.1%}, +lexicon "
               f"{al['known_acc_lexicon']:.1%}")
