@@ -142,6 +142,10 @@ def test_the_lexicon_chooses_where_the_words_of_a_line_end(tmp_path):
     assert [d.text for d in decode_line([one, two], probs, BALANCED, lex)] == ["red", "hat"]
     # without a lexicon nothing tells them apart but the ink: its choice, the first
     assert [d.text for d in decode_line([one, two], probs, BALANCED)] == ["redhat"]
+    # a number is no word the list lacks: its digits stay one number, though each digit alone is in the list
+    two, one, probs = line("201984")
+    lex = small_lexicon(tmp_path, "2 100\n0 100\n1 100\n9 100\n8 100\n4 100\n20 100\n1984 100\n", "c.txt")
+    assert [d.text for d in decode_line([one, two], probs, BALANCED, lex)] == ["201984"]
 
 
 def test_all_words_aligned_at_once_score_as_one_at_a_time():

@@ -527,10 +527,17 @@ def decode_line(choices: list[list[tuple[int, int, list[tuple[int, int]]]]], pro
             if (a, b) not in read:
                 nb = nbests[(a, b)]
                 found = _correct(nb, ss, row, table, lexicon, a, b, prior) if lexicon is not None and nb else None
-                score = -np.inf if not nb else found[3] if found else nb[0][0] - OOV_COST - OOV_LETTER * (b - a)
+                if not nb:
+                    score = -np.inf
+                elif found:
+                    score = found[3]
+                elif nb[0][1].isdigit():  # a number: no word list holds it, and it is no misread word ("1984")
+                    score = nb[0][0]
+                else:
+                    score = nb[0][0] - OOV_COST - OOV_LETTER * (b - a)
                 read[(a, b)] = (nb, found, score)
             total += read[(a, b)][2]
-        if total > best_score:  # (ties, and every choice with a word no span covers: the first)
+        if total > best_score + 1e-9:  # (ties, even by rounding, and choices with a word no span covers: the first)
             best, best_score = words, total
     nbests = [read[(a, b)][0] for a, b, _ in best]
     votes = [_case_votes(nb[0][1], merged) for nb in nbests if nb]
