@@ -63,8 +63,8 @@ def resolve_model(path: str | Path) -> Path:
 
 class Predictor:
     def __init__(self, model: torch.nn.Module, classes: list[str], config: dict, device: torch.device):
-        # channels-last weights and inputs: oneDNN's convolutions are ~1.4x faster so on the CPU (the vgg, fp32,
-        # benchmarks/read.py), and the probabilities differ by float rounding only (1e-7)
+        # channels-last weights and inputs: oneDNN's convolutions run ~1.4x faster that way on the CPU (the vgg in
+        # fp32, reading lines), and the probabilities differ by float rounding only (1e-7)
         self.channels_last = device.type in ("cpu", "cuda")
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -84,8 +84,8 @@ class Predictor:
         """Class probabilities for already-prepared uint8 images (N, 28, 28), upright (by `model`, one pass of
         this predictor's model, when given). fp32 by default: exact probabilities, the same on every CPU."""
         x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).to(self.device)
-        return predict_logits(model or self.model, x, batch_size=512, channels_last=self.channels_last,
-                              precision=precision).softmax(1).cpu()
+        return predict_logits(self.model if model is None else model, x, batch_size=512,
+                              channels_last=self.channels_last, precision=precision).softmax(1).cpu()
 
     def predict(self, images, k: int = 5) -> list[Prediction]:
         """Top-k characters for each image (PIL images or arrays of any size, mode and polarity).

@@ -358,7 +358,7 @@ def read_line(image, probabilities: Callable[[np.ndarray], np.ndarray], classes:
               lexicon: Lexicon | None = None, k: int = 3, screen: Callable | None = None) -> Reading:
     """Read a line of writing. `probabilities` takes (N, 28, 28) uint8 images and gives (N, len(classes))
     probabilities (Predictor.probabilities); `screen`, the same from a cheaper pass of the model (one view of a
-    TTA model, one member of an ensemble), or None to score every candidate with `probabilities`. Every
+    TTA model, one member of an ensemble, bf16), or None to score every candidate with `probabilities`. Every
     character read is scored by `probabilities` either way. Never raises for the image: a Reading with a message
     instead."""
     name = lexicon.name if lexicon is not None else "none"
