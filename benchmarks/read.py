@@ -37,10 +37,10 @@ import torch
 from benchmarks.lines import MadeLine, glyph_bank, make_line
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import read_split
+from training.decoder import edits
 from training.ensemble import TestTimeAugment
 from training.lexicon import load_lexicon
 from training.predict import Predictor, resolve_model
-from training.reading import edits
 
 MIN_LETTERS, MAX_LETTERS = 2, 12
 

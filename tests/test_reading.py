@@ -15,9 +15,10 @@ from PIL import Image
 
 from tests.conftest import render_char
 from training.data import BUILTIN_CLASSES
+from training.decoder import decode, decode_line, merged_classes
 from training.lexicon import Lexicon, LexiconError, english, load_lexicon, read_word_list
 from training.predict import main as predict_main
-from training.reading import Reading, ReadingError, decode, decode_line, merged_classes
+from training.reading import Reading, ReadingError
 
 REPO = Path(__file__).resolve().parents[1]
 BALANCED = list(BUILTIN_CLASSES["balanced"])
@@ -151,7 +152,7 @@ def test_the_lexicon_chooses_where_the_words_of_a_line_end(tmp_path):
 def test_all_words_aligned_at_once_score_as_one_at_a_time():
     # _align_scores (hundreds of lexicon words in arrays) must give _align's score for every word, -inf where a
     # word has no segmentation into that many characters or a letter the classes lack
-    from training.reading import _align, _align_scores, _Table
+    from training.decoder import _align, _align_scores, _Table
 
     rng = np.random.default_rng(3)
     spans = [(i, j) for i in range(2, 9) for j in range(i + 1, min(i + 4, 9) + 1) if rng.random() < 0.8]
